@@ -1,0 +1,101 @@
+//! The command line: a thin layer of clap over the library.
+
+mod key;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Chroma-key image generation with Stable Diffusion (TKG-DM), and keying.
+#[derive(Debug, Parser)]
+#[command(name = "tkg", version, about, long_about = None)]
+pub struct Cli {
+    /// Print nothing on stderr but errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Print more detail on stderr (channel signs, timings, load reports).
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Key an existing image: write its alpha matte and cut-out.
+    Key(key::KeyArgs),
+}
+
+/// How chatty to be on stderr.
+#[derive(Debug, Clone, Copy)]
+pub struct Ui {
+    pub quiet: bool,
+    pub verbose: bool,
+}
+
+impl Ui {
+    /// A progress or status line (stderr), unless quiet.
+    pub fn info(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+    /// A warning (stderr), unless quiet.
+    pub fn warn(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("warning: {}", msg.as_ref());
+        }
+    }
+    /// Detail shown with --verbose.
+    pub fn detail(&self, msg: impl AsRef<str>) {
+        if self.verbose && !self.quiet {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> Result<()> {
+    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let ui = Ui {
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+    };
+    match &cli.command {
+        Command::Key(args) => key::run(args, ui),
+    }
+}
+
+/// Every failure is one line on stderr: the error and its causes, joined.
+pub fn one_line_error(err: &anyhow::Error) -> String {
+    let text = format!("error: {err:#}");
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Exit status for a failure.
+pub fn exit_code(_err: &anyhow::Error) -> u8 {
+    1
+}
+
+/// A panic is a bug, but the user still gets one line, not a backtrace.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let loc = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error (a bug in tkg, please report it): {}{loc}",
+            msg.replace('\n', " ")
+        );
+    }));
+}

@@ -1,0 +1,11 @@
+//! `tkg`: chroma-key image generation with Stable Diffusion (TKG-DM) and a keyer.
+//!
+//! Data flows one way:
+//! prompt → [`models::tokenizer`] → [`models::clip`] → conditioning → [`tkg`] initial noise →
+//! [`pipeline`] denoise loop ([`models::unet`] + CFG + [`scheduler`]) → [`models::vae`] decode →
+//! [`key`] → [`output`] writers.
+
+pub mod cli;
+pub mod color;
+pub mod key;
+pub mod output;
