@@ -129,58 +129,48 @@ impl std::error::Error for ColorParseError {}
 
 /// Derives channel signs for an arbitrary colour.
 ///
-/// The rule: with the linear latent → RGB map `rgb = Fᵀ z + b`, the minimum-norm latent
-/// direction that moves the decoded colour from mid-grey-at-zero-latent (`b`) to the target is
-/// `z = F (Fᵀ F)⁻¹ (target - b)` (the pseudo-inverse). Channels whose component is at least
-/// half the largest one get its sign; the others stay unshifted.
+/// The rule: with the linear latent → RGB map `rgb = Fᵀ z + b`, the wanted decoded move is
+/// `target - b` (from the colour of a zero latent to the key colour). Among all 80 non-zero
+/// sign vectors `s ∈ {-1, 0, +1}⁴`, pick the one whose decoded direction `Fᵀ s` has the
+/// largest cosine with that move; on a tie, the one that shifts fewer channels.
 pub fn derive_signs(rgb: [u8; 3], factors: &LatentRgbFactors) -> ChannelSigns {
-    let target: Vec<f64> = (0..3)
-        .map(|i| rgb[i] as f64 / 255.0 * 2.0 - 1.0 - factors.bias[i] as f64)
+    let want: Vec<f64> = (0..3)
+        .map(|k| rgb[k] as f64 / 255.0 * 2.0 - 1.0 - factors.bias[k] as f64)
         .collect();
-    let f = |c: usize, k: usize| factors.factors[c][k] as f64;
-    // Fᵀ F (3x3)
-    let mut ftf = [[0.0f64; 3]; 3];
-    for (i, row) in ftf.iter_mut().enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = (0..4).map(|c| f(c, i) * f(c, j)).sum();
+    let want_norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let mut best = ([0i8; 4], f64::NEG_INFINITY, 5usize);
+    if want_norm < 1e-9 {
+        return best.0;
+    }
+    for code in 1..81u32 {
+        let mut s = [0i8; 4];
+        let mut c = code;
+        for v in s.iter_mut() {
+            *v = (c % 3) as i8 - 1;
+            c /= 3;
+        }
+        let n_shifted = s.iter().filter(|&&v| v != 0).count();
+        if n_shifted == 0 {
+            continue;
+        }
+        let dir: Vec<f64> = (0..3)
+            .map(|k| {
+                (0..4)
+                    .map(|ch| s[ch] as f64 * factors.factors[ch][k] as f64)
+                    .sum()
+            })
+            .collect();
+        let norm = dir.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if norm < 1e-12 {
+            continue;
+        }
+        let cos = (0..3).map(|k| dir[k] * want[k]).sum::<f64>() / (norm * want_norm);
+        let better = cos > best.1 + 1e-12 || ((cos - best.1).abs() <= 1e-12 && n_shifted < best.2);
+        if better {
+            best = (s, cos, n_shifted);
         }
     }
-    let inv = invert3(ftf);
-    let y: Vec<f64> = (0..3)
-        .map(|i| (0..3).map(|j| inv[i][j] * target[j]).sum())
-        .collect();
-    let z: Vec<f64> = (0..4)
-        .map(|c| (0..3).map(|k| f(c, k) * y[k]).sum())
-        .collect();
-    let max = z.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let mut signs = [0i8; 4];
-    if max < 1e-9 {
-        return signs;
-    }
-    for c in 0..4 {
-        if z[c].abs() >= 0.5 * max {
-            signs[c] = if z[c] > 0.0 { 1 } else { -1 };
-        }
-    }
-    signs
-}
-
-fn invert3(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
-    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
-    let mut inv = [[0.0; 3]; 3];
-    for (i, row) in inv.iter_mut().enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            // cofactor of (j, i) for the adjugate
-            let r: Vec<usize> = (0..3).filter(|&x| x != j).collect();
-            let c: Vec<usize> = (0..3).filter(|&x| x != i).collect();
-            let minor = m[r[0]][c[0]] * m[r[1]][c[1]] - m[r[0]][c[1]] * m[r[1]][c[0]];
-            let sign = if (i + j) % 2 == 0 { 1.0 } else { -1.0 };
-            *v = sign * minor / det;
-        }
-    }
-    inv
+    best.0
 }
 
 #[cfg(test)]
@@ -203,18 +193,6 @@ mod tests {
         let g = KeyColor::green();
         assert_eq!(g.channel_signs(&SD15_LATENT_RGB), [0, 1, 1, 0]);
         assert_eq!(g.channel_signs(&SDXL_LATENT_RGB), [0, 1, 1, 0]);
-    }
-
-    #[test]
-    fn inverse_is_an_inverse() {
-        let m = [[2.0, 1.0, 0.5], [0.3, 3.0, 0.2], [0.1, 0.4, 1.5]];
-        let inv = invert3(m);
-        for i in 0..3 {
-            for j in 0..3 {
-                let v: f64 = (0..3).map(|k| m[i][k] * inv[k][j]).sum();
-                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
-            }
-        }
     }
 
     #[test]

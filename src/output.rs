@@ -83,8 +83,8 @@ pub fn write_atomic(
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        let file = File::create(&tmp)
-            .with_context(|| format!("cannot write into {}", dir.display()))?;
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot write into {}", dir.display()))?;
         let mut buf = BufWriter::new(file);
         write(&mut buf)?;
         let file = buf.into_inner().map_err(|e| e.into_error())?;
@@ -215,14 +215,20 @@ mod tests {
         };
         write_png(&p, &img, false).unwrap();
         let read = read_png_text(&p).unwrap();
-        assert!(read.contains(&text[0]) && read.contains(&text[1]), "{read:?}");
+        assert!(
+            read.contains(&text[0]) && read.contains(&text[1]),
+            "{read:?}"
+        );
         let before = fs::read(&p).unwrap();
         let err = write_png(&p, &img, false).unwrap_err();
         assert!(format!("{err:#}").contains("--overwrite"));
         assert_eq!(before, fs::read(&p).unwrap());
         write_png(&p, &img, true).unwrap();
         // No temporary file is left behind.
-        let names: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 

@@ -6,7 +6,7 @@
 //! - [`write_outputs`] / [`output_paths`] write and name the matte, cut-out and extras.
 
 use crate::color::KeyColor;
-use crate::output::{self, PngImage, Pixels};
+use crate::output::{self, Pixels, PngImage};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
@@ -85,7 +85,10 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
 
 /// The files [`write_outputs`] writes for main image `out`.
 pub fn output_paths(out: &Path, _flags: &KeyOutputFlags) -> Vec<PathBuf> {
-    vec![output::sibling(out, "matte"), output::sibling(out, "cutout")]
+    vec![
+        output::sibling(out, "matte"),
+        output::sibling(out, "cutout"),
+    ]
 }
 
 /// Writes the matte and the cut-out next to `out`; returns the paths written.
