@@ -8,4 +8,9 @@
 pub mod cli;
 pub mod color;
 pub mod key;
+pub mod models;
 pub mod output;
+pub mod pipeline;
+pub mod rng;
+pub mod scheduler;
+pub mod tkg;

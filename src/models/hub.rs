@@ -1,0 +1,1455 @@
+//! Resolving model files: local diffusers-layout folders, and Hugging Face Hub repos through
+//! the shared HF cache (the same cache the Python `huggingface_hub` and `hf-hub` use).
+//!
+//! - Cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`,
+//!   else `~/.cache/huggingface/hub`. Layout: `models--ORG--NAME/refs/<revision>` holds a commit
+//!   hash, `models--ORG--NAME/snapshots/<hash>/<path>` the files (symlinks into `blobs/`).
+//! - A file already in the cache is used without touching the network. Otherwise it is
+//!   downloaded (hf-hub's sync API), unless `HF_HUB_OFFLINE` is `1`/`true`/`yes`/`on`; when the
+//!   Hub cannot be reached, tkg carries on cache-only.
+//! - Token: `$HF_TOKEN`, else the file `$HF_TOKEN_PATH`, else `$HF_HOME/token` (what
+//!   `huggingface-cli login` writes). Endpoint: `$HF_ENDPOINT`, else https://huggingface.co.
+//! - Built-in models are materialised into `<hub cache>/tkg--builtin--<name>/`
+//!   ([`builtin_cache_dir`]), and model hashes are cached in `<hub cache>/tkg-hashes.json`
+//!   ([`file_sha256_short`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, anyhow, bail};
+use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::{Cache, Repo, RepoType};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// File extensions of pickle-based weights, which tkg refuses to load.
+const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl"];
+
+fn env_nonempty(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
+pub fn hf_home() -> PathBuf {
+    if let Some(h) = env_nonempty("HF_HOME") {
+        return PathBuf::from(h);
+    }
+    if let Some(x) = env_nonempty("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("huggingface");
+    }
+    home_dir().join(".cache").join("huggingface")
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .or_else(|| std::env::var_os("USERPROFILE"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub` (see [`hf_home`]).
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(c) = env_nonempty("HF_HUB_CACHE").or_else(|| env_nonempty("HUGGINGFACE_HUB_CACHE"))
+    {
+        return PathBuf::from(c);
+    }
+    hf_home().join("hub")
+}
+
+/// Whether `HF_HUB_OFFLINE` asks for cache-only operation.
+pub fn offline_from_env() -> bool {
+    env_nonempty("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v))
+}
+
+fn is_truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// The Hub token: `$HF_TOKEN`, else the file `$HF_TOKEN_PATH`, else `$HF_HOME/token`.
+pub fn hf_token() -> Option<String> {
+    if let Some(t) = env_nonempty("HF_TOKEN").or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN")) {
+        return Some(t.trim().to_string());
+    }
+    let path = env_nonempty("HF_TOKEN_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| hf_home().join("token"));
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Where built-in model `name` is materialised: `<hub cache dir>/tkg--builtin--<name>/`, next to
+/// the Hub repos, so that one cache folder (and one `HF_HUB_CACHE`/`HF_HOME`) holds everything.
+/// The folder counts as materialised once its `model_index.json` exists, so write that last.
+pub fn builtin_cache_dir(name: &str) -> PathBuf {
+    hub_cache_dir().join(format!("tkg--builtin--{name}"))
+}
+
+/// What the Hub told us about a repo (fetched at most once per [`ModelFolder`]).
+#[derive(Debug, Clone)]
+enum Remote {
+    /// The repo's file list at this revision.
+    Listing(BTreeSet<String>),
+    /// The network failed: carry on cache-only.
+    Unreachable(String),
+    /// The Hub answered with an error (repo missing, gated, ...).
+    Refused(String),
+}
+
+#[derive(Debug)]
+enum Location {
+    Local(PathBuf),
+    Hub {
+        cache_dir: PathBuf,
+        repo: String,
+        revision: String,
+        offline: bool,
+        endpoint: Option<String>,
+        remote: OnceLock<Remote>,
+    },
+}
+
+/// A view of a diffusers-layout model: a local folder, or a Hub repo through the HF cache.
+#[derive(Debug)]
+pub struct ModelFolder {
+    loc: Location,
+    progress: bool,
+}
+
+/// Why a Hub file could not be had.
+enum Why {
+    Offline,
+    Unreachable(String),
+    NotInRepo,
+    Refused(String),
+}
+
+impl ModelFolder {
+    /// A local folder; an error if it is not a folder.
+    pub fn local(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            if dir.exists() {
+                bail!(
+                    "{} is not a folder (a diffusers-layout model folder is expected; use \
+                     --model-file for a single-file checkpoint)",
+                    dir.display()
+                );
+            }
+            bail!("model folder {} does not exist", dir.display());
+        }
+        Ok(ModelFolder {
+            loc: Location::Local(dir.to_path_buf()),
+            progress: true,
+        })
+    }
+
+    /// A Hub repo at `revision` (branch, tag or commit), read through [`hub_cache_dir`],
+    /// offline if `HF_HUB_OFFLINE` says so.
+    pub fn hub(repo: &str, revision: &str) -> Result<Self> {
+        Self::hub_in(&hub_cache_dir(), repo, revision, offline_from_env())
+    }
+
+    /// A Hub repo read through an explicit cache folder; `offline` forbids all network access.
+    pub fn hub_in(cache_dir: &Path, repo: &str, revision: &str, offline: bool) -> Result<Self> {
+        if repo.is_empty() || repo.starts_with('/') || repo.ends_with('/') || repo.contains("..") {
+            bail!("`{repo}` is not a Hub repo id (ORG/NAME)");
+        }
+        if revision.is_empty() {
+            bail!("empty revision for hub repo {repo}");
+        }
+        Ok(ModelFolder {
+            loc: Location::Hub {
+                cache_dir: cache_dir.to_path_buf(),
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+                offline,
+                endpoint: env_nonempty("HF_ENDPOINT"),
+                remote: OnceLock::new(),
+            },
+            progress: true,
+        })
+    }
+
+    /// Use another Hub endpoint than `$HF_ENDPOINT` / https://huggingface.co (mirrors, tests).
+    pub fn with_endpoint(mut self, endpoint: &str) -> Self {
+        if let Location::Hub { endpoint: e, .. } = &mut self.loc {
+            *e = Some(endpoint.trim_end_matches('/').to_string());
+        }
+        self
+    }
+
+    /// Whether downloads report progress on stderr (a bar on a terminal, a line otherwise).
+    /// On by default; turn off for `--quiet`.
+    pub fn with_progress(mut self, progress: bool) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// "hub repo ORG/NAME@REV" or "folder DIR".
+    pub fn describe(&self) -> String {
+        match &self.loc {
+            Location::Local(d) => format!("folder {}", d.display()),
+            Location::Hub { repo, revision, .. } => format!("hub repo {repo}@{revision}"),
+        }
+    }
+
+    /// Whether the model is available without downloading: the folder exists, or the cached
+    /// snapshot has model_index.json (config.json for a VAE-only repo).
+    pub fn is_cached(&self) -> bool {
+        match &self.loc {
+            Location::Local(d) => d.is_dir(),
+            Location::Hub { .. } => {
+                self.cached("model_index.json").is_some() || self.cached("config.json").is_some()
+            }
+        }
+    }
+
+    /// The local folder, or the cached snapshot folder of a Hub repo (if any is cached).
+    pub fn root(&self) -> Option<PathBuf> {
+        match &self.loc {
+            Location::Local(d) => Some(d.clone()),
+            Location::Hub { .. } => self.snapshot_dir(),
+        }
+    }
+
+    /// A required file, `rel` relative to the model root (e.g. "unet/config.json").
+    pub fn file(&self, rel: &str) -> Result<PathBuf> {
+        let rel = normalize_rel(rel)?;
+        match &self.loc {
+            Location::Local(d) => {
+                let p = d.join(&rel);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(self.missing(&[rel.as_str()], None))
+                }
+            }
+            Location::Hub { .. } => {
+                if let Some(p) = self.cached(&rel) {
+                    return Ok(p);
+                }
+                match self.fetch(&rel)? {
+                    Ok(p) => Ok(p),
+                    Err(why) => Err(self.missing(&[rel.as_str()], Some(why))),
+                }
+            }
+        }
+    }
+
+    /// An optional file: `None` when the model has no such file (or, cache-only, when it is
+    /// not cached). Errors only when the Hub refuses access to the repo or a download fails.
+    pub fn optional_file(&self, rel: &str) -> Result<Option<PathBuf>> {
+        let rel = normalize_rel(rel)?;
+        match &self.loc {
+            Location::Local(d) => {
+                let p = d.join(&rel);
+                Ok(p.is_file().then_some(p))
+            }
+            Location::Hub { .. } => {
+                if let Some(p) = self.cached(&rel) {
+                    return Ok(Some(p));
+                }
+                match self.fetch(&rel)? {
+                    Ok(p) => Ok(Some(p)),
+                    Err(Why::Refused(e)) => {
+                        Err(self.missing(&[rel.as_str()], Some(Why::Refused(e))))
+                    }
+                    Err(_) => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// The safetensors weights of `component` (a subfolder such as "unet", or "" for the
+    /// root of a VAE-only repo), trying each of `names` (e.g. `["diffusion_pytorch_model"]`).
+    ///
+    /// With `prefer_fp16`, `{component}/{name}.fp16.safetensors` is used when available, else
+    /// `{component}/{name}.safetensors`; a cached file of either kind is preferred over a
+    /// download. Without it, the full-precision file is used; the fp16 variant only when the
+    /// model has no full-precision file. Pickle weights (.bin/.ckpt/...) are refused.
+    pub fn weights(&self, component: &str, names: &[&str], prefer_fp16: bool) -> Result<PathBuf> {
+        if names.is_empty() {
+            bail!("no weight file names given for `{component}`");
+        }
+        let comp = component.trim_matches('/');
+        let join = |n: &str| {
+            if comp.is_empty() {
+                n.to_string()
+            } else {
+                format!("{comp}/{n}")
+            }
+        };
+        let mut primary = Vec::new();
+        let mut fallback = Vec::new();
+        for n in names {
+            if prefer_fp16 {
+                primary.push(join(&format!("{n}.fp16.safetensors")));
+                primary.push(join(&format!("{n}.safetensors")));
+            } else {
+                primary.push(join(&format!("{n}.safetensors")));
+                fallback.push(join(&format!("{n}.fp16.safetensors")));
+            }
+        }
+        let wanted: Vec<&str> = primary.iter().map(String::as_str).collect();
+        match &self.loc {
+            Location::Local(d) => {
+                if let Some(p) = primary
+                    .iter()
+                    .chain(&fallback)
+                    .map(|r| d.join(r))
+                    .find(|p| p.is_file())
+                {
+                    return Ok(p);
+                }
+                let pickles = pickles_in_dir(&d.join(comp), comp);
+                if !pickles.is_empty() {
+                    bail!(pickle_message(comp, &self.describe(), &pickles));
+                }
+                Err(self.missing(&wanted, None))
+            }
+            Location::Hub { .. } => {
+                // Cached primary files, then downloads of them; then the same for the
+                // fallback files (so that a cached fp16 file never shadows an f32 download).
+                let mut last_why = None;
+                let mut no_fetch = false;
+                for group in [&primary, &fallback] {
+                    if let Some(p) = group.iter().find_map(|r| self.cached(r)) {
+                        return Ok(p);
+                    }
+                    if no_fetch {
+                        continue;
+                    }
+                    for rel in group.iter() {
+                        match self.fetch(rel)? {
+                            Ok(p) => return Ok(p),
+                            Err(Why::NotInRepo) => last_why = Some(Why::NotInRepo),
+                            Err(why) => {
+                                last_why = Some(why);
+                                no_fetch = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Pickle-only? Look at the repo listing, or the cached snapshot.
+                let mut pickles = match self.remote() {
+                    Some(Remote::Listing(files)) => files
+                        .iter()
+                        .filter(|f| is_pickle(f) && parent_of(f) == comp)
+                        .cloned()
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if pickles.is_empty()
+                    && let Some(snap) = self.snapshot_dir()
+                {
+                    pickles = pickles_in_dir(&snap.join(comp), comp);
+                }
+                if !pickles.is_empty() {
+                    bail!(pickle_message(comp, &self.describe(), &pickles));
+                }
+                Err(self.missing(&wanted, last_why))
+            }
+        }
+    }
+
+    // ---- Hub internals ----
+
+    /// The cached snapshot folder for the revision, if the ref (or the commit) is in the cache.
+    fn snapshot_dir(&self) -> Option<PathBuf> {
+        let Location::Hub {
+            cache_dir,
+            repo,
+            revision,
+            ..
+        } = &self.loc
+        else {
+            return None;
+        };
+        let repo_dir = cache_dir.join(hf_repo(repo, revision).folder_name());
+        let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .or_else(|| is_commit_hash(revision).then(|| revision.clone()))?;
+        let snap = repo_dir.join("snapshots").join(commit);
+        snap.is_dir().then_some(snap)
+    }
+
+    /// A file from the cache, without any network access.
+    fn cached(&self, rel: &str) -> Option<PathBuf> {
+        let Location::Hub {
+            cache_dir,
+            repo,
+            revision,
+            ..
+        } = &self.loc
+        else {
+            return None;
+        };
+        let cache = Cache::new(cache_dir.clone());
+        if let Some(p) = cache.repo(hf_repo(repo, revision)).get(rel)
+            && p.is_file()
+        {
+            return Some(p);
+        }
+        // hf-hub does not trim the ref file and cannot use a commit revision that has no ref.
+        let p = self.snapshot_dir()?.join(rel);
+        p.is_file().then_some(p)
+    }
+
+    fn api(&self) -> Result<hf_hub::api::sync::Api, ApiError> {
+        let Location::Hub {
+            cache_dir,
+            endpoint,
+            ..
+        } = &self.loc
+        else {
+            unreachable!("api() on a local folder")
+        };
+        let mut b = ApiBuilder::from_cache(Cache::new(cache_dir.clone()))
+            .with_token(hf_token())
+            .with_progress(self.progress && std::io::stderr().is_terminal())
+            .with_retries(2)
+            .with_user_agent("tkg", env!("CARGO_PKG_VERSION"));
+        if let Some(e) = endpoint {
+            b = b.with_endpoint(e.clone());
+        }
+        b.build()
+    }
+
+    /// The repo's file listing, fetched once; `None` when offline.
+    fn remote(&self) -> Option<&Remote> {
+        let Location::Hub {
+            repo,
+            revision,
+            offline,
+            remote,
+            ..
+        } = &self.loc
+        else {
+            return None;
+        };
+        if *offline {
+            return None;
+        }
+        Some(remote.get_or_init(|| {
+            let info = self
+                .api()
+                .and_then(|api| api.repo(hf_repo(repo, revision)).info());
+            match info {
+                Ok(info) => {
+                    Remote::Listing(info.siblings.into_iter().map(|s| s.rfilename).collect())
+                }
+                Err(e) => match classify(e) {
+                    Failure::Network(m) => Remote::Unreachable(m),
+                    Failure::Status(code, m) => Remote::Refused(status_message(code, &m)),
+                    Failure::Other(m) => Remote::Unreachable(m),
+                },
+            }
+        }))
+    }
+
+    /// Download `rel` (not in the cache). The outer error is a hard failure; the inner one
+    /// says why the file is unavailable.
+    fn fetch(&self, rel: &str) -> Result<std::result::Result<PathBuf, Why>> {
+        let Location::Hub { repo, revision, .. } = &self.loc else {
+            unreachable!("fetch() on a local folder")
+        };
+        let files = match self.remote() {
+            None => return Ok(Err(Why::Offline)),
+            Some(Remote::Unreachable(e)) => return Ok(Err(Why::Unreachable(e.clone()))),
+            Some(Remote::Refused(e)) => return Ok(Err(Why::Refused(e.clone()))),
+            Some(Remote::Listing(files)) => files,
+        };
+        if !files.contains(rel) {
+            return Ok(Err(Why::NotInRepo));
+        }
+        if self.progress {
+            eprintln!("tkg: downloading {rel} from hub repo {repo}@{revision}");
+        }
+        let api = self
+            .api()
+            .map_err(|e| anyhow!("cannot set up the Hub client: {e}"))?;
+        match api.repo(hf_repo(repo, revision)).download(rel) {
+            Ok(p) => Ok(Ok(p)),
+            Err(e) => match classify(e) {
+                Failure::Network(m) => Ok(Err(Why::Unreachable(m))),
+                Failure::Status(code, m) => Ok(Err(Why::Refused(status_message(code, &m)))),
+                Failure::Other(m) => Err(anyhow!(
+                    "downloading {rel} from hub repo {repo}@{revision} failed: {m}"
+                )),
+            },
+        }
+    }
+
+    /// The "missing file" error: names the file(s), the repo or folder, and how to provide it.
+    fn missing(&self, rels: &[&str], why: Option<Why>) -> anyhow::Error {
+        let first = rels[0];
+        let alts = if rels.len() > 1 {
+            format!(" (also tried {})", rels[1..].join(", "))
+        } else {
+            String::new()
+        };
+        match &self.loc {
+            Location::Local(d) => anyhow!(
+                "missing file `{first}`{alts} in model folder {dir}. The folder must have the \
+                 diffusers layout (as written by save_pretrained); download a model with \
+                 `huggingface-cli download REPO --local-dir {dir}`, or pass another --model-dir DIR",
+                dir = d.display()
+            ),
+            Location::Hub {
+                cache_dir,
+                repo,
+                revision,
+                ..
+            } => {
+                let rev_arg = if revision == "main" {
+                    String::new()
+                } else {
+                    format!(" --revision {revision}")
+                };
+                let how = format!(
+                    "Download it with `huggingface-cli download {repo} {first}{rev_arg}`, or pass \
+                     --model-dir DIR with a diffusers-layout folder that has it"
+                );
+                let cache = cache_dir.display();
+                match why {
+                    Some(Why::NotInRepo) => anyhow!(
+                        "hub repo {repo}@{revision} has no file `{first}`{alts}; is it a \
+                         diffusers-layout repo? Pass --model-dir DIR with a diffusers-layout \
+                         folder instead"
+                    ),
+                    Some(Why::Refused(e)) => anyhow!(
+                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
+                         cache ({cache}) and the Hub refused it: {e}. {how}"
+                    ),
+                    Some(Why::Unreachable(e)) => anyhow!(
+                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
+                         cache ({cache}) and the Hub could not be reached ({e}). {how}"
+                    ),
+                    Some(Why::Offline) | None => anyhow!(
+                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
+                         cache ({cache}) and HF_HUB_OFFLINE is set, so nothing is downloaded. \
+                         {how}, or unset HF_HUB_OFFLINE"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn hf_repo(repo: &str, revision: &str) -> Repo {
+    Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string())
+}
+
+fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `rel` as a clean forward-slash relative path; no absolute paths or `..`.
+fn normalize_rel(rel: &str) -> Result<String> {
+    let parts: Vec<&str> = rel
+        .split(['/', '\\'])
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.is_empty() || parts.contains(&"..") || rel.starts_with('/') {
+        bail!("invalid model file path `{rel}` (must be relative, without `..`)");
+    }
+    Ok(parts.join("/"))
+}
+
+fn parent_of(rel: &str) -> &str {
+    rel.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+}
+
+fn is_pickle(name: &str) -> bool {
+    name.rsplit_once('.')
+        .is_some_and(|(_, ext)| PICKLE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()))
+}
+
+fn pickles_in_dir(dir: &Path, comp: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_pickle(n))
+        .map(|n| {
+            if comp.is_empty() {
+                n
+            } else {
+                format!("{comp}/{n}")
+            }
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn pickle_message(comp: &str, describe: &str, pickles: &[String]) -> String {
+    let what = if comp.is_empty() {
+        "the model".to_string()
+    } else {
+        format!("`{comp}`")
+    };
+    format!(
+        "{what} in {describe} has only pickle weights ({}), and tkg refuses pickle files \
+         (.bin/.ckpt/.pt) because loading them can run arbitrary code. Convert them to \
+         safetensors (e.g. with diffusers: `from_pretrained(...)` then \
+         `save_pretrained(OUT, safe_serialization=True)`), or use a repo that has \
+         .safetensors files",
+        pickles.join(", ")
+    )
+}
+
+enum Failure {
+    /// No answer from the Hub (DNS, connection, TLS, I/O).
+    Network(String),
+    /// The Hub answered with an HTTP error status.
+    Status(u16, String),
+    Other(String),
+}
+
+fn classify(e: ApiError) -> Failure {
+    match e {
+        ApiError::RequestError(err) => {
+            let msg = err.to_string();
+            match (*err).into_response() {
+                Some(resp) => Failure::Status(resp.status(), msg),
+                None => Failure::Network(msg),
+            }
+        }
+        ApiError::TooManyRetries(inner) => match classify(*inner) {
+            Failure::Other(m) => Failure::Network(m),
+            f => f,
+        },
+        ApiError::IoError(e) => Failure::Other(format!("I/O error: {e}")),
+        other => Failure::Other(other.to_string()),
+    }
+}
+
+fn status_message(code: u16, msg: &str) -> String {
+    match code {
+        401 | 403 => format!(
+            "HTTP {code} ({msg}): the repo does not exist, or it is gated/private; accept its \
+             terms on huggingface.co and set HF_TOKEN (or run `huggingface-cli login`)"
+        ),
+        404 => format!("HTTP 404 ({msg}): check the repo name and revision"),
+        _ => format!("HTTP {code} ({msg})"),
+    }
+}
+
+// ---- model hashes ----
+
+#[derive(Serialize, Deserialize, Default)]
+struct HashCache {
+    #[serde(default)]
+    files: BTreeMap<String, HashRecord>,
+}
+
+#[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
+struct HashRecord {
+    size: u64,
+    mtime_s: i64,
+    mtime_ns: u32,
+    sha256: String,
+}
+
+/// The hash cache file: `<hub cache dir>/tkg-hashes.json`.
+pub fn hash_cache_file() -> PathBuf {
+    hub_cache_dir().join("tkg-hashes.json")
+}
+
+/// First 10 hex digits of the file's sha256: AUTOMATIC1111's "Model hash". Cached in
+/// [`hash_cache_file`] by canonical path, size and mtime.
+pub fn file_sha256_short(path: &Path) -> Result<String> {
+    Ok(file_sha256(path)?[..10].to_string())
+}
+
+/// The file's full sha256 (lower-case hex), cached as for [`file_sha256_short`].
+pub fn file_sha256(path: &Path) -> Result<String> {
+    file_sha256_cached(path, Some(&hash_cache_file()))
+}
+
+/// [`file_sha256`] with an explicit cache file (`None`: no cache).
+///
+/// A Hub cache blob named by 64 hex digits (`.../blobs/<sha256>`, how the Hub stores LFS
+/// files) is its own sha256 and is not read. Failing to read or write the cache is not an
+/// error; the hash is then computed.
+pub fn file_sha256_cached(path: &Path, cache_file: Option<&Path>) -> Result<String> {
+    let canon = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot hash {}: no such file", path.display()))?;
+    let meta =
+        std::fs::metadata(&canon).with_context(|| format!("cannot hash {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("cannot hash {}: not a file", path.display());
+    }
+    if let Some(name) = canon.file_name().and_then(|n| n.to_str())
+        && name.len() == 64
+        && name.bytes().all(|b| b.is_ascii_hexdigit())
+        && canon
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "blobs")
+    {
+        return Ok(name.to_ascii_lowercase());
+    }
+    let (mtime_s, mtime_ns) = match meta.modified() {
+        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => (
+                -(e.duration().as_secs() as i64),
+                e.duration().subsec_nanos(),
+            ),
+        },
+        Err(_) => (0, 0),
+    };
+    let key = canon.to_string_lossy().into_owned();
+    let mut cache: HashCache = cache_file
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some(r) = cache.files.get(&key)
+        && r.size == meta.len()
+        && r.mtime_s == mtime_s
+        && r.mtime_ns == mtime_ns
+        && r.sha256.len() == 64
+    {
+        return Ok(r.sha256.clone());
+    }
+    let sha = sha256_of_file(&canon)?;
+    if let Some(f) = cache_file {
+        // Drop records of files that are gone, then write atomically (temp + rename).
+        cache.files.retain(|k, _| Path::new(k).is_file());
+        cache.files.insert(
+            key,
+            HashRecord {
+                size: meta.len(),
+                mtime_s,
+                mtime_ns,
+                sha256: sha.clone(),
+            },
+        );
+        let _ = write_atomic_json(f, &cache);
+    }
+    Ok(sha)
+}
+
+fn write_atomic_json(path: &Path, value: &HashCache) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(())
+}
+
+fn sha256_of_file(path: &Path) -> Result<String> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "tkg-hub-test-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write(dir: &Path, rel: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    /// A fake HF cache holding `files` of repo `org/name` at `revision` (ref file written with
+    /// a trailing newline, which hf-hub itself would not trim).
+    fn fake_cache(cache: &Path, repo: &str, revision: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+        write(
+            &repo_dir,
+            &format!("refs/{revision}"),
+            format!("{COMMIT}\n").as_bytes(),
+        );
+        let snap = repo_dir.join("snapshots").join(COMMIT);
+        for (rel, bytes) in files {
+            write(&snap, rel, bytes);
+        }
+        snap
+    }
+
+    #[test]
+    fn cache_paths_and_flags() {
+        assert!(builtin_cache_dir("tiny-sd15").ends_with("tkg--builtin--tiny-sd15"));
+        assert_eq!(
+            builtin_cache_dir("tiny-sd15").parent().unwrap(),
+            hub_cache_dir().as_path()
+        );
+        assert_eq!(
+            hash_cache_file().parent().unwrap(),
+            hub_cache_dir().as_path()
+        );
+        for v in ["1", "true", "YES", " on "] {
+            assert!(is_truthy(v), "{v}");
+        }
+        for v in ["0", "false", "no", ""] {
+            assert!(!is_truthy(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn rel_paths_are_checked() {
+        assert_eq!(
+            normalize_rel("unet//config.json").unwrap(),
+            "unet/config.json"
+        );
+        assert_eq!(
+            normalize_rel("./vae\\config.json").unwrap(),
+            "vae/config.json"
+        );
+        assert!(normalize_rel("../secret").is_err());
+        assert!(normalize_rel("/etc/passwd").is_err());
+        assert!(normalize_rel("").is_err());
+    }
+
+    #[test]
+    fn reads_a_fake_hub_cache_offline() {
+        let t = TempDir::new("cache");
+        let snap = fake_cache(
+            &t.0,
+            "a/b",
+            "main",
+            &[
+                ("model_index.json", b"{}"),
+                ("unet/config.json", b"{\"x\":1}"),
+            ],
+        );
+        let f = ModelFolder::hub_in(&t.0, "a/b", "main", true).unwrap();
+        assert_eq!(f.describe(), "hub repo a/b@main");
+        assert!(f.is_cached());
+        assert_eq!(f.root().unwrap(), snap);
+        let p = f.file("unet/config.json").unwrap();
+        assert_eq!(p, snap.join("unet/config.json"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"x\":1}");
+        assert_eq!(f.optional_file("tokenizer/tokenizer.json").unwrap(), None);
+        assert_eq!(
+            f.optional_file("model_index.json").unwrap(),
+            Some(snap.join("model_index.json"))
+        );
+
+        // Another revision, or another repo, is not cached.
+        let other = ModelFolder::hub_in(&t.0, "a/b", "v2", true).unwrap();
+        assert!(!other.is_cached());
+        assert!(other.root().is_none());
+        assert!(
+            !ModelFolder::hub_in(&t.0, "a/c", "main", true)
+                .unwrap()
+                .is_cached()
+        );
+
+        // A commit revision works straight from snapshots/, with no ref file.
+        let pinned = ModelFolder::hub_in(&t.0, "a/b", COMMIT, true).unwrap();
+        assert_eq!(pinned.file("unet/config.json").unwrap(), p);
+    }
+
+    #[test]
+    fn vae_only_repo_counts_as_cached() {
+        let t = TempDir::new("vae");
+        fake_cache(
+            &t.0,
+            "madebyollin/sdxl-vae-fp16-fix",
+            "main",
+            &[
+                ("config.json", b"{}"),
+                ("diffusion_pytorch_model.safetensors", b"w"),
+            ],
+        );
+        let f = ModelFolder::hub_in(&t.0, "madebyollin/sdxl-vae-fp16-fix", "main", true).unwrap();
+        assert!(f.is_cached());
+        let w = f.weights("", &["diffusion_pytorch_model"], true).unwrap();
+        assert!(w.ends_with("diffusion_pytorch_model.safetensors"));
+    }
+
+    #[test]
+    fn offline_missing_file_message() {
+        let t = TempDir::new("offline");
+        fake_cache(&t.0, "org/model", "main", &[("model_index.json", b"{}")]);
+        let f = ModelFolder::hub_in(&t.0, "org/model", "main", true).unwrap();
+        let err = format!("{:#}", f.file("vae/config.json").unwrap_err());
+        for needle in [
+            "`vae/config.json`",
+            "org/model@main",
+            "HF_HUB_OFFLINE",
+            "huggingface-cli download org/model vae/config.json",
+            "--model-dir",
+            &t.0.display().to_string(),
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in: {err}");
+        }
+        let f = ModelFolder::hub_in(&t.0, "org/model", "v1.0", true).unwrap();
+        let err = format!("{:#}", f.file("unet/config.json").unwrap_err());
+        assert!(err.contains("--revision v1.0"), "{err}");
+
+        let err = format!(
+            "{:#}",
+            ModelFolder::hub_in(&t.0, "org/model", "main", true)
+                .unwrap()
+                .weights("unet", &["diffusion_pytorch_model"], true)
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("unet/diffusion_pytorch_model.fp16.safetensors"),
+            "{err}"
+        );
+        assert!(
+            err.contains("unet/diffusion_pytorch_model.safetensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unreachable_hub_falls_back_to_the_cache() {
+        let t = TempDir::new("unreachable");
+        // A port nothing listens on: connection refused, i.e. no network.
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        fake_cache(&t.0, "a/b", "main", &[("unet/config.json", b"{}")]);
+        let f = ModelFolder::hub_in(&t.0, "a/b", "main", false)
+            .unwrap()
+            .with_endpoint(&format!("http://127.0.0.1:{port}"))
+            .with_progress(false);
+        assert!(f.file("unet/config.json").is_ok());
+        let err = format!("{:#}", f.file("vae/config.json").unwrap_err());
+        assert!(err.contains("could not be reached"), "{err}");
+        assert!(
+            err.contains("huggingface-cli download a/b vae/config.json"),
+            "{err}"
+        );
+        assert_eq!(f.optional_file("tokenizer/tokenizer.json").unwrap(), None);
+        let err = format!("{:#}", f.weights("unet", &["x"], false).unwrap_err());
+        assert!(
+            err.contains("unet/x.safetensors") && err.contains("could not be reached"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn local_folder_files() {
+        let t = TempDir::new("local");
+        write(&t.0, "unet/config.json", b"{}");
+        let f = ModelFolder::local(&t.0).unwrap();
+        assert_eq!(f.describe(), format!("folder {}", t.0.display()));
+        assert!(f.is_cached());
+        assert_eq!(
+            f.file("unet/config.json").unwrap(),
+            t.0.join("unet/config.json")
+        );
+        let err = format!("{:#}", f.file("vae/config.json").unwrap_err());
+        assert!(err.contains("`vae/config.json`"), "{err}");
+        assert!(err.contains(&t.0.display().to_string()), "{err}");
+        assert!(err.contains("--model-dir"), "{err}");
+        assert_eq!(f.optional_file("tokenizer/tokenizer.json").unwrap(), None);
+
+        let not_dir = t.0.join("unet/config.json");
+        assert!(ModelFolder::local(&not_dir).is_err());
+        let err = format!("{:#}", ModelFolder::local(&t.0.join("nope")).unwrap_err());
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn fp16_preference() {
+        let t = TempDir::new("fp16");
+        let d = &t.0;
+        write(d, "unet/diffusion_pytorch_model.safetensors", b"f32");
+        write(d, "unet/diffusion_pytorch_model.fp16.safetensors", b"f16");
+        write(d, "vae/diffusion_pytorch_model.safetensors", b"f32");
+        write(d, "text_encoder/model.fp16.safetensors", b"f16");
+        let f = ModelFolder::local(d).unwrap();
+        let w = |c: &str, n: &[&str], p: bool| {
+            f.weights(c, n, p)
+                .unwrap()
+                .strip_prefix(d)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        let unet = ["diffusion_pytorch_model"];
+        assert_eq!(
+            w("unet", &unet, true),
+            "unet/diffusion_pytorch_model.fp16.safetensors"
+        );
+        assert_eq!(
+            w("unet", &unet, false),
+            "unet/diffusion_pytorch_model.safetensors"
+        );
+        assert_eq!(
+            w("vae", &unet, true),
+            "vae/diffusion_pytorch_model.safetensors"
+        );
+        // Only the fp16 variant exists: used even for f32.
+        assert_eq!(
+            w("text_encoder", &["model"], false),
+            "text_encoder/model.fp16.safetensors"
+        );
+        // Names are tried in order.
+        assert_eq!(
+            w("unet", &["nope", "diffusion_pytorch_model"], false),
+            "unet/diffusion_pytorch_model.safetensors"
+        );
+        let err = format!(
+            "{:#}",
+            f.weights("text_encoder_2", &["model"], true).unwrap_err()
+        );
+        assert!(
+            err.contains("text_encoder_2/model.fp16.safetensors"),
+            "{err}"
+        );
+
+        // Same through a fake Hub cache.
+        let c = TempDir::new("fp16-hub");
+        fake_cache(
+            &c.0,
+            "a/b",
+            "main",
+            &[
+                ("unet/diffusion_pytorch_model.safetensors", b"f32"),
+                ("unet/diffusion_pytorch_model.fp16.safetensors", b"f16"),
+                ("vae/diffusion_pytorch_model.fp16.safetensors", b"f16"),
+            ],
+        );
+        let h = ModelFolder::hub_in(&c.0, "a/b", "main", true).unwrap();
+        let hw = |c: &str, p: bool| {
+            h.weights(c, &unet, p)
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        assert_eq!(hw("unet", true), "diffusion_pytorch_model.fp16.safetensors");
+        assert_eq!(hw("unet", false), "diffusion_pytorch_model.safetensors");
+        assert_eq!(hw("vae", false), "diffusion_pytorch_model.fp16.safetensors");
+    }
+
+    #[test]
+    fn pickle_only_weights_are_refused() {
+        let t = TempDir::new("pickle");
+        write(&t.0, "unet/diffusion_pytorch_model.bin", b"pickle");
+        write(&t.0, "model.ckpt", b"pickle");
+        let f = ModelFolder::local(&t.0).unwrap();
+        let err = format!(
+            "{:#}",
+            f.weights("unet", &["diffusion_pytorch_model"], false)
+                .unwrap_err()
+        );
+        assert!(err.contains("unet/diffusion_pytorch_model.bin"), "{err}");
+        assert!(
+            err.contains("pickle") && err.contains("arbitrary code"),
+            "{err}"
+        );
+        assert!(err.contains("safetensors"), "{err}");
+        let err = format!(
+            "{:#}",
+            f.weights("", &["diffusion_pytorch_model"], false)
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("model.ckpt") && err.contains("pickle"),
+            "{err}"
+        );
+
+        let c = TempDir::new("pickle-hub");
+        fake_cache(
+            &c.0,
+            "a/b",
+            "main",
+            &[("vae/diffusion_pytorch_model.bin", b"p")],
+        );
+        let h = ModelFolder::hub_in(&c.0, "a/b", "main", true).unwrap();
+        let err = format!(
+            "{:#}",
+            h.weights("vae", &["diffusion_pytorch_model"], true)
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("vae/diffusion_pytorch_model.bin") && err.contains("pickle"),
+            "{err}"
+        );
+        assert!(err.contains("a/b@main"), "{err}");
+    }
+
+    #[test]
+    fn hash_is_cached_by_path_size_and_mtime() {
+        let t = TempDir::new("hash");
+        let file = write(&t.0, "w.safetensors", b"abc");
+        let cache = t.0.join("sub/tkg-hashes.json");
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), abc);
+        assert_eq!(file_sha256_cached(&file, None).unwrap(), abc);
+
+        // The cache file holds the canonical path with size and full hash.
+        let text = std::fs::read_to_string(&cache).unwrap();
+        let canon = std::fs::canonicalize(&file).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let rec = &json["files"][canon.to_string_lossy().as_ref()];
+        assert_eq!(rec["sha256"], abc);
+        assert_eq!(rec["size"], 3);
+
+        // A second call trusts the cache and does not reread the file: plant a fake hash.
+        let fake = "f".repeat(64);
+        std::fs::write(&cache, text.replace(abc, &fake)).unwrap();
+        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), fake);
+
+        // Changing the file (size and mtime) invalidates the record.
+        std::fs::write(&file, b"abcd").unwrap();
+        let abcd = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589";
+        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), abcd);
+        assert!(std::fs::read_to_string(&cache).unwrap().contains(abcd));
+
+        // A corrupt cache file is ignored (and replaced).
+        std::fs::write(&cache, b"not json").unwrap();
+        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), abcd);
+
+        // Short form: 10 hex digits.
+        let short = file_sha256(&file).unwrap()[..10].to_string();
+        assert_eq!(short, &abcd[..10]);
+
+        // A file bigger than one read chunk.
+        let big: Vec<u8> = (0..(3 << 20) + 7).map(|i| (i % 251) as u8).collect();
+        let bigf = write(&t.0, "big.bin", &big);
+        let expect: String = Sha256::digest(&big)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(file_sha256_cached(&bigf, None).unwrap(), expect);
+
+        assert!(file_sha256_cached(&t.0.join("missing"), Some(&cache)).is_err());
+    }
+
+    #[test]
+    fn hub_blob_names_are_their_hash() {
+        let t = TempDir::new("blob");
+        let sha = "a".repeat(64);
+        let blob = write(&t.0, &format!("models--a--b/blobs/{sha}"), b"whatever");
+        assert_eq!(file_sha256_cached(&blob, None).unwrap(), sha);
+        #[cfg(unix)]
+        {
+            let link = t.0.join("models--a--b/snapshots/x/unet.safetensors");
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(&blob, &link).unwrap();
+            assert_eq!(file_sha256_cached(&link, None).unwrap(), sha);
+        }
+    }
+
+    // ---- a fake Hub, to exercise the download path without the network ----
+
+    struct FakeHub {
+        url: String,
+        requests: Arc<Mutex<Vec<String>>>,
+    }
+
+    /// Serves repo `repo` at `revision` with `files`, as huggingface.co does for hf-hub:
+    /// the repo info API and `resolve/` URLs with etag / x-repo-commit / content-range.
+    /// `status` overrides every answer with an HTTP error status.
+    fn fake_hub(
+        repo: &str,
+        revision: &str,
+        files: Vec<(String, Vec<u8>)>,
+        status: Option<u16>,
+    ) -> FakeHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let reqs = requests.clone();
+        let info_path = format!("/api/models/{repo}/revision/{revision}");
+        let resolve_prefix = format!("/{repo}/resolve/{revision}/");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':')
+                        && k.eq_ignore_ascii_case("range")
+                    {
+                        range = Some(v.trim().to_string());
+                    }
+                }
+                reqs.lock().unwrap().push(path.clone());
+                let respond = |stream: &mut std::net::TcpStream,
+                               code: u16,
+                               headers: &[(String, String)],
+                               body: &[u8]| {
+                    let mut head = format!(
+                        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        body.len()
+                    );
+                    for (k, v) in headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(body);
+                };
+                if let Some(code) = status {
+                    respond(&mut stream, code, &[], b"{\"error\":\"nope\"}");
+                } else if path == info_path {
+                    let siblings: Vec<_> = files
+                        .iter()
+                        .map(|(n, _)| serde_json::json!({"rfilename": n}))
+                        .collect();
+                    let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
+                    respond(&mut stream, 200, &[], body.as_bytes());
+                } else if let Some(rel) = path.strip_prefix(&resolve_prefix)
+                    && let Some((_, bytes)) = files.iter().find(|(n, _)| n == rel)
+                {
+                    let start: usize = range
+                        .as_deref()
+                        .and_then(|r| r.strip_prefix("bytes="))
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let end = match range.as_deref().and_then(|r| r.split('-').nth(1)) {
+                        Some(e) if !e.is_empty() => e.parse::<usize>().unwrap() + 1,
+                        _ => bytes.len(),
+                    }
+                    .min(bytes.len());
+                    let etag: String = Sha256::digest(bytes)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    let headers = vec![
+                        ("ETag".to_string(), format!("\"{etag}\"")),
+                        ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+                        (
+                            "Content-Range".to_string(),
+                            format!("bytes {start}-{}/{}", end.max(1) - 1, bytes.len()),
+                        ),
+                    ];
+                    respond(&mut stream, 206, &headers, &bytes[start..end]);
+                } else {
+                    respond(&mut stream, 404, &[], b"not found");
+                }
+            }
+        });
+        FakeHub { url, requests }
+    }
+
+    fn proxy_set() -> bool {
+        [
+            "http_proxy",
+            "HTTP_PROXY",
+            "https_proxy",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "all_proxy",
+        ]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some())
+    }
+
+    #[test]
+    fn downloads_into_the_cache_through_hf_hub() {
+        if proxy_set() {
+            eprintln!(
+                "skipped: a proxy is configured, the fake hub on 127.0.0.1 would not be reached"
+            );
+            return;
+        }
+        let hub = fake_hub(
+            "org/model",
+            "main",
+            vec![
+                (
+                    "model_index.json".into(),
+                    b"{\"_class_name\":\"X\"}".to_vec(),
+                ),
+                ("unet/config.json".into(), b"{\"a\":1}".to_vec()),
+                (
+                    "unet/diffusion_pytorch_model.safetensors".into(),
+                    vec![7u8; 3000],
+                ),
+                (
+                    "unet/diffusion_pytorch_model.fp16.safetensors".into(),
+                    vec![8u8; 1500],
+                ),
+                ("vae/diffusion_pytorch_model.bin".into(), b"pickle".to_vec()),
+            ],
+            None,
+        );
+        let t = TempDir::new("download");
+        let f = ModelFolder::hub_in(&t.0, "org/model", "main", false)
+            .unwrap()
+            .with_endpoint(&hub.url)
+            .with_progress(false);
+        assert!(!f.is_cached());
+        let p = f.file("unet/config.json").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}");
+        let w = f
+            .weights("unet", &["diffusion_pytorch_model"], true)
+            .unwrap();
+        assert!(std::fs::read(&w).unwrap() == vec![8u8; 1500]);
+        assert!(w.ends_with("unet/diffusion_pytorch_model.fp16.safetensors"));
+
+        // Files the repo lacks: a clear error, no download attempt; optional ones are None.
+        let err = format!("{:#}", f.file("text_encoder/config.json").unwrap_err());
+        assert!(
+            err.contains("has no file `text_encoder/config.json`"),
+            "{err}"
+        );
+        assert_eq!(f.optional_file("tokenizer/tokenizer.json").unwrap(), None);
+        let err = format!(
+            "{:#}",
+            f.weights("vae", &["diffusion_pytorch_model"], false)
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("vae/diffusion_pytorch_model.bin") && err.contains("pickle"),
+            "{err}"
+        );
+        let reqs = hub.requests.lock().unwrap().clone();
+        assert_eq!(
+            reqs.iter().filter(|r| r.starts_with("/api/")).count(),
+            1,
+            "{reqs:?}"
+        );
+        assert!(
+            !reqs
+                .iter()
+                .any(|r| r.contains("text_encoder") || r.contains("tokenizer")),
+            "{reqs:?}"
+        );
+
+        // The cache now has the hf-hub layout, and an offline view reads it.
+        let repo_dir = t.0.join("models--org--model");
+        assert_eq!(
+            std::fs::read_to_string(repo_dir.join("refs/main"))
+                .unwrap()
+                .trim(),
+            COMMIT
+        );
+        assert!(
+            repo_dir
+                .join("snapshots")
+                .join(COMMIT)
+                .join("unet/config.json")
+                .is_file()
+        );
+        let off = ModelFolder::hub_in(&t.0, "org/model", "main", true).unwrap();
+        assert_eq!(off.file("unet/config.json").unwrap(), p);
+        let ow = off
+            .weights("unet", &["diffusion_pytorch_model"], true)
+            .unwrap();
+        assert!(std::fs::read(&ow).unwrap() == vec![8u8; 1500]);
+        // The blob is named by its sha256, which is therefore the model hash.
+        let expect: String = Sha256::digest(vec![8u8; 1500])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(file_sha256_cached(&ow, None).unwrap(), expect);
+
+        // Cached files need no network at all.
+        let n = hub.requests.lock().unwrap().len();
+        let again = ModelFolder::hub_in(&t.0, "org/model", "main", false)
+            .unwrap()
+            .with_endpoint(&hub.url)
+            .with_progress(false);
+        again.file("unet/config.json").unwrap();
+        again
+            .weights("unet", &["diffusion_pytorch_model"], true)
+            .unwrap();
+        assert_eq!(hub.requests.lock().unwrap().len(), n);
+        // The f32 file is downloaded when asked for.
+        let w32 = again
+            .weights("unet", &["diffusion_pytorch_model"], false)
+            .unwrap();
+        assert!(
+            w32.ends_with("unet/diffusion_pytorch_model.safetensors"),
+            "{w32:?}"
+        );
+        assert!(std::fs::read(&w32).unwrap() == vec![7u8; 3000]);
+        assert!(again.file("model_index.json").is_ok());
+        assert!(again.is_cached());
+    }
+
+    #[test]
+    fn hub_refusal_is_reported() {
+        if proxy_set() {
+            return;
+        }
+        let hub = fake_hub("org/gated", "main", Vec::new(), Some(401));
+        let t = TempDir::new("refused");
+        let f = ModelFolder::hub_in(&t.0, "org/gated", "main", false)
+            .unwrap()
+            .with_endpoint(&hub.url)
+            .with_progress(false);
+        let err = format!("{:#}", f.file("unet/config.json").unwrap_err());
+        assert!(err.contains("401") && err.contains("HF_TOKEN"), "{err}");
+        assert!(
+            err.contains("`unet/config.json`") && err.contains("org/gated@main"),
+            "{err}"
+        );
+        assert!(f.optional_file("tokenizer/tokenizer.json").is_err());
+    }
+}

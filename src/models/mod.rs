@@ -1,0 +1,12 @@
+//! Model files and networks: registry and Hub cache, configs, tokenizer, text encoder, UNet,
+//! VAE, weight loading and the built-in random-weight models.
+
+pub mod blocks;
+pub mod clip;
+pub mod hub;
+pub mod registry;
+pub mod tokenizer;
+pub mod config;
+pub mod unet;
+pub mod vae;
+pub mod weights;

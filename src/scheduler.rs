@@ -1,0 +1,275 @@
+//! DDIM (diffusers `DDIMScheduler`, eta = 0), configured from `scheduler_config.json`.
+//!
+//! The noise schedule is computed in f32 with the same operations torch uses (linspace,
+//! 1 - beta, cumprod), so the per-step coefficients match diffusers bit for bit or within an ulp.
+
+use crate::models::config::SchedulerConfig;
+use anyhow::{Result, bail, ensure};
+use candle_core::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ddim {
+    alphas_cumprod: Vec<f32>,
+    final_alpha_cumprod: f32,
+    timesteps: Vec<usize>,
+    step_ratio: usize,
+    prediction: Prediction,
+    clip_sample: Option<f32>,
+}
+
+/// torch.linspace(start, end, steps, dtype=float32) on CPU.
+fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
+    let (s, e) = (start as f32, end as f32);
+    if steps == 1 {
+        return vec![s];
+    }
+    let step = (e - s) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                s + step * i as f32
+            } else {
+                e - step * (steps - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+impl Ddim {
+    pub fn new(cfg: &SchedulerConfig, inference_steps: usize) -> Result<Self> {
+        ensure!(inference_steps > 0, "--steps must be at least 1");
+        let n = cfg.num_train_timesteps;
+        ensure!(
+            inference_steps <= n,
+            "--steps {inference_steps} is more than the scheduler's {n} training timesteps"
+        );
+        let betas: Vec<f32> = match (&cfg.trained_betas, cfg.beta_schedule.as_str()) {
+            (Some(b), _) => b.iter().map(|&v| v as f32).collect(),
+            (None, "linear") => linspace_f32(cfg.beta_start, cfg.beta_end, n),
+            (None, "scaled_linear") => linspace_f32(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+            (None, "squaredcos_cap_v2") => {
+                let alpha_bar =
+                    |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                (0..n)
+                    .map(|i| {
+                        let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                        (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+                    })
+                    .collect()
+            }
+            (None, other) => bail!("scheduler config: unsupported beta_schedule {other}"),
+        };
+        ensure!(betas.len() == n, "scheduler config: trained_betas has the wrong length");
+        if cfg.thresholding {
+            bail!("scheduler config: thresholding is not supported");
+        }
+        if cfg.rescale_betas_zero_snr {
+            bail!("scheduler config: rescale_betas_zero_snr is not supported");
+        }
+        let mut alphas_cumprod = Vec::with_capacity(n);
+        let mut acc = 1.0f32;
+        for b in &betas {
+            acc *= 1.0 - b;
+            alphas_cumprod.push(acc);
+        }
+        // diffusers' DDIMScheduler defaults both to true when the config omits them.
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        let step_ratio = n / inference_steps;
+        let timesteps: Vec<usize> = match cfg.timestep_spacing.as_str() {
+            "leading" => (0..inference_steps)
+                .rev()
+                .map(|i| i * step_ratio + cfg.steps_offset)
+                .collect(),
+            "trailing" => {
+                let ratio = n as f64 / inference_steps as f64;
+                let mut t = Vec::new();
+                let mut v = n as f64;
+                while v > 0.0 {
+                    t.push((v.round() as i64 - 1).max(0) as usize);
+                    v -= ratio;
+                }
+                t.truncate(inference_steps);
+                t
+            }
+            "linspace" => {
+                let pts = linspace_f64(0.0, (n - 1) as f64, inference_steps);
+                pts.into_iter().rev().map(|v| round_half_even(v) as usize).collect()
+            }
+            other => bail!("scheduler config: unsupported timestep_spacing {other}"),
+        };
+        ensure!(
+            timesteps.iter().all(|&t| t < n),
+            "scheduler config: steps_offset pushes timesteps past {n}"
+        );
+        let prediction = match cfg.prediction_type.as_str() {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::VPrediction,
+            "sample" => Prediction::Sample,
+            other => bail!("scheduler config: unsupported prediction_type {other}"),
+        };
+        let clip_sample = cfg
+            .clip_sample
+            .unwrap_or(true)
+            .then_some(cfg.clip_sample_range.unwrap_or(1.0) as f32);
+        Ok(Self {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            timesteps,
+            step_ratio,
+            prediction,
+            clip_sample,
+        })
+    }
+
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// DDIM starts from unit-variance noise.
+    pub fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    pub fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+
+    /// One deterministic DDIM step (eta = 0): x_t → x_{t-Δ}.
+    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> Result<Tensor> {
+        let dev = sample.device();
+        let prev = timestep as i64 - self.step_ratio as i64;
+        let alpha_t = self.alphas_cumprod[timestep];
+        let alpha_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha_cumprod
+        };
+        let beta_t = 1.0 - alpha_t;
+        // Scalars as 0-d f32 tensors, so the arithmetic rounds like torch's.
+        let s = |v: f32| Tensor::new(v, dev).and_then(|t| t.to_dtype(sample.dtype()));
+        let (sqrt_a, sqrt_b) = (s(alpha_t.sqrt())?, s(beta_t.sqrt())?);
+        let (pred_x0, pred_eps) = match self.prediction {
+            Prediction::Epsilon => {
+                let x0 = sample
+                    .broadcast_sub(&model_output.broadcast_mul(&sqrt_b)?)?
+                    .broadcast_div(&sqrt_a)?;
+                (x0, model_output.clone())
+            }
+            Prediction::VPrediction => {
+                let x0 = sample
+                    .broadcast_mul(&sqrt_a)?
+                    .broadcast_sub(&model_output.broadcast_mul(&sqrt_b)?)?;
+                let eps = model_output
+                    .broadcast_mul(&sqrt_a)?
+                    .broadcast_add(&sample.broadcast_mul(&sqrt_b)?)?;
+                (x0, eps)
+            }
+            Prediction::Sample => {
+                let eps = sample
+                    .broadcast_sub(&model_output.broadcast_mul(&sqrt_a)?)?
+                    .broadcast_div(&sqrt_b)?;
+                (model_output.clone(), eps)
+            }
+        };
+        let pred_x0 = match self.clip_sample {
+            Some(r) => pred_x0.clamp(-r, r)?,
+            None => pred_x0,
+        };
+        let dir = pred_eps.broadcast_mul(&s((1.0 - alpha_prev).sqrt())?)?;
+        let prev_sample = pred_x0
+            .broadcast_mul(&s(alpha_prev.sqrt())?)?
+            .broadcast_add(&dir)?;
+        Ok(prev_sample)
+    }
+}
+
+fn linspace_f64(start: f64, end: f64, steps: usize) -> Vec<f64> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f64;
+    (0..steps).map(|i| start + step * i as f64).collect()
+}
+
+/// numpy's round: half to even.
+fn round_half_even(v: f64) -> f64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - v.signum()
+    } else {
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd15() -> SchedulerConfig {
+        serde_json::from_value(serde_json::json!({
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1,
+            "num_train_timesteps": 1000
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn sd15_leading_timesteps() {
+        let d = Ddim::new(&sd15(), 50).unwrap();
+        assert_eq!(d.timesteps().len(), 50);
+        assert_eq!(d.timesteps()[0], 981);
+        assert_eq!(d.timesteps()[1], 961);
+        assert_eq!(*d.timesteps().last().unwrap(), 1);
+    }
+
+    #[test]
+    fn trailing_timesteps() {
+        let mut c = sd15();
+        c.timestep_spacing = "trailing".into();
+        let d = Ddim::new(&c, 50).unwrap();
+        assert_eq!(d.timesteps()[0], 999);
+        assert_eq!(*d.timesteps().last().unwrap(), 19);
+    }
+
+    #[test]
+    fn zero_steps_is_an_error() {
+        assert!(Ddim::new(&sd15(), 0).is_err());
+    }
+
+    #[test]
+    fn a_perfect_noise_prediction_lands_on_the_previous_marginal() {
+        // With x_t = sqrt(a) x0 + sqrt(1-a) eps and the model predicting eps exactly, DDIM
+        // (eta = 0) lands on sqrt(a_prev) x0 + sqrt(1-a_prev) eps.
+        let d = Ddim::new(&sd15(), 10).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x0 = Tensor::new(&[0.5f32, -0.25, 0.1], &dev).unwrap();
+        let eps = Tensor::new(&[0.3f32, 1.2, -0.7], &dev).unwrap();
+        for (k, &t) in d.timesteps().iter().enumerate() {
+            let a = d.alphas_cumprod[t] as f64;
+            let ap = match d.timesteps().get(k + 1) {
+                Some(&p) => d.alphas_cumprod[p] as f64,
+                None => d.alphas_cumprod[0] as f64,
+            };
+            let mix = |a: f64| ((&x0 * a.sqrt()).unwrap() + (&eps * (1.0 - a).sqrt()).unwrap()).unwrap();
+            let out = d.step(&eps, t, &mix(a)).unwrap();
+            let diff: f32 = (out - mix(ap)).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(diff < 1e-5, "step {k}: {diff}");
+        }
+    }
+}
