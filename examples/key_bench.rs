@@ -102,11 +102,7 @@ impl Canvas {
                 }
             })
             .collect();
-        Subject {
-            name,
-            a: self.a,
-            f,
-        }
+        Subject { name, a: self.a, f }
     }
 }
 
@@ -157,14 +153,21 @@ fn icon(path: &Path) -> Result<Subject> {
 }
 
 fn text(font_path: &Path, seed: u64, key_hue: f32) -> Result<Subject> {
-    let data = std::fs::read(font_path)
-        .with_context(|| format!("cannot read {} (run benches/key_bench.sh)", font_path.display()))?;
+    let data = std::fs::read(font_path).with_context(|| {
+        format!(
+            "cannot read {} (run benches/key_bench.sh)",
+            font_path.display()
+        )
+    })?;
     let font = FontVec::try_from_vec(data)
         .map_err(|_| anyhow::anyhow!("{} is not a font", font_path.display()))?;
     let mut rng = Rng(seed);
     let mut c = Canvas::new();
     let lines = [
-        (13.0, "The quick brown fox jumps over the lazy dog 0123456789"),
+        (
+            13.0,
+            "The quick brown fox jumps over the lazy dog 0123456789",
+        ),
         (19.0, "Sphinx of black quartz, judge my vow!"),
         (28.0, "Pack my box with five dozen"),
         (44.0, "Keying & matting"),
@@ -196,8 +199,7 @@ fn text(font_path: &Path, seed: u64, key_hue: f32) -> Result<Subject> {
                 og.draw(|gx, gy, cov| {
                     let px = b.min.x as i64 + gx as i64;
                     let py = b.min.y as i64 + gy as i64;
-                    if (16..(S as i64 - 16)).contains(&px) && (16..(S as i64 - 16)).contains(&py)
-                    {
+                    if (16..(S as i64 - 16)).contains(&px) && (16..(S as i64 - 16)).contains(&py) {
                         c.over(py as usize * S + px as usize, colour, cov);
                     }
                 });
@@ -653,10 +655,7 @@ fn score(comp: &Composite, trimap: &[u8], alpha: &[f32], fg: &[u8], full: bool) 
 // FFmpeg.
 
 fn hex(c: [f32; 3]) -> String {
-    format!(
-        "0x{:02X}{:02X}{:02X}",
-        c[0] as u8, c[1] as u8, c[2] as u8
-    )
+    format!("0x{:02X}{:02X}{:02X}", c[0] as u8, c[1] as u8, c[2] as u8)
 }
 
 /// Runs chromakey (+ despill) with one similarity and several blends on all frames in `dir`;
@@ -680,18 +679,34 @@ fn ffmpeg_run(
         ));
     }
     let mut cmd = Command::new("ffmpeg");
-    cmd.args(["-hide_banner", "-loglevel", "error", "-y", "-start_number", "0"])
-        .arg("-i")
-        .arg(dir.join("%04d.png"))
-        .args(["-filter_complex", &graph]);
+    cmd.args([
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-start_number",
+        "0",
+    ])
+    .arg("-i")
+    .arg(dir.join("%04d.png"))
+    .args(["-filter_complex", &graph]);
     let outs: Vec<PathBuf> = (0..blends.len())
         .map(|k| dir.join(format!("out{k}.raw")))
         .collect();
     for (k, o) in outs.iter().enumerate() {
-        cmd.args(["-map", &format!("[o{k}]"), "-f", "rawvideo", "-pix_fmt", "rgba"])
-            .arg(o);
+        cmd.args([
+            "-map",
+            &format!("[o{k}]"),
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgba",
+        ])
+        .arg(o);
     }
-    let st = cmd.status().context("cannot run ffmpeg (apt-get install ffmpeg)")?;
+    let st = cmd
+        .status()
+        .context("cannot run ffmpeg (apt-get install ffmpeg)")?;
     if !st.success() {
         bail!("ffmpeg failed: {graph}");
     }
@@ -701,7 +716,11 @@ fn ffmpeg_run(
         std::fs::File::open(o)?.read_to_end(&mut buf)?;
         std::fs::remove_file(o)?;
         if buf.len() != frames * S * S * 4 {
-            bail!("ffmpeg wrote {} bytes, expected {}", buf.len(), frames * S * S * 4);
+            bail!(
+                "ffmpeg wrote {} bytes, expected {}",
+                buf.len(),
+                frames * S * S * 4
+            );
         }
         res.push(buf.chunks_exact(S * S * 4).map(|c| c.to_vec()).collect());
     }
@@ -768,18 +787,27 @@ fn main() -> Result<()> {
 
     // Subjects, each with its key family (every fourth on blue).
     let t0 = Instant::now();
+    // Every fourth subject goes on blue, the rest on green; coloured subjects keep their hues
+    // at least 60 degrees from their screen's (a subject in the screen's own hue cannot be
+    // keyed by anyone).
+    let family = |i: usize| if i % 4 == 3 { "blue" } else { "green" };
+    let hue_of = |i: usize| if family(i) == "blue" { 217.0 } else { 142.0 };
     let mut subjects: Vec<Subject> = Vec::new();
     for p in &icons {
         subjects.push(icon(p)?);
     }
     let procedural = if quick { 1 } else { 3 };
     for (k, f) in fonts.iter().enumerate() {
-        subjects.push(text(f, 100 + k as u64, 140.0)?);
+        let h = hue_of(subjects.len());
+        subjects.push(text(f, 100 + k as u64, h)?);
     }
     for s in 0..procedural as u64 {
-        subjects.push(hair(200 + s, 140.0));
-        subjects.push(glass(300 + s, 140.0));
-        subjects.push(motion(400 + s, 140.0));
+        let h = hue_of(subjects.len());
+        subjects.push(hair(200 + s, h));
+        let h = hue_of(subjects.len());
+        subjects.push(glass(300 + s, h));
+        let h = hue_of(subjects.len());
+        subjects.push(motion(400 + s, h));
     }
     subjects.push(smoke(500));
     eprintln!(
@@ -787,7 +815,6 @@ fn main() -> Result<()> {
         subjects.len(),
         t0.elapsed().as_secs_f64()
     );
-    let family = |i: usize| if i % 4 == 3 { "blue" } else { "green" };
 
     let work = std::env::temp_dir().join(format!("tkg-keybench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -803,7 +830,9 @@ fn main() -> Result<()> {
     let blends: Vec<f32> = if quick {
         vec![0.0, 0.03, 0.08, 0.15]
     } else {
-        vec![0.0, 0.01, 0.02, 0.035, 0.05, 0.07, 0.1, 0.13, 0.17, 0.22, 0.3]
+        vec![
+            0.0, 0.01, 0.02, 0.035, 0.05, 0.07, 0.1, 0.13, 0.17, 0.22, 0.3,
+        ]
     };
 
     let mut ours: BTreeMap<&str, Score> = BTreeMap::new();
@@ -891,10 +920,7 @@ fn main() -> Result<()> {
             }
             theirs.entry(kind).or_default().add(&sc);
             let _ = std::fs::remove_dir_all(&dir);
-            eprintln!(
-                "{kind}/{fam} done ({:.0}s)",
-                t0.elapsed().as_secs_f64()
-            );
+            eprintln!("{kind}/{fam} done ({:.0}s)", t0.elapsed().as_secs_f64());
         }
     }
 
@@ -954,7 +980,10 @@ fn main() -> Result<()> {
     let ff_pipe = pipe[1];
 
     // Report.
-    println!("\n## Keying benchmark ({} subjects x 6 screen kinds, {S}x{S})\n", subjects.len());
+    println!(
+        "\n## Keying benchmark ({} subjects x 6 screen kinds, {S}x{S})\n",
+        subjects.len()
+    );
     println!(
         "Metrics over the trimap's unknown band (erode/dilate radius 5): SAD and Gradient and \
          Connectivity are sums / 1000 and MSE a mean, each averaged over images; whole MSE over \
@@ -964,7 +993,9 @@ fn main() -> Result<()> {
     println!(
         "| screen | SAD tkg | SAD ffmpeg | ratio | MSE tkg | MSE ffmpeg | ratio | Grad tkg | Grad ffmpeg | Conn tkg | Conn ffmpeg | whole MSE tkg | whole MSE ffmpeg | FG err tkg | FG err ffmpeg | dE00 tkg | dE00 ffmpeg |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     let mut all_o = Score::default();
     let mut all_t = Score::default();
     let row = |name: &str, o: &Score, t: &Score| {
@@ -996,7 +1027,11 @@ fn main() -> Result<()> {
         row(kind, &o.mean(), &t.mean());
     }
     row("**overall**", &all_o.mean(), &all_t.mean());
-    println!("\nFFmpeg settings chosen by grid search ({} similarities x {} blends, minimum SAD):", sims.len(), blends.len());
+    println!(
+        "\nFFmpeg settings chosen by grid search ({} similarities x {} blends, minimum SAD):",
+        sims.len(),
+        blends.len()
+    );
     for c in &chosen {
         println!("- {c}");
     }
@@ -1029,9 +1064,17 @@ fn main() -> Result<()> {
         o.mse <= 0.5 * t.mse,
         o.mse / t.mse
     );
-    println!("- FG error below FFmpeg+despill: {} ({:.2} vs {:.2})", o.fg < t.fg, o.fg, t.fg);
+    println!(
+        "- FG error below FFmpeg+despill: {} ({:.2} vs {:.2})",
+        o.fg < t.fg,
+        o.fg,
+        t.fg
+    );
     println!("- no screen kind worse (SAD and MSE): {kinds_ok}");
-    println!("- 1024x1024 at least as fast as chromakey: {}", ours_s <= ff_ck);
+    println!(
+        "- 1024x1024 at least as fast as chromakey: {}",
+        ours_s <= ff_ck
+    );
     if args.iter().any(|a| a == "--worst") {
         worst.sort_by(|a, b| b.0.total_cmp(&a.0));
         eprintln!("\nWorst tkg images:");

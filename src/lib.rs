@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod color;
 pub mod key;
+pub mod metadata;
 pub mod models;
 pub mod output;
 pub mod pipeline;

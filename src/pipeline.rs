@@ -137,7 +137,10 @@ fn load_component<T>(
 
 /// Detects the model family from a diffusers folder's configs.
 pub fn detect_family(folder: &ModelFolder) -> Result<Family> {
-    if folder.optional_file("text_encoder_2/config.json")?.is_some() {
+    if folder
+        .optional_file("text_encoder_2/config.json")?
+        .is_some()
+    {
         return Ok(Family::Sdxl);
     }
     let unet: UNetConfig = read_json(&folder.file("unet/config.json")?)?;
@@ -156,7 +159,10 @@ impl Pipeline {
         }
         let family = detect_family(folder)?;
         if family == Family::Sdxl {
-            bail!("{} is an SDXL model; SDXL is not supported yet", folder.describe());
+            bail!(
+                "{} is an SDXL model; SDXL is not supported yet",
+                folder.describe()
+            );
         }
         let text_cfg: ClipTextConfig = read_json(&folder.file("text_encoder/config.json")?)?;
         let tokenizer_dir = folder
@@ -236,7 +242,11 @@ impl Pipeline {
         let mut warnings = Vec::new();
         match &self.conditioner {
             Conditioner::Sd15 { tower, layer } => {
-                let texts: Vec<&str> = if cfg { vec![negative, prompt] } else { vec![prompt] };
+                let texts: Vec<&str> = if cfg {
+                    vec![negative, prompt]
+                } else {
+                    vec![prompt]
+                };
                 let mut ids = Vec::new();
                 for t in &texts {
                     let enc = tower.tokenizer.encode(t)?;
@@ -263,10 +273,7 @@ impl Pipeline {
     }
 
     /// Draws the noise for `seed` and shapes the initial latents.
-    pub fn initial_latents(
-        &self,
-        req: &Request,
-    ) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
+    pub fn initial_latents(&self, req: &Request) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
         let f = self.vae_factor();
         let (h, w) = (req.height / f, req.width / f);
         let c = self.unet.config.in_channels;
@@ -293,8 +300,8 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let scheduler = Ddim::new(&self.scheduler, steps)?;
         let cfg = guidance > 1.0;
-        let mut latents = (init.to_device(&self.device)?.to_dtype(self.dtype)?
-            * scheduler.init_noise_sigma())?;
+        let mut latents =
+            (init.to_device(&self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         let context = cond.context.to_dtype(self.dtype)?;
         let total = scheduler.timesteps().len();
         for (i, &t) in scheduler.timesteps().iter().enumerate() {
@@ -369,11 +376,7 @@ impl Pipeline {
 
 /// A NaN or Inf is an error that names the stage, never a black image.
 pub fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
-    let s: f32 = t
-        .to_dtype(DType::F32)?
-        .abs()?
-        .sum_all()?
-        .to_scalar()?;
+    let s: f32 = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?;
     if !s.is_finite() {
         // The sum can overflow on huge but finite values; look closer before failing.
         let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;

@@ -115,7 +115,10 @@ mod tests {
         assert_ne!(a, c);
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         let var = a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32;
-        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.08, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.08,
+            "{mean} {var}"
+        );
         assert_eq!(torch_cpu_randn(1, 21).len(), 21);
     }
 }

@@ -59,8 +59,11 @@ impl Ddim {
                 .map(|b| b * b)
                 .collect(),
             (None, "squaredcos_cap_v2") => {
-                let alpha_bar =
-                    |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                let alpha_bar = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -70,7 +73,10 @@ impl Ddim {
             }
             (None, other) => bail!("scheduler config: unsupported beta_schedule {other}"),
         };
-        ensure!(betas.len() == n, "scheduler config: trained_betas has the wrong length");
+        ensure!(
+            betas.len() == n,
+            "scheduler config: trained_betas has the wrong length"
+        );
         if cfg.thresholding {
             bail!("scheduler config: thresholding is not supported");
         }
@@ -108,7 +114,10 @@ impl Ddim {
             }
             "linspace" => {
                 let pts = linspace_f64(0.0, (n - 1) as f64, inference_steps);
-                pts.into_iter().rev().map(|v| round_half_even(v) as usize).collect()
+                pts.into_iter()
+                    .rev()
+                    .map(|v| round_half_even(v) as usize)
+                    .collect()
             }
             other => bail!("scheduler config: unsupported timestep_spacing {other}"),
         };
@@ -266,9 +275,17 @@ mod tests {
                 Some(&p) => d.alphas_cumprod[p] as f64,
                 None => d.alphas_cumprod[0] as f64,
             };
-            let mix = |a: f64| ((&x0 * a.sqrt()).unwrap() + (&eps * (1.0 - a).sqrt()).unwrap()).unwrap();
+            let mix =
+                |a: f64| ((&x0 * a.sqrt()).unwrap() + (&eps * (1.0 - a).sqrt()).unwrap()).unwrap();
             let out = d.step(&eps, t, &mix(a)).unwrap();
-            let diff: f32 = (out - mix(ap)).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let diff: f32 = (out - mix(ap))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(diff < 1e-5, "step {k}: {diff}");
         }
     }

@@ -29,7 +29,8 @@ pub struct ShiftReport {
     pub deltas: [f32; 4],
 }
 
-/// torch.linspace(-1, 1, n) in float32.
+/// torch.linspace(start, end, n) in float32, as torch's CPU kernel computes it: from `start`
+/// for the first half and from `end` for the second, each with a fused multiply-add.
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -38,17 +39,21 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let half = steps / 2;
     (0..steps)
         .map(|i| {
+            // torch's CPU kernel computes these with a fused multiply-add.
             if i < half {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - i - 1) as f32
+                (-step).mul_add((steps - i - 1) as f32, end)
             }
         })
         .collect()
 }
 
 fn positive_ratio(values: &[f32], sign: f32, delta: f32) -> f32 {
-    let n = values.iter().filter(|&&v| sign * (v + sign * delta) > 0.0).count();
+    let n = values
+        .iter()
+        .filter(|&&v| sign * (v + sign * delta) > 0.0)
+        .count();
     n as f32 / values.len() as f32
 }
 
@@ -131,8 +136,14 @@ fn resize_bilinear(src: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> V
 /// alone or in a batch. Returns the initial latents and one report per image.
 pub fn apply(z: &Tensor, settings: &TkgSettings) -> Result<(Tensor, Vec<ShiftReport>)> {
     let (b, c, h, w) = z.dims4()?;
-    ensure!(c >= 4 || settings.signs[c..].iter().all(|&s| s == 0), "latents have {c} channels");
-    ensure!(!settings.centers.is_empty(), "TKG needs at least one subject centre");
+    ensure!(
+        c >= 4 || settings.signs[c..].iter().all(|&s| s == 0),
+        "latents have {c} channels"
+    );
+    ensure!(
+        !settings.centers.is_empty(),
+        "TKG needs at least one subject centre"
+    );
     ensure!(
         settings.sigma > 0.0 && settings.sigma.is_finite(),
         "--mask-sigma must be positive"
@@ -150,7 +161,10 @@ pub fn apply(z: &Tensor, settings: &TkgSettings) -> Result<(Tensor, Vec<ShiftRep
             (a16.to_f32(), f16::from_f32(1.0 - a16.to_f32()).to_f32())
         })
         .unzip();
-    let data: Vec<f32> = z.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = z
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     let plane = h * w;
     let mut out = Vec::with_capacity(data.len());
     let mut reports = Vec::with_capacity(b);
@@ -163,9 +177,7 @@ pub fn apply(z: &Tensor, settings: &TkgSettings) -> Result<(Tensor, Vec<ShiftRep
             if sign != 0 {
                 deltas[ch] = shift_channel(&mut shifted, sign, settings.target_shift)?;
             }
-            out.extend(
-                (0..plane).map(|i| m[i] * orig[i] + one_minus_m[i] * shifted[i]),
-            );
+            out.extend((0..plane).map(|i| m[i] * orig[i] + one_minus_m[i] * shifted[i]));
         }
         reports.push(ShiftReport { deltas });
     }

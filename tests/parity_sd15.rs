@@ -16,7 +16,9 @@ struct Golden {
 }
 
 fn load(variant: &str) -> Golden {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/sd15").join(variant);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/sd15")
+        .join(variant);
     let folder = ModelFolder::local(&dir.join("model")).unwrap();
     let opts = LoadOptions {
         device: Device::Cpu,
@@ -25,15 +27,22 @@ fn load(variant: &str) -> Golden {
     };
     let pipe = Pipeline::load(&folder, &opts).unwrap();
     let t = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-        .unwrap();
+    let json =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     Golden { pipe, t, json }
 }
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let num: f32 = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let num: f32 = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     let den: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
     (num / den).sqrt()
 }
@@ -41,7 +50,16 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn green(g: &Golden) -> TkgSettings {
@@ -64,7 +82,10 @@ fn check(variant: &str) {
     let want_noise = &g.t["noise"];
     let noise = tkg::rng::torch_cpu_randn(seed, want_noise.elem_count());
     let noise = Tensor::from_vec(noise, want_noise.shape(), &Device::Cpu).unwrap();
-    assert!(max_abs(&noise, want_noise) < 1e-5, "noise differs from torch's");
+    assert!(
+        max_abs(&noise, want_noise) < 1e-5,
+        "noise differs from torch's"
+    );
 
     // TKG-DM init from the golden noise.
     let (init, _) = tkg::tkg::apply(want_noise, &green(&g)).unwrap();
@@ -79,7 +100,11 @@ fn check(variant: &str) {
     // One UNet call.
     let t0 = g.json["timesteps"][0].as_u64().unwrap() as f64;
     let x = Tensor::cat(&[&g.t["init"], &g.t["init"]], 0).unwrap();
-    let eps = g.pipe.unet.forward(&x, t0, &g.t["prompt_embeds"], None).unwrap();
+    let eps = g
+        .pipe
+        .unet
+        .forward(&x, t0, &g.t["prompt_embeds"], None)
+        .unwrap();
     let unet_err = rel_l2(&eps, &g.t["unet_step0"]);
     if let Ok(dir) = std::env::var("TKG_PARITY_DUMP") {
         let mut dump = HashMap::new();

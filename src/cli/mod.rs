@@ -1,6 +1,8 @@
 //! The command line: a thin layer of clap over the library.
 
+mod generate;
 mod key;
+mod models;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,8 +23,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate an image on a flat key colour, and key it (image, matte, cut-out).
+    Generate(Box<generate::GenerateArgs>),
     /// Key an existing image: write its alpha matte and cut-out.
     Key(key::KeyArgs),
+    /// List or materialise models.
+    Models(models::ModelsArgs),
 }
 
 /// How chatty to be on stderr.
@@ -61,7 +67,9 @@ pub fn run() -> Result<()> {
         verbose: cli.verbose,
     };
     match &cli.command {
+        Command::Generate(args) => generate::run(args, ui),
         Command::Key(args) => key::run(args, ui),
+        Command::Models(args) => models::run(args, ui),
     }
 }
 

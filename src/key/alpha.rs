@@ -41,6 +41,88 @@ pub(crate) fn raw_alpha(c: [f32; 3], b: [f32; 3], noise_margin: f32) -> f32 {
     cd.max(gamut)
 }
 
+/// Raw alpha of a whole row (same as [`raw_alpha`] per pixel), written as branch-free loops
+/// over plain arrays so the compiler can vectorise them: the keyer's hottest loop.
+pub(crate) fn raw_alpha_row(
+    rgb: &[u8],
+    plate: &[[f32; 3]],
+    margin: f32,
+    scratch: &mut RowScratch,
+    out: &mut [f32],
+) {
+    let w = out.len();
+    scratch.resize(w);
+    let RowScratch { u, inv_m, inv_hi, inv_lo } = scratch;
+    // Plate-derived quantities.
+    for x in 0..w {
+        let b = plate[x];
+        let mean = (b[0] + b[1] + b[2]) * (1.0 / 3.0);
+        let ch = [b[0] - mean, b[1] - mean, b[2] - mean];
+        let m2 = ch[0] * ch[0] + ch[1] * ch[1] + ch[2] * ch[2];
+        let m = m2.sqrt().max(1e-3);
+        let im = 1.0 / m;
+        u[x] = [ch[0] * im, ch[1] * im, ch[2] * im];
+        // Achromatic screens: no colour-difference term.
+        inv_m[x] = if m2 < ACHROMATIC_CHROMA * ACHROMATIC_CHROMA {
+            f32::NAN
+        } else {
+            im
+        };
+        inv_hi[x] = [
+            1.0 / (255.0 - b[0]).max(64.0),
+            1.0 / (255.0 - b[1]).max(64.0),
+            1.0 / (255.0 - b[2]).max(64.0),
+        ];
+        inv_lo[x] = [
+            1.0 / b[0].max(64.0),
+            1.0 / b[1].max(64.0),
+            1.0 / b[2].max(64.0),
+        ];
+    }
+    for x in 0..w {
+        let c = [
+            rgb[3 * x] as f32,
+            rgb[3 * x + 1] as f32,
+            rgb[3 * x + 2] as f32,
+        ];
+        let b = plate[x];
+        let mut gamut = 0.0f32;
+        for k in 0..3 {
+            let d = c[k] - b[k];
+            let v = ((d - margin) * inv_hi[x][k]).max((-d - margin) * inv_lo[x][k]);
+            gamut = gamut.max(v);
+        }
+        let mean = (c[0] + c[1] + c[2]) * (1.0 / 3.0);
+        let ch = [c[0] - mean, c[1] - mean, c[2] - mean];
+        let uu = u[x];
+        let par = ch[0] * uu[0] + ch[1] * uu[1] + ch[2] * uu[2];
+        let perp = (ch[0] * ch[0] + ch[1] * ch[1] + ch[2] * ch[2] - par * par)
+            .max(0.0)
+            .sqrt();
+        let cd = 1.0 - (par - K_PERP * perp) * inv_m[x];
+        // NaN (achromatic) loses to the gamut bound in f32::max.
+        out[x] = gamut.max(cd);
+    }
+}
+
+/// Per-row buffers for [`raw_alpha_row`].
+#[derive(Default)]
+pub(crate) struct RowScratch {
+    u: Vec<[f32; 3]>,
+    inv_m: Vec<f32>,
+    inv_hi: Vec<[f32; 3]>,
+    inv_lo: Vec<[f32; 3]>,
+}
+
+impl RowScratch {
+    fn resize(&mut self, w: usize) {
+        self.u.resize(w, [0.0; 3]);
+        self.inv_m.resize(w, 0.0);
+        self.inv_hi.resize(w, [0.0; 3]);
+        self.inv_lo.resize(w, [0.0; 3]);
+    }
+}
+
 /// The smallest alpha that keeps the unmixed foreground in range, less a noise margin.
 #[inline]
 pub(crate) fn gamut_bound(c: [f32; 3], b: [f32; 3], margin: f32) -> f32 {

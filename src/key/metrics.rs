@@ -21,10 +21,7 @@ pub fn trimap(width: usize, height: usize, gt: &[f32], radius: u8) -> Vec<u8> {
         .iter()
         .map(|&a| if a >= 1.0 - 1e-6 { 255 } else { 0 })
         .collect();
-    let any: Vec<u8> = gt
-        .iter()
-        .map(|&a| if a > 1e-6 { 255 } else { 0 })
-        .collect();
+    let any: Vec<u8> = gt.iter().map(|&a| if a > 1e-6 { 255 } else { 0 }).collect();
     let fg = GrayImage::from_raw(width as u32, height as u32, fg).expect("size");
     let any = GrayImage::from_raw(width as u32, height as u32, any).expect("size");
     let fg = erode(&fg, Norm::L2, radius);
@@ -231,7 +228,10 @@ mod tests {
     fn disc(w: usize, h: usize, r: f32) -> Vec<f32> {
         (0..w * h)
             .map(|i| {
-                let (x, y) = ((i % w) as f32 - w as f32 / 2.0, (i / w) as f32 - h as f32 / 2.0);
+                let (x, y) = (
+                    (i % w) as f32 - w as f32 / 2.0,
+                    (i / w) as f32 - h as f32 / 2.0,
+                );
                 (r - (x * x + y * y).sqrt() + 0.5).clamp(0.0, 1.0)
             })
             .collect()

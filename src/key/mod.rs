@@ -154,7 +154,10 @@ pub fn key_image(img: &DynamicImage, opts: &KeyOptions) -> Result<Keyed> {
 /// Keys an 8-bit RGB image (row-major, 3 bytes a pixel).
 pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Result<Keyed> {
     let (w, h) = (width as usize, height as usize);
-    ensure!(w > 0 && h > 0, "cannot key an empty ({width}x{height}) image");
+    ensure!(
+        w > 0 && h > 0,
+        "cannot key an empty ({width}x{height}) image"
+    );
     let n64 = width as u64 * height as u64;
     ensure!(
         n64 <= MAX_PIXELS,
@@ -163,12 +166,16 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
         MAX_PIXELS / 1_000_000
     );
     let n = w * h;
+    let __t = std::time::Instant::now();
     ensure!(
         rgb.len() == n * 3,
         "image buffer does not match its size ({} bytes for {width}x{height} RGB)",
         rgb.len()
     );
-    for (name, v) in [("clip black", opts.clip_black), ("clip white", opts.clip_white)] {
+    for (name, v) in [
+        ("clip black", opts.clip_black),
+        ("clip white", opts.clip_white),
+    ] {
         if let Some(v) = v
             && !(0.0..=1.0).contains(&v)
         {
@@ -187,6 +194,7 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
         opts.despill
     );
 
+    eprintln!("T0 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 1. Screen and plate.
     let requested = opts.requested.rgb.map(|v| v as f32);
     let name = opts.requested.to_string();
@@ -199,12 +207,14 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
             warning: None,
         };
     }
+    eprintln!("T1 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     let plate = if opts.fit_plate {
         screen::fit_plate(w, h, rgb, screen.rgb)
     } else {
         Plate::constant(w, h, screen.rgb)
     };
 
+    eprintln!("T2 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 2. Alpha.
     let mut ramp = alpha::default_ramp(noise, screen.rgb);
     if let Some(lo) = opts.clip_black {
@@ -219,24 +229,21 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
     let mut a = vec![0f32; n];
     let mut raw = vec![0f32; n];
     let mut prow = vec![[0f32; 3]; w];
+    let mut scratch = alpha::RowScratch::default();
     for y in 0..h {
         plate.row(y, &mut prow);
         let row = &rgb[y * w * 3..(y + 1) * w * 3];
         let arow = &mut a[y * w..(y + 1) * w];
         let rrow = &mut raw[y * w..(y + 1) * w];
-        for x in 0..w {
-            let c = [
-                row[3 * x] as f32,
-                row[3 * x + 1] as f32,
-                row[3 * x + 2] as f32,
-            ];
-            let r = alpha::raw_alpha(c, prow[x], margin);
-            rrow[x] = r;
-            arow[x] = ramp.apply(r);
+        alpha::raw_alpha_row(row, &prow, margin, &mut scratch, rrow);
+        for (a, &r) in arow.iter_mut().zip(rrow.iter()) {
+            *a = ramp.apply(r);
         }
     }
+    eprintln!("T3 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     alpha::project_edges(w, h, rgb, &plate, &raw, &mut a, ramp, noise);
 
+    eprintln!("T4 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 3. Clean-up.
     if opts.cleanup {
         let params = cleanup::CleanupParams::for_size(n);
@@ -249,6 +256,7 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
             let c = screen::px(rgb, i);
             screen::norm([c[0] - b[0], c[1] - b[1], c[2] - b[2]])
         };
+        eprintln!("T5 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
         cleanup::fill_pinholes(w, h, &mut a, &dist, tol, &params);
     }
     if opts.refine {
@@ -257,21 +265,34 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
     }
     drop(raw);
 
+    eprintln!("T6 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 4. Foreground.
     let mut foreground = vec![0u8; n * 3];
     let mut bg = 0usize;
     for y in 0..h {
+        let arow = &a[y * w..(y + 1) * w];
+        bg += arow.iter().filter(|&&v| v < 0.5).count();
+        if arow.iter().all(|&v| v <= 0.0) {
+            // Fully clear: the colour is never seen; leave it black.
+            continue;
+        }
         plate.row(y, &mut prow);
-        for x in 0..w {
-            let i = y * w + x;
-            let c = screen::px(rgb, i);
-            let f = despill::foreground(c, a[i], prow[x], opts.despill);
-            foreground[3 * i..3 * i + 3].copy_from_slice(&f);
-            if a[i] < 0.5 {
-                bg += 1;
+        let crow = &rgb[y * w * 3..(y + 1) * w * 3];
+        let frow = &mut foreground[y * w * 3..(y + 1) * w * 3];
+        for (x, ((&av, c), f)) in arow
+            .iter()
+            .zip(crow.chunks_exact(3))
+            .zip(frow.chunks_exact_mut(3))
+            .enumerate()
+        {
+            if av <= 0.0 {
+                continue;
             }
+            let c = [c[0] as f32, c[1] as f32, c[2] as f32];
+            f.copy_from_slice(&despill::foreground(c, av, prow[x], opts.despill));
         }
     }
+    eprintln!("T7 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     let background_fraction = bg as f32 / n as f32;
     if background_fraction < 0.002 {
         let msg = format!(
@@ -456,7 +477,11 @@ pub fn write_outputs(
     }
     if flags.clean_plate {
         let p = it.next().expect("plate path");
-        output::write_png(p, &png(keyed, Pixels::Rgb8(&keyed.plate.to_rgb8()), text), overwrite)?;
+        output::write_png(
+            p,
+            &png(keyed, Pixels::Rgb8(&keyed.plate.to_rgb8()), text),
+            overwrite,
+        )?;
         written.push(p.clone());
     }
     if let Some(bg) = background {

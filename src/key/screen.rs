@@ -29,7 +29,11 @@ pub(crate) fn norm(a: [f32; 3]) -> f32 {
 
 #[inline]
 pub(crate) fn px(rgb: &[u8], i: usize) -> [f32; 3] {
-    [rgb[3 * i] as f32, rgb[3 * i + 1] as f32, rgb[3 * i + 2] as f32]
+    [
+        rgb[3 * i] as f32,
+        rgb[3 * i + 1] as f32,
+        rgb[3 * i + 2] as f32,
+    ]
 }
 
 fn median(v: &mut [f32]) -> f32 {
@@ -355,7 +359,8 @@ fn solve(mut a: Vec<f64>, mut b: Vec<[f64; 3]>, n: usize) -> Option<Vec<[f64; 3]
         a[i * n + i] += 1e-9 * trace.max(1e-12);
     }
     for col in 0..n {
-        let piv = (col..n).max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))?;
+        let piv =
+            (col..n).max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))?;
         if a[piv * n + col].abs() < 1e-12 {
             return None;
         }
@@ -469,7 +474,7 @@ pub(crate) fn fit_plate(width: usize, height: usize, rgb: &[u8], screen: [f32; 3
     let mut t = vec![0.0f64; nt];
     let mut weights: Vec<f64> = cells.iter().map(|c| c.weight as f64).collect();
     let mut coef: Option<Vec<[f64; 3]>> = None;
-    for _iter in 0..4 {
+    for _iter in 0..8 {
         let mut a = vec![0.0f64; nt * nt];
         let mut b = vec![[0.0f64; 3]; nt];
         for (c, &w) in cells.iter().zip(&weights) {
@@ -500,17 +505,22 @@ pub(crate) fn fit_plate(width: usize, height: usize, rgb: &[u8], screen: [f32; 3
                 let e = [c.rgb[0] - fit[0], c.rgb[1] - fit[1], c.rgb[2] - fit[2]];
                 (d, norm(e))
             } else {
+                // Achromatic: a white or grey screen's strength is its brightness, a black
+                // screen's its darkness.
                 let d = (c.rgb[0] + c.rgb[1] + c.rgb[2] - fit[0] - fit[1] - fit[2]) / 3.0;
-                (d, d.abs())
+                let bright = screen[0] + screen[1] + screen[2] >= 3.0 * 96.0;
+                (if bright { d } else { -d }, d.abs())
             };
-            let tol = 4.0 + 0.03 * s_c.max(40.0);
-            let r = if r_strength < 0.0 {
-                r_total.max(-r_strength) * 2.5
+            // Seek the upper envelope: the screen is the brightest consistent surface, and
+            // whatever covers it (shadow, smoke, glass, an edge) only takes strength away.
+            let tol = 3.0 + 0.025 * s_c.max(40.0);
+            let base = c.weight as f64;
+            *w = if r_strength >= -tol {
+                base / (1.0 + (r_total as f64 / (6.0 * tol as f64)).powi(2))
             } else {
-                r_total
+                let r = (-r_strength - tol) / tol;
+                base / (1.0 + 4.0 * (r as f64).powi(2))
             };
-            // Cauchy-like weight.
-            *w = c.weight as f64 / (1.0 + (r as f64 / tol as f64).powi(2));
         }
         coef = Some(x);
     }

@@ -66,7 +66,11 @@ fn anti_aliased_disc_on_flat_green() {
     assert!(!k.screen.fell_back, "{:?}", k.screen);
     assert!(k.screen.warning.is_none(), "{:?}", k.screen.warning);
     for c in 0..3 {
-        assert!((k.screen.rgb[c] - CHROMA_GREEN[c]).abs() < 2.0, "{:?}", k.screen);
+        assert!(
+            (k.screen.rgb[c] - CHROMA_GREEN[c]).abs() < 2.0,
+            "{:?}",
+            k.screen
+        );
     }
     let e = max_err(&k.alpha, &gt);
     assert!(e < 0.12, "max alpha error {e}");
@@ -76,7 +80,10 @@ fn anti_aliased_disc_on_flat_green() {
     // Unmixed colour at an edge pixel is the subject's, not a green mix.
     let edge = (0..w * h).find(|&i| gt[i] > 0.5 && gt[i] < 0.9).unwrap();
     let f = &k.foreground[3 * edge..3 * edge + 3];
-    assert!((f[0] as i32 - 200).abs() < 25 && (f[1] as i32) < 80, "{f:?}");
+    assert!(
+        (f[0] as i32 - 200).abs() < 25 && (f[1] as i32) < 80,
+        "{f:?}"
+    );
 }
 
 #[test]
@@ -224,8 +231,14 @@ fn islands_go_and_screen_coloured_holes_stay() {
     let mut opts = KeyOptions::new(KeyColor::green());
     opts.cleanup = false;
     let raw = key_rgb8(w as u32, h as u32, &rgb, &opts).unwrap();
-    assert!(raw.alpha[16 * w + 32] < 0.5, "the pinhole test needs a pinhole");
-    assert!(raw.alpha[40 * w + 5] > 0.0, "the island test needs an island");
+    assert!(
+        raw.alpha[16 * w + 32] < 0.5,
+        "the pinhole test needs a pinhole"
+    );
+    assert!(
+        raw.alpha[40 * w + 5] > 0.0,
+        "the island test needs an island"
+    );
 }
 
 #[test]
@@ -403,7 +416,36 @@ fn ramp_clips_the_ends_and_keeps_the_middle() {
     let mut prev = 0.0;
     for k in 0..=1000 {
         let v = r.apply(k as f32 / 1000.0);
-        assert!(v >= prev && (v - prev) < 0.003, "not continuous/monotone at {k}");
+        assert!(
+            v >= prev && (v - prev) < 0.003,
+            "not continuous/monotone at {k}"
+        );
         prev = v;
+    }
+}
+
+#[test]
+fn row_and_pixel_raw_alpha_agree() {
+    let plate: Vec<[f32; 3]> = (0..64)
+        .map(|x| match x % 4 {
+            0 => CHROMA_GREEN,
+            1 => [20.0, 60.0, 210.0],
+            2 => [250.0, 250.0, 250.0],
+            _ => [5.0 + x as f32, 250.0 - x as f32, 128.0],
+        })
+        .collect();
+    let rgb: Vec<u8> = (0..64 * 3).map(|i| (i * 97 % 256) as u8).collect();
+    let mut out = vec![0f32; 64];
+    alpha::raw_alpha_row(
+        &rgb,
+        &plate,
+        3.0,
+        &mut alpha::RowScratch::default(),
+        &mut out,
+    );
+    for x in 0..64 {
+        let c = screen::px(&rgb, x);
+        let want = alpha::raw_alpha(c, plate[x], 3.0);
+        assert!((out[x] - want).abs() < 1e-4, "{x}: {} vs {want}", out[x]);
     }
 }

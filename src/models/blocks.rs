@@ -126,7 +126,9 @@ impl Attention {
         let q = split(self.to_q.forward(xs)?)?;
         let k = split(self.to_k.forward(ctx)?)?;
         let v = split(self.to_v.forward(ctx)?)?;
-        let o = attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, n, dim))?;
+        let o = attention(&q, &k, &v)?
+            .transpose(1, 2)?
+            .reshape((b, n, dim))?;
         Ok(self.to_out.forward(&o)?)
     }
 }
@@ -180,7 +182,10 @@ impl TransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
         Ok((self.ff.forward(&self.norm3.forward(&xs)?)? + xs)?)
     }
 }
@@ -239,11 +244,12 @@ impl Transformer2D {
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let x = self.norm.forward(xs)?;
-        let to_tokens = |x: Tensor| -> Result<Tensor> {
-            Ok(x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
-        };
+        let to_tokens =
+            |x: Tensor| -> Result<Tensor> { Ok(x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
         let to_map = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+            Ok(x.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
         };
         let mut x = match &self.proj_in {
             Proj::Conv(p) => to_tokens(p.forward(&x)?)?,
@@ -283,7 +289,9 @@ impl Downsample {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.pad_right_bottom {
             // diffusers pads (0, 1, 0, 1) when the conv itself has no padding (the VAE encoder).
-            let x = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            let x = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
             Ok(self.conv.forward(&x)?)
         } else {
             Ok(self.conv.forward(xs)?)
@@ -325,12 +333,12 @@ pub struct VaeAttention {
 impl VaeAttention {
     pub fn load(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         // Old checkpoints name the projections query/key/value/proj_attn.
-        let (q, k, v, o) = if vb.contains_tensor("query.weight") && !vb.contains_tensor("to_q.weight")
-        {
-            ("query", "key", "value", "proj_attn")
-        } else {
-            ("to_q", "to_k", "to_v", "to_out.0")
-        };
+        let (q, k, v, o) =
+            if vb.contains_tensor("query.weight") && !vb.contains_tensor("to_q.weight") {
+                ("query", "key", "value", "proj_attn")
+            } else {
+                ("to_q", "to_k", "to_v", "to_out.0")
+            };
         let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
         Ok(Self {
             group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,

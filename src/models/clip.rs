@@ -62,8 +62,8 @@ impl Attention {
         let v = split(self.v_proj.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
         let in_dtype = scores.dtype();
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(in_dtype)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         Ok(self.out_proj.forward(&out)?)
     }
@@ -134,13 +134,9 @@ impl ClipTextModel {
         };
         let h = cfg.hidden_size;
         let emb = tm.pp("embeddings");
-        let token_embedding =
-            candle_nn::embedding(cfg.vocab_size, h, emb.pp("token_embedding"))?;
-        let position_embedding = candle_nn::embedding(
-            cfg.max_position_embeddings,
-            h,
-            emb.pp("position_embedding"),
-        )?;
+        let token_embedding = candle_nn::embedding(cfg.vocab_size, h, emb.pp("token_embedding"))?;
+        let position_embedding =
+            candle_nn::embedding(cfg.max_position_embeddings, h, emb.pp("position_embedding"))?;
         let ln = |vb: VarBuilder| candle_nn::layer_norm(h, cfg.layer_norm_eps, vb);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -295,10 +291,23 @@ mod tests {
         let eb = m.forward(&b, HiddenLayer::LastNormed).unwrap();
         let head_a = ea.hidden.i((0, 0..2)).unwrap();
         let head_b = eb.hidden.i((0, 0..2)).unwrap();
-        let d: f32 = (head_a - head_b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (head_a - head_b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(d, 0.0);
         let third: f32 = (ea.hidden.i((0, 2)).unwrap() - eb.hidden.i((0, 2)).unwrap())
-            .unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(third > 0.0);
         assert_eq!(ea.pooled.unwrap().dims(), &[1, 8]);
         let pen = m.forward(&a, HiddenLayer::Penultimate).unwrap();

@@ -201,7 +201,10 @@ impl UNetConfig {
             ));
         }
         if self.time_embedding_type != "positional" {
-            return Err(unsupported("time_embedding_type", &self.time_embedding_type));
+            return Err(unsupported(
+                "time_embedding_type",
+                &self.time_embedding_type,
+            ));
         }
         if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
             return Err(unsupported("class embedding", &self.class_embed_type));
@@ -214,22 +217,42 @@ impl UNetConfig {
         if self.upcast_attention {
             // Upcasting only changes fp16 numerics; f32 attention is what tkg computes on CPU.
         }
-        if self.dual_cross_attention || !matches!(self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
-            return Err(unsupported("cross-attention variant", &self.only_cross_attention));
+        if self.dual_cross_attention
+            || !matches!(
+                self.only_cross_attention,
+                serde_json::Value::Null | serde_json::Value::Bool(false)
+            )
+        {
+            return Err(unsupported(
+                "cross-attention variant",
+                &self.only_cross_attention,
+            ));
         }
         if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
-            return Err(unsupported("conv kernel", &(self.conv_in_kernel, self.conv_out_kernel)));
+            return Err(unsupported(
+                "conv kernel",
+                &(self.conv_in_kernel, self.conv_out_kernel),
+            ));
         }
         if self.encoder_hid_dim.is_some() || self.time_cond_proj_dim.is_some() {
-            return Err(unsupported("encoder_hid_dim/time_cond_proj_dim", &self.encoder_hid_dim));
+            return Err(unsupported(
+                "encoder_hid_dim/time_cond_proj_dim",
+                &self.encoder_hid_dim,
+            ));
         }
         if self.timestep_post_act.is_some() || self.time_embedding_dim.is_some() {
-            return Err(unsupported("time embedding option", &self.timestep_post_act));
+            return Err(unsupported(
+                "time embedding option",
+                &self.timestep_post_act,
+            ));
         }
         if self.attention_type != "default" {
             return Err(unsupported("attention_type", &self.attention_type));
         }
-        if !matches!(self.reverse_transformer_layers_per_block, None | Some(serde_json::Value::Null)) {
+        if !matches!(
+            self.reverse_transformer_layers_per_block,
+            None | Some(serde_json::Value::Null)
+        ) {
             return Err(unsupported(
                 "reverse_transformer_layers_per_block",
                 &self.reverse_transformer_layers_per_block,
@@ -266,9 +289,7 @@ impl UNetConfig {
             let cross_attn = match (down, up) {
                 ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") => true,
                 ("DownBlock2D", "UpBlock2D") => false,
-                _ => bail!(
-                    "unet config: block pair {down} / {up} at level {i} is not supported"
-                ),
+                _ => bail!("unet config: block pair {down} / {up} at level {i} is not supported"),
             };
             let ch = self.block_out_channels[i];
             ensure!(
@@ -353,8 +374,15 @@ impl VaeConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(!self.block_out_channels.is_empty(), "vae config has no block_out_channels");
-        ensure!(self.act_fn == "silu", "vae config: unsupported act_fn {}", self.act_fn);
+        ensure!(
+            !self.block_out_channels.is_empty(),
+            "vae config has no block_out_channels"
+        );
+        ensure!(
+            self.act_fn == "silu",
+            "vae config: unsupported act_fn {}",
+            self.act_fn
+        );
         ensure!(
             self.mid_block_add_attention,
             "vae config: mid_block_add_attention = false is not supported"
@@ -364,7 +392,10 @@ impl VaeConfig {
             "vae config: shift_factor is not supported"
         );
         for t in &self.down_block_types {
-            ensure!(t == "DownEncoderBlock2D", "vae config: unsupported block {t}");
+            ensure!(
+                t == "DownEncoderBlock2D",
+                "vae config: unsupported block {t}"
+            );
         }
         for t in &self.up_block_types {
             ensure!(t == "UpDecoderBlock2D", "vae config: unsupported block {t}");
@@ -548,7 +579,12 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(SD15_UNET).unwrap();
         v["resnet_time_scale_shift"] = "scale_shift".into();
         let c: UNetConfig = serde_json::from_value(v).unwrap();
-        assert!(c.levels().unwrap_err().to_string().contains("resnet_time_scale_shift"));
+        assert!(
+            c.levels()
+                .unwrap_err()
+                .to_string()
+                .contains("resnet_time_scale_shift")
+        );
         let mut v: serde_json::Value = serde_json::from_str(SD15_UNET).unwrap();
         v["attention_head_dim"] = serde_json::json!([8, 8]);
         let c: UNetConfig = serde_json::from_value(v).unwrap();

@@ -2,11 +2,12 @@
 //! VAE, weight loading and the built-in random-weight models.
 
 pub mod blocks;
+pub mod builtin;
 pub mod clip;
+pub mod config;
 pub mod hub;
 pub mod registry;
 pub mod tokenizer;
-pub mod config;
 pub mod unet;
 pub mod vae;
 pub mod weights;

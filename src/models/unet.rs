@@ -86,15 +86,21 @@ impl UNet {
 
         let text_time = match cfg.addition_embed_type.as_deref() {
             Some("text_time") => {
-                let add_dim = cfg
-                    .addition_time_embed_dim
-                    .ok_or_else(|| anyhow::anyhow!("unet config: text_time needs addition_time_embed_dim"))?;
+                let add_dim = cfg.addition_time_embed_dim.ok_or_else(|| {
+                    anyhow::anyhow!("unet config: text_time needs addition_time_embed_dim")
+                })?;
                 let in_dim = cfg.projection_class_embeddings_input_dim.ok_or_else(|| {
-                    anyhow::anyhow!("unet config: text_time needs projection_class_embeddings_input_dim")
+                    anyhow::anyhow!(
+                        "unet config: text_time needs projection_class_embeddings_input_dim"
+                    )
                 })?;
                 Some(TextTimeEmbedding {
                     add_time_proj: Timesteps::new(add_dim, cfg.flip_sin_to_cos, cfg.freq_shift),
-                    add_embedding: TimestepEmbedding::new(vb.pp("add_embedding"), in_dim, time_dim)?,
+                    add_embedding: TimestepEmbedding::new(
+                        vb.pp("add_embedding"),
+                        in_dim,
+                        time_dim,
+                    )?,
                 })
             }
             _ => None,
@@ -116,13 +122,22 @@ impl UNet {
         let mut down_blocks = Vec::with_capacity(n);
         for (i, level) in levels.iter().enumerate() {
             let vb_i = vb.pp("down_blocks").pp(i);
-            let cin = if i == 0 { ch0 } else { levels[i - 1].out_channels };
+            let cin = if i == 0 {
+                ch0
+            } else {
+                levels[i - 1].out_channels
+            };
             let cout = level.out_channels;
             let mut resnets = Vec::with_capacity(layers);
             let mut attentions = Vec::new();
             for j in 0..layers {
                 let c = if j == 0 { cin } else { cout };
-                resnets.push(ResnetBlock::load(vb_i.pp("resnets").pp(j), c, cout, resnet)?);
+                resnets.push(ResnetBlock::load(
+                    vb_i.pp("resnets").pp(j),
+                    c,
+                    cout,
+                    resnet,
+                )?);
                 if let Some(depth) = level.cross_attn_depth {
                     attentions.push(Transformer2D::load(
                         vb_i.pp("attentions").pp(j),
@@ -178,7 +193,11 @@ impl UNet {
             let level = &levels[n - 1 - i];
             let vb_i = vb.pp("up_blocks").pp(i);
             let cout = level.out_channels;
-            let prev_out = if i == 0 { last.out_channels } else { levels[n - i].out_channels };
+            let prev_out = if i == 0 {
+                last.out_channels
+            } else {
+                levels[n - i].out_channels
+            };
             // Channels of the skip connection feeding the level's last resnet.
             let skip_in = levels[if i == n - 1 { 0 } else { n - i - 2 }].out_channels;
             let mut resnets = Vec::with_capacity(layers + 1);
@@ -212,8 +231,12 @@ impl UNet {
             });
         }
 
-        let conv_norm_out =
-            candle_nn::group_norm(cfg.norm_num_groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = candle_nn::group_norm(
+            cfg.norm_num_groups,
+            ch0,
+            cfg.norm_eps,
+            vb.pp("conv_norm_out"),
+        )?;
         let conv_out = candle_nn::conv2d(ch0, cfg.out_channels, 3, conv3, vb.pp("conv_out"))?;
         Ok(Self {
             conv_in,
@@ -277,7 +300,10 @@ impl UNet {
             })?;
             let ids = added.time_ids.to_dtype(DType::F32)?.flatten_all()?;
             let ids = tt.add_time_proj.forward(&ids)?.reshape((batch, ()))?;
-            let add = Tensor::cat(&[&added.text_embeds.to_dtype(dtype)?, &ids.to_dtype(dtype)?], 1)?;
+            let add = Tensor::cat(
+                &[&added.text_embeds.to_dtype(dtype)?, &ids.to_dtype(dtype)?],
+                1,
+            )?;
             emb = (emb + tt.add_embedding.forward(&add)?)?;
         }
 

@@ -133,7 +133,11 @@ impl RandomWeights {
     }
 
     pub fn var_builder(self: &Arc<Self>, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(RandomBackend(self.clone())), DType::F32, device.clone())
+        VarBuilder::from_backend(
+            Box::new(RandomBackend(self.clone())),
+            DType::F32,
+            device.clone(),
+        )
     }
 
     /// Every tensor made so far, by name (f32).
@@ -279,6 +283,9 @@ mod tests {
         let v: Vec<f32> = (0..20000).map(|_| r.normal()).collect();
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
     }
 }
