@@ -10,6 +10,7 @@ use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{AddedCond, UNet};
 use crate::models::vae::{self, Vae};
 use crate::models::weights::WeightFile;
+use crate::rng::RngKind;
 use crate::scheduler::Ddim;
 use crate::tkg::{self, ShiftReport, TkgSettings};
 use anyhow::{Context, Result, bail, ensure};
@@ -40,6 +41,33 @@ enum Conditioner {
         tower: TextTower,
         layer: HiddenLayer,
     },
+    /// SDXL: CLIP-L and OpenCLIP-bigG penultimate states, concatenated; pooled text
+    /// embedding from the second encoder's projection.
+    Sdxl {
+        towers: [TextTower; 2],
+        layer: HiddenLayer,
+        /// An empty negative prompt is all zeros (embeddings and pooled), not the encoding of "".
+        force_zeros_for_empty_prompt: bool,
+    },
+}
+
+/// SDXL's micro-conditioning, in pixels: (height, width) and (top, left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroCond {
+    pub original_size: (usize, usize),
+    pub crop_top_left: (usize, usize),
+    pub target_size: (usize, usize),
+}
+
+impl MicroCond {
+    /// diffusers' defaults: original = target = the image size, no crop.
+    pub fn for_size(height: usize, width: usize) -> Self {
+        Self {
+            original_size: (height, width),
+            crop_top_left: (0, 0),
+            target_size: (height, width),
+        }
+    }
 }
 
 /// What the denoiser is conditioned on, for [negative, positive] (CFG) or [positive].
@@ -47,7 +75,10 @@ enum Conditioner {
 pub struct Conditioning {
     /// [rows, tokens, dim]
     pub context: Tensor,
-    pub added: Option<AddedCond>,
+    /// [rows, dim]: the pooled text embedding (SDXL).
+    pub pooled: Option<Tensor>,
+    /// SDXL size conditioning; `None` means [`MicroCond::for_size`] of the image.
+    pub micro: Option<MicroCond>,
     /// Human-readable notes, e.g. a truncated prompt.
     pub warnings: Vec<String>,
 }
@@ -72,6 +103,8 @@ pub struct Request {
     pub guidance: f64,
     pub seed: u64,
     pub init: InitNoise,
+    /// SDXL size conditioning (ignored by SD1.x); `None` for diffusers' defaults.
+    pub micro: Option<MicroCond>,
 }
 
 /// Time spent per stage.
@@ -106,12 +139,64 @@ pub struct Pipeline {
     conditioner: Conditioner,
     pub unet: UNet,
     pub vae: Vae,
+    /// The VAE runs in f32 when its config asks to be upcast (SDXL's overflows in f16).
+    pub vae_dtype: DType,
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
     /// The UNet weights file (for the model hash).
     pub unet_weights: std::path::PathBuf,
     pub load_time: Duration,
+}
+
+impl TextTower {
+    /// Encodes each text ([rows, 77] ids) and returns the encoder's outputs.
+    fn encode(
+        &self,
+        texts: &[&str],
+        layer: HiddenLayer,
+        device: &Device,
+        warnings: &mut Vec<String>,
+    ) -> Result<crate::models::clip::TextEncoding> {
+        let mut ids = Vec::with_capacity(texts.len());
+        for t in texts {
+            let enc = self.tokenizer.encode(t)?;
+            if enc.truncated
+                && let Some(removed) = self.tokenizer.removed_text(t)?
+            {
+                warnings.push(format!(
+                    "the prompt is longer than {} tokens; this part was dropped: \"{removed}\"",
+                    self.tokenizer.max_length()
+                ));
+            }
+            ids.push(Tensor::new(enc.ids.as_slice(), device)?);
+        }
+        self.encoder.forward(&Tensor::stack(&ids, 0)?, layer)
+    }
+}
+
+/// Loads `tokenizer{suffix}` and `text_encoder{suffix}`; returns the tower and its width.
+fn load_tower(folder: &ModelFolder, suffix: &str, opts: &LoadOptions) -> Result<(TextTower, usize)> {
+    let te = format!("text_encoder{suffix}");
+    let tok = format!("tokenizer{suffix}");
+    let cfg: ClipTextConfig = read_json(&folder.file(&format!("{te}/config.json"))?)?;
+    let tok_file = folder
+        .file(&format!("{tok}/vocab.json"))
+        .or_else(|_| folder.file(&format!("{tok}/tokenizer.json")))?;
+    // Fetch the side files a Hub folder needs before reading it.
+    for extra in ["merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+        let _ = folder.optional_file(&format!("{tok}/{extra}"))?;
+    }
+    let tokenizer = ClipTokenizer::from_dir(tok_file.parent().expect("file has a folder"))
+        .with_context(|| format!("loading {tok}"))?;
+    ensure!(
+        tokenizer.vocab_size() <= cfg.vocab_size,
+        "{tok} has {} tokens but {te} only {}",
+        tokenizer.vocab_size(),
+        cfg.vocab_size
+    );
+    let (encoder, _) = load_component(folder, &te, &["model"], opts, |vb| ClipTextModel::load(vb, &cfg))?;
+    Ok((TextTower { tokenizer, encoder }, cfg.hidden_size))
 }
 
 /// Tensors a checkpoint may carry that no network reads.
@@ -154,46 +239,69 @@ impl Pipeline {
     /// Loads a diffusers-layout folder. Every shape comes from its configs.
     pub fn load(folder: &ModelFolder, opts: &LoadOptions) -> Result<Self> {
         let start = Instant::now();
-        if let Some(p) = folder.optional_file("model_index.json")? {
-            let _: ModelIndex = read_json(&p)?;
-        }
         let family = detect_family(folder)?;
-        if family == Family::Sdxl {
-            bail!(
-                "{} is an SDXL model; SDXL is not supported yet",
-                folder.describe()
-            );
-        }
-        let text_cfg: ClipTextConfig = read_json(&folder.file("text_encoder/config.json")?)?;
-        let tokenizer_dir = folder
-            .file("tokenizer/vocab.json")
-            .or_else(|_| folder.file("tokenizer/tokenizer.json"))?;
-        let tokenizer = ClipTokenizer::from_dir(tokenizer_dir.parent().expect("file has a folder"))
-            .context("loading the tokenizer")?;
-        ensure!(
-            tokenizer.vocab_size() <= text_cfg.vocab_size,
-            "the tokenizer has {} tokens but the text encoder only {}",
-            tokenizer.vocab_size(),
-            text_cfg.vocab_size
-        );
-        let (encoder, _) = load_component(folder, "text_encoder", &["model"], opts, |vb| {
-            ClipTextModel::load(vb, &text_cfg)
-        })?;
-        let layer = match opts.clip_skip {
-            None | Some(1) => HiddenLayer::LastNormed,
-            Some(n) => HiddenLayer::SkipNormed(n),
+        let index: Option<ModelIndex> = match folder.optional_file("model_index.json")? {
+            Some(p) => Some(read_json(&p)?),
+            None => None,
         };
         let unet_cfg: UNetConfig = read_json(&folder.file("unet/config.json")?)?;
+        let (conditioner, text_width) = match family {
+            Family::Sd15 => {
+                let tower = load_tower(folder, "", opts)?;
+                let layer = match opts.clip_skip {
+                    None | Some(1) => HiddenLayer::LastNormed,
+                    Some(n) => HiddenLayer::SkipNormed(n),
+                };
+                let width = tower.1;
+                (Conditioner::Sd15 { tower: tower.0, layer }, width)
+            }
+            Family::Sdxl => {
+                let (t1, w1) = load_tower(folder, "", opts)?;
+                let (t2, w2) = load_tower(folder, "_2", opts)?;
+                ensure!(
+                    t2.encoder.has_projection(),
+                    "text_encoder_2 of an SDXL model must be a CLIPTextModelWithProjection"
+                );
+                let pooled = t2.encoder.projection_dim();
+                if let (Some(t), Some(p)) = (
+                    unet_cfg.addition_time_embed_dim,
+                    unet_cfg.projection_class_embeddings_input_dim,
+                ) {
+                    ensure!(
+                        p == 6 * t + pooled,
+                        "the UNet's addition embedding takes {p} values, but 6 time ids x {t} + {pooled} pooled make {}",
+                        6 * t + pooled
+                    );
+                }
+                let force_zeros = index
+                    .as_ref()
+                    .and_then(|i| i.force_zeros_for_empty_prompt)
+                    .unwrap_or(true);
+                (
+                    Conditioner::Sdxl {
+                        towers: [t1, t2],
+                        // diffusers: hidden_states[-(clip_skip + 2)], no final norm.
+                        layer: HiddenLayer::Unnormed(opts.clip_skip.unwrap_or(0) + 2),
+                        force_zeros_for_empty_prompt: force_zeros,
+                    },
+                    w1 + w2,
+                )
+            }
+        };
         ensure!(
-            unet_cfg.cross_dim() == text_cfg.hidden_size,
-            "the UNet expects {}-wide text embeddings but the text encoder makes {}",
+            unet_cfg.cross_dim() == text_width,
+            "the UNet expects {}-wide text embeddings but the text encoder(s) make {}",
             unet_cfg.cross_dim(),
-            text_cfg.hidden_size
+            text_width
         );
         let (unet, unet_weights) =
             load_component(folder, "unet", &["diffusion_pytorch_model"], opts, |vb| {
                 UNet::load(vb, &unet_cfg)
             })?;
+        ensure!(
+            (family == Family::Sdxl) == unet.needs_added_cond(),
+            "the UNet's addition_embed_type does not fit a {family} model"
+        );
         let vae_cfg: VaeConfig = read_json(&folder.file("vae/config.json")?)?;
         ensure!(
             vae_cfg.latent_channels == unet_cfg.in_channels,
@@ -201,19 +309,22 @@ impl Pipeline {
             vae_cfg.latent_channels,
             unet_cfg.in_channels
         );
-        let (vae, _) = load_component(folder, "vae", &["diffusion_pytorch_model"], opts, |vb| {
+        let vae_dtype = if vae_cfg.force_upcast { DType::F32 } else { opts.dtype };
+        let vae_opts = LoadOptions {
+            dtype: vae_dtype,
+            ..opts.clone()
+        };
+        let (vae, _) = load_component(folder, "vae", &["diffusion_pytorch_model"], &vae_opts, |vb| {
             Vae::load(vb, &vae_cfg)
         })?;
         let scheduler: SchedulerConfig =
             read_json(&folder.file("scheduler/scheduler_config.json")?)?;
         Ok(Self {
             family,
-            conditioner: Conditioner::Sd15 {
-                tower: TextTower { tokenizer, encoder },
-                layer,
-            },
+            conditioner,
             unet,
             vae,
+            vae_dtype,
             scheduler,
             device: opts.device.clone(),
             dtype: opts.dtype,
@@ -240,44 +351,100 @@ impl Pipeline {
     /// Encodes prompts into the denoiser's conditioning ([negative, positive] with CFG).
     pub fn encode_prompt(&self, prompt: &str, negative: &str, cfg: bool) -> Result<Conditioning> {
         let mut warnings = Vec::new();
+        let texts: Vec<&str> = if cfg { vec![negative, prompt] } else { vec![prompt] };
         match &self.conditioner {
             Conditioner::Sd15 { tower, layer } => {
-                let texts: Vec<&str> = if cfg {
-                    vec![negative, prompt]
-                } else {
-                    vec![prompt]
-                };
-                let mut ids = Vec::new();
-                for t in &texts {
-                    let enc = tower.tokenizer.encode(t)?;
-                    if enc.truncated
-                        && let Some(removed) = tower.tokenizer.removed_text(t)?
-                    {
-                        warnings.push(format!(
-                            "the prompt is longer than {} tokens; this part was dropped: \"{removed}\"",
-                            tower.tokenizer.max_length()
-                        ));
-                    }
-                    ids.push(Tensor::new(enc.ids.as_slice(), &self.device)?);
-                }
-                let ids = Tensor::stack(&ids, 0)?;
-                let out = tower.encoder.forward(&ids, *layer)?;
+                let out = tower.encode(&texts, *layer, &self.device, &mut warnings)?;
                 check_finite(&out.hidden, "text encoder output")?;
                 Ok(Conditioning {
                     context: out.hidden,
-                    added: None,
+                    pooled: None,
+                    micro: None,
+                    warnings,
+                })
+            }
+            Conditioner::Sdxl {
+                towers,
+                layer,
+                force_zeros_for_empty_prompt,
+            } => {
+                let a = towers[0].encode(&texts, *layer, &self.device, &mut warnings)?;
+                let b = towers[1].encode(&texts, *layer, &self.device, &mut warnings)?;
+                warnings.dedup();
+                let mut context = Tensor::cat(&[&a.hidden, &b.hidden], 2)?;
+                let mut pooled = b.pooled.expect("text_encoder_2 has a projection");
+                if cfg && *force_zeros_for_empty_prompt && negative.is_empty() {
+                    let zero_first = |t: &Tensor| -> Result<Tensor> {
+                        let pos = t.narrow(0, 1, 1)?;
+                        Ok(Tensor::cat(&[&pos.zeros_like()?, &pos], 0)?)
+                    };
+                    context = zero_first(&context)?;
+                    pooled = zero_first(&pooled)?;
+                }
+                check_finite(&context, "text encoder output")?;
+                check_finite(&pooled, "pooled text embedding")?;
+                Ok(Conditioning {
+                    context,
+                    pooled: Some(pooled),
+                    micro: None,
                     warnings,
                 })
             }
         }
     }
 
+    /// SDXL's added conditioning for `rows` rows of the batch.
+    fn added_cond(
+        &self,
+        cond: &Conditioning,
+        latent_hw: (usize, usize),
+    ) -> Result<Option<AddedCond>> {
+        if !self.unet.needs_added_cond() {
+            return Ok(None);
+        }
+        let pooled = cond
+            .pooled
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("SDXL needs a pooled text embedding"))?;
+        let f = self.vae_factor();
+        let micro = cond
+            .micro
+            .unwrap_or_else(|| MicroCond::for_size(latent_hw.0 * f, latent_hw.1 * f));
+        let ids = [
+            micro.original_size.0,
+            micro.original_size.1,
+            micro.crop_top_left.0,
+            micro.crop_top_left.1,
+            micro.target_size.0,
+            micro.target_size.1,
+        ]
+        .map(|v| v as f32);
+        let rows = pooled.dim(0)?;
+        let time_ids = Tensor::new(&ids, &self.device)?
+            .unsqueeze(0)?
+            .repeat((rows, 1))?
+            .to_dtype(self.dtype)?;
+        Ok(Some(AddedCond {
+            text_embeds: pooled.to_dtype(self.dtype)?,
+            time_ids,
+        }))
+    }
+
     /// Draws the noise for `seed` and shapes the initial latents.
     pub fn initial_latents(&self, req: &Request) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
+        self.initial_latents_with(req, RngKind::TorchCpu)
+    }
+
+    /// [`Self::initial_latents`] with a chosen noise generator.
+    pub fn initial_latents_with(
+        &self,
+        req: &Request,
+        rng: RngKind,
+    ) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
         let f = self.vae_factor();
         let (h, w) = (req.height / f, req.width / f);
         let c = self.unet.config.in_channels;
-        let noise = crate::rng::torch_cpu_randn(req.seed, c * h * w);
+        let noise = crate::rng::randn(rng, req.seed, c * h * w);
         let noise = Tensor::from_vec(noise, (1, c, h, w), &Device::Cpu)?;
         let (init, report) = match &req.init {
             InitNoise::Plain => (noise.clone(), None),
@@ -298,11 +465,38 @@ impl Pipeline {
         guidance: f64,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        self.denoise_checked(init, cond, steps, guidance, &mut |i, n| {
+            progress(i, n);
+            Ok(())
+        })
+    }
+
+    /// [`Self::denoise`] for a batch: `init` is [B, C, h, w] and `cond` has rows
+    /// [negative 1..B, positive 1..B] with CFG (else [positive 1..B]), as
+    /// [`stack_conditioning`] makes them. `control` runs after every step; an error from it
+    /// (e.g. an interrupt) stops the loop.
+    pub fn denoise_checked(
+        &self,
+        init: &Tensor,
+        cond: &Conditioning,
+        steps: usize,
+        guidance: f64,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let batch = init.dim(0)?;
+        // On the CPU the UNet runs image by image even in a batch: the CPU gains nothing from
+        // batching, and its matmul blocking depends on the row count, so one fused call would
+        // change the last bits of an image with the batch size. TKG_FUSED_CPU_BATCH=1 fuses
+        // anyway (to measure that).
+        let split_batches = self.device.is_cpu()
+            && std::env::var_os("TKG_FUSED_CPU_BATCH").is_none_or(|v| v != "1");
         let scheduler = Ddim::new(&self.scheduler, steps)?;
         let cfg = guidance > 1.0;
         let mut latents =
             (init.to_device(&self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         let context = cond.context.to_dtype(self.dtype)?;
+        let (_, _, lh, lw) = init.dims4()?;
+        let added = self.added_cond(cond, (lh, lw))?;
         let total = scheduler.timesteps().len();
         for (i, &t) in scheduler.timesteps().iter().enumerate() {
             let input = if cfg {
@@ -310,19 +504,22 @@ impl Pipeline {
             } else {
                 latents.clone()
             };
-            let pred = self
-                .unet
-                .forward(&input, t as f64, &context, cond.added.as_ref())?;
+            let pred = if batch > 1 && split_batches {
+                self.unet_per_image(&input, t, &context, added.as_ref(), batch, cfg)?
+            } else {
+                self.unet
+                    .forward(&input, t as f64, &context, added.as_ref())?
+            };
             let pred = if cfg {
-                let uncond = pred.narrow(0, 0, 1)?;
-                let text = pred.narrow(0, 1, 1)?;
+                let uncond = pred.narrow(0, 0, batch)?;
+                let text = pred.narrow(0, batch, batch)?;
                 (&uncond + ((text - &uncond)? * guidance)?)?
             } else {
                 pred
             };
             latents = scheduler.step(&pred, t, &latents)?;
             check_finite(&latents, &format!("latents after denoising step {}", i + 1))?;
-            progress(i + 1, total);
+            control(i + 1, total)?;
         }
         Ok(latents.to_dtype(DType::F32)?)
     }
@@ -331,7 +528,7 @@ impl Pipeline {
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
         let image = self
             .vae
-            .decode(&latents.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+            .decode(&latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?)?;
         check_finite(&image, "decoded image (VAE output)")?;
         vae::to_rgb8(&image.squeeze(0)?)
     }
@@ -349,7 +546,8 @@ impl Pipeline {
             "--guidance must be a non-negative number"
         );
         let t0 = Instant::now();
-        let cond = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
+        let mut cond = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
+        cond.micro = req.micro;
         let t1 = Instant::now();
         let (noise, init, shift) = self.initial_latents(req)?;
         let final_latents = self.denoise(&init, &cond, req.steps, req.guidance, progress)?;
@@ -372,6 +570,149 @@ impl Pipeline {
             },
         })
     }
+}
+
+impl Pipeline {
+    /// Makes several images in one denoising loop (B images per UNet call). Every request
+    /// must share size, steps, guidance and SDXL micro-conditioning. Each image's prompt
+    /// encoding, noise, TKG init and VAE decode are computed on their own, so an image is the
+    /// same alone or in a batch.
+    pub fn generate_batch(
+        &self,
+        reqs: &[Request],
+        rng: RngKind,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Vec<Generated>> {
+        let first = reqs.first().context("an empty batch")?;
+        for r in reqs {
+            ensure!(
+                r.width == first.width
+                    && r.height == first.height
+                    && r.steps == first.steps
+                    && r.guidance == first.guidance
+                    && r.micro == first.micro,
+                "internal error: a batch mixes sizes, steps, guidance or micro-conditioning"
+            );
+        }
+        self.check_size(first.width, first.height)?;
+        ensure!(first.steps > 0, "--steps must be at least 1");
+        ensure!(
+            first.guidance.is_finite() && first.guidance >= 0.0,
+            "--guidance must be a non-negative number"
+        );
+        let cfg = first.guidance > 1.0;
+        let mut conds = Vec::with_capacity(reqs.len());
+        let mut text_times = Vec::with_capacity(reqs.len());
+        let mut inits = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let t0 = Instant::now();
+            let mut cond = self.encode_prompt(&r.prompt, &r.negative_prompt, cfg)?;
+            cond.micro = r.micro;
+            text_times.push(t0.elapsed());
+            conds.push(cond);
+            inits.push(self.initial_latents_with(r, rng)?);
+        }
+        let t1 = Instant::now();
+        let cond = stack_conditioning(&conds, cfg)?;
+        let init_refs: Vec<&Tensor> = inits.iter().map(|(_, i, _)| i).collect();
+        let init = Tensor::cat(&init_refs, 0)?;
+        let final_latents = self.denoise_checked(&init, &cond, first.steps, first.guidance, control)?;
+        let denoise = t1.elapsed() / reqs.len() as u32;
+        let mut out = Vec::with_capacity(reqs.len());
+        for (i, ((r, c), (noise, init, shift))) in reqs.iter().zip(conds).zip(inits).enumerate() {
+            let t2 = Instant::now();
+            let latents = final_latents.narrow(0, i, 1)?;
+            let rgb = self.decode(&latents)?;
+            out.push(Generated {
+                rgb,
+                width: r.width,
+                height: r.height,
+                noise,
+                init,
+                final_latents: latents,
+                shift,
+                warnings: c.warnings,
+                timings: Timings {
+                    text: text_times[i],
+                    denoise,
+                    decode: t2.elapsed(),
+                },
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Pipeline {
+    /// One UNet call per image of a batch laid out as [`Self::denoise_checked`] takes it;
+    /// returns the predictions in the same layout.
+    fn unet_per_image(
+        &self,
+        input: &Tensor,
+        t: usize,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        batch: usize,
+        cfg: bool,
+    ) -> Result<Tensor> {
+        let halves = if cfg { 2 } else { 1 };
+        let rows = |x: &Tensor, i: usize| -> Result<Tensor> {
+            let parts: Vec<Tensor> = (0..halves)
+                .map(|h| x.narrow(0, h * batch + i, 1))
+                .collect::<candle_core::Result<_>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let mut preds = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let added_i = match added {
+                Some(a) => Some(AddedCond {
+                    text_embeds: rows(&a.text_embeds, i)?,
+                    time_ids: rows(&a.time_ids, i)?,
+                }),
+                None => None,
+            };
+            preds.push(self.unet.forward(
+                &rows(input, i)?,
+                t as f64,
+                &rows(context, i)?,
+                added_i.as_ref(),
+            )?);
+        }
+        // Back to [half 0: images 1..B, half 1: images 1..B].
+        let mut parts = Vec::with_capacity(batch * halves);
+        for h in 0..halves {
+            for p in &preds {
+                parts.push(p.narrow(0, h, 1)?);
+            }
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Stacks per-image conditionings (each [negative, positive] with CFG, else [positive]) into
+/// one batch: [negative 1..B, positive 1..B] with CFG, else [positive 1..B].
+pub fn stack_conditioning(conds: &[Conditioning], cfg: bool) -> Result<Conditioning> {
+    let first = conds.first().context("an empty batch")?;
+    let stack = |get: &dyn Fn(&Conditioning) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+        if get(first).is_none() {
+            return Ok(None);
+        }
+        let mut parts = Vec::new();
+        let halves: &[usize] = if cfg { &[0, 1] } else { &[0] };
+        for &h in halves {
+            for c in conds {
+                let t = get(c).context("internal error: a batch mixes model families")?;
+                parts.push(t.narrow(0, h, 1)?);
+            }
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    };
+    Ok(Conditioning {
+        context: stack(&|c| Some(&c.context))?.expect("context is always there"),
+        pooled: stack(&|c| c.pooled.as_ref())?,
+        micro: first.micro,
+        warnings: conds.iter().flat_map(|c| c.warnings.clone()).collect(),
+    })
 }
 
 /// A NaN or Inf is an error that names the stage, never a black image.

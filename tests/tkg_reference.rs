@@ -168,7 +168,11 @@ fn gaussian_mask_matches_reference() {
             let want = g.f32s(&format!("{name}.mask{j}"));
             let got = gaussian_mask(h, w, sigma, &[(cx, cy)]);
             let (e, _) = max_abs(&got, &want);
-            eprintln!("{name} mask{j} (sigma {sigma}, centre ({cx}, {cy})): max abs {e:e}");
+            // Not bit-exact only where torch's exp differs from libm's by 1 ulp (a few grid cells).
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            eprintln!(
+                "{name} mask{j} (sigma {sigma}, centre ({cx}, {cy})): max abs {e:e}, {differ} elements not bit-equal"
+            );
             assert!(
                 e <= TOL,
                 "{name} mask{j}: max abs {e:e}\n{}",

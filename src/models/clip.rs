@@ -13,8 +13,8 @@ pub enum HiddenLayer {
     LastNormed,
     /// `hidden_states[-n]` followed by the final layer norm (A1111 "clip skip n").
     SkipNormed(usize),
-    /// `hidden_states[-2]` without the final layer norm (SDXL).
-    Penultimate,
+    /// `hidden_states[-n]` without the final layer norm (SDXL uses n = 2).
+    Unnormed(usize),
 }
 
 /// The encoder's outputs for one batch of token ids.
@@ -117,6 +117,7 @@ pub struct ClipTextModel {
     text_projection: Option<Linear>,
     eos_token_id: u32,
     max_positions: usize,
+    final_layer_norm_width: usize,
 }
 
 impl ClipTextModel {
@@ -168,7 +169,20 @@ impl ClipTextModel {
             text_projection,
             eos_token_id: cfg.eos_token_id,
             max_positions: cfg.max_position_embeddings,
+            final_layer_norm_width: h,
         })
+    }
+
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// Width of the pooled `text_embeds` (the hidden size without a projection).
+    pub fn projection_dim(&self) -> usize {
+        match &self.text_projection {
+            Some(p) => p.weight().dim(0).unwrap_or(0),
+            None => self.final_layer_norm_width,
+        }
     }
 
     /// Encodes token ids ([batch, tokens], u32).
@@ -203,7 +217,7 @@ impl ClipTextModel {
         }
         let picked = picked.expect("wanted layer is within range");
         let hidden = match layer {
-            HiddenLayer::Penultimate => picked,
+            HiddenLayer::Unnormed(_) => picked,
             _ => self.final_layer_norm.forward(&picked)?,
         };
         let pooled = match &self.text_projection {
@@ -250,7 +264,7 @@ fn skip_of(layer: HiddenLayer) -> usize {
     match layer {
         HiddenLayer::LastNormed => 1,
         HiddenLayer::SkipNormed(k) => k,
-        HiddenLayer::Penultimate => 2,
+        HiddenLayer::Unnormed(k) => k,
     }
 }
 
@@ -310,7 +324,7 @@ mod tests {
             .unwrap();
         assert!(third > 0.0);
         assert_eq!(ea.pooled.unwrap().dims(), &[1, 8]);
-        let pen = m.forward(&a, HiddenLayer::Penultimate).unwrap();
+        let pen = m.forward(&a, HiddenLayer::Unnormed(2)).unwrap();
         assert_eq!(pen.hidden.dims(), &[1, 5, 16]);
         assert!(m.forward(&a, HiddenLayer::SkipNormed(9)).is_err());
     }
