@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 const TINY_MERGES: usize = 2000;
 
 struct Spec {
-    text_encoder: Value,
+    /// `text_encoder` and, for SDXL, `text_encoder_2`.
+    text_encoders: Vec<Value>,
     unet: Value,
     vae: Value,
     seed: u64,
@@ -37,20 +38,36 @@ fn sd15_scheduler() -> Value {
     })
 }
 
+fn vae(block_out: &[usize], layers: usize, groups: usize, scaling: f64) -> Value {
+    let n = block_out.len();
+    json!({
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": block_out, "layers_per_block": layers,
+        "down_block_types": vec!["DownEncoderBlock2D"; n],
+        "up_block_types": vec!["UpDecoderBlock2D"; n],
+        "latent_channels": 4, "norm_num_groups": groups, "scaling_factor": scaling,
+        "force_upcast": true
+    })
+}
+
 fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
-    let text = |hidden: usize, layers: usize, heads: usize, inter: usize, vocab: usize| {
+    let clip = |hidden: usize, layers: usize, heads: usize, inter: usize, vocab: usize, act: &str, projection: bool| {
         json!({
-            "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "architectures": [if projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+            "model_type": "clip_text_model",
             "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": layers, "num_attention_heads": heads,
-            "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "max_position_embeddings": 77, "hidden_act": act, "layer_norm_eps": 1e-5,
             "projection_dim": hidden, "bos_token_id": eos - 1, "eos_token_id": eos,
             "pad_token_id": eos, "torch_dtype": "float32"
         })
     };
+    let text = |hidden, layers, heads, inter, vocab| {
+        clip(hidden, layers, heads, inter, vocab, "quick_gelu", false)
+    };
     Ok(match name {
         "tiny-sd15" => Spec {
-            text_encoder: text(32, 2, 4, 64, vocab_size),
+            text_encoders: vec![text(32, 2, 4, 64, vocab_size)],
             unet: json!({
                 "_class_name": "UNet2DConditionModel",
                 "block_out_channels": [32, 64], "layers_per_block": 1,
@@ -59,19 +76,12 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
                 "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8,
                 "in_channels": 4, "out_channels": 4, "sample_size": 8
             }),
-            vae: json!({
-                "_class_name": "AutoencoderKL",
-                "block_out_channels": [16, 16, 32, 32], "layers_per_block": 1,
-                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-                "latent_channels": 4, "norm_num_groups": 8, "sample_size": 64,
-                "scaling_factor": 0.18215
-            }),
+            vae: vae(&[16, 16, 32, 32], 1, 8, 0.18215),
             seed: 0x7117_5d15,
         },
         "random-sd15" => Spec {
             // The real SD1.5 architecture (configs of stable-diffusion-v1-5).
-            text_encoder: text(768, 12, 12, 3072, 49408),
+            text_encoders: vec![text(768, 12, 12, 3072, 49408)],
             unet: json!({
                 "_class_name": "UNet2DConditionModel",
                 "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
@@ -80,17 +90,51 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
                 "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
                 "in_channels": 4, "out_channels": 4, "sample_size": 64
             }),
-            vae: json!({
-                "_class_name": "AutoencoderKL",
-                "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-                "latent_channels": 4, "norm_num_groups": 32, "sample_size": 512,
-                "scaling_factor": 0.18215
-            }),
+            vae: vae(&[128, 256, 512, 512], 2, 32, 0.18215),
             seed: 0x5d15_0001,
         },
-        other => bail!("{other} is not a built-in model (built-in: tiny-sd15, random-sd15)"),
+        "tiny-sdxl" => Spec {
+            text_encoders: vec![
+                text(32, 2, 4, 64, vocab_size),
+                clip(32, 2, 4, 64, vocab_size, "gelu", true),
+            ],
+            unet: json!({
+                "_class_name": "UNet2DConditionModel",
+                "block_out_channels": [32, 64], "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                "transformer_layers_per_block": [1, 2], "attention_head_dim": [2, 4],
+                "cross_attention_dim": 64, "use_linear_projection": true, "norm_num_groups": 8,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                "projection_class_embeddings_input_dim": 80,
+                "in_channels": 4, "out_channels": 4, "sample_size": 8
+            }),
+            vae: vae(&[16, 16, 32, 32], 1, 8, 0.13025),
+            seed: 0x7117_5d71,
+        },
+        "random-sdxl" => Spec {
+            // The real SDXL base architecture (configs of stable-diffusion-xl-base-1.0).
+            text_encoders: vec![
+                text(768, 12, 12, 3072, 49408),
+                clip(1280, 32, 20, 5120, 49408, "gelu", true),
+            ],
+            unet: json!({
+                "_class_name": "UNet2DConditionModel",
+                "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+                "cross_attention_dim": 2048, "use_linear_projection": true, "norm_num_groups": 32,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+                "in_channels": 4, "out_channels": 4, "sample_size": 128
+            }),
+            vae: vae(&[128, 256, 512, 512], 2, 32, 0.13025),
+            seed: 0x5d71_0001,
+        },
+        other => bail!(
+            "{other} is not a built-in model (built-in: tiny-sd15, tiny-sdxl, random-sd15, random-sdxl)"
+        ),
     })
 }
 
@@ -144,14 +188,20 @@ pub fn materialize(name: &str, dir: &Path) -> Result<()> {
 
 fn write_folder(spec: &Spec, dir: &Path, vocab: &str, merges: &str) -> Result<()> {
     let dev = Device::Cpu;
-    let text_cfg: ClipTextConfig = serde_json::from_value(spec.text_encoder.clone())?;
     let unet_cfg: UNetConfig = serde_json::from_value(spec.unet.clone())?;
     let vae_cfg: VaeConfig = serde_json::from_value(spec.vae.clone())?;
 
-    let w = RandomWeights::new(spec.seed ^ 1);
-    ClipTextModel::load(w.var_builder(&dev), &text_cfg)?;
-    save_weights(&w, &dir.join("text_encoder/model.safetensors"))?;
-    write_json(&dir.join("text_encoder/config.json"), &spec.text_encoder)?;
+    for (i, te) in spec.text_encoders.iter().enumerate() {
+        let suffix = if i == 0 { String::new() } else { format!("_{}", i + 1) };
+        let cfg: ClipTextConfig = serde_json::from_value(te.clone())?;
+        let w = RandomWeights::new(spec.seed ^ (0x10 + i as u64));
+        ClipTextModel::load(w.var_builder(&dev), &cfg)?;
+        save_weights(&w, &dir.join(format!("text_encoder{suffix}/model.safetensors")))?;
+        write_json(&dir.join(format!("text_encoder{suffix}/config.json")), te)?;
+        // SDXL's second tokenizer pads with "!".
+        let pad = if i == 0 { "<|endoftext|>" } else { "!" };
+        write_tokenizer(&dir.join(format!("tokenizer{suffix}")), vocab, merges, pad)?;
+    }
 
     let w = RandomWeights::new(spec.seed ^ 2);
     UNet::load(w.var_builder(&dev), &unet_cfg)?;
@@ -167,35 +217,52 @@ fn write_folder(spec: &Spec, dir: &Path, vocab: &str, merges: &str) -> Result<()
         &dir.join("scheduler/scheduler_config.json"),
         &sd15_scheduler(),
     )?;
-    let tok = dir.join("tokenizer");
-    fs::create_dir_all(&tok)?;
+    // model_index.json last: its presence marks a complete folder.
+    write_json(
+        &dir.join("model_index.json"),
+        &if spec.text_encoders.len() == 2 {
+            json!({
+                "_class_name": "StableDiffusionXLPipeline",
+                "_diffusers_version": "0.42.1",
+                "force_zeros_for_empty_prompt": true,
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"]
+            })
+        } else {
+            json!({
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "safety_checker": [null, null], "feature_extractor": [null, null],
+                "requires_safety_checker": false
+            })
+        },
+    )?;
+    Ok(())
+}
+
+fn write_tokenizer(tok: &Path, vocab: &str, merges: &str, pad: &str) -> Result<()> {
+    fs::create_dir_all(tok)?;
     fs::write(tok.join("vocab.json"), vocab)?;
     fs::write(tok.join("merges.txt"), merges)?;
     let special = json!({
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"
+        "pad_token": pad, "unk_token": "<|endoftext|>"
     });
     write_json(&tok.join("special_tokens_map.json"), &special)?;
     write_json(
         &tok.join("tokenizer_config.json"),
         &json!({"model_max_length": 77, "do_lower_case": true, "tokenizer_class": "CLIPTokenizer"}),
-    )?;
-    // model_index.json last: its presence marks a complete folder.
-    write_json(
-        &dir.join("model_index.json"),
-        &json!({
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": "0.42.1",
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "safety_checker": [null, null], "feature_extractor": [null, null],
-            "requires_safety_checker": false
-        }),
-    )?;
-    Ok(())
+    )
 }
 
 /// The cache folder of a built-in model, materialising it first if needed.

@@ -6,34 +6,129 @@
 //!   how the built-in random-weight models are materialised with the exact tensor names and
 //!   shapes the real loader reads.
 
-use anyhow::{Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// A memory-mapped safetensors file with a record of the tensors read from it.
+/// Where one tensor lives in a safetensors file.
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
+/// A safetensors file read tensor by tensor, with a record of the tensors read from it.
+///
+/// Tensors are read with positioned reads, not memory-mapped: a mapping keeps the file's
+/// pages resident next to the converted copy, which doubles the peak memory of a load.
 pub struct WeightFile {
     path: PathBuf,
-    tensors: MmapedSafetensors,
+    file: File,
+    entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
     used: Mutex<BTreeSet<String>>,
+}
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
 }
 
 impl WeightFile {
     pub fn open(path: &Path) -> Result<Arc<Self>> {
-        // SAFETY: the file is mapped read-only; tkg never writes weight files it has mapped.
-        let tensors = unsafe { MmapedSafetensors::new(path) }.with_context(|| {
-            format!(
-                "{} is not a valid safetensors file (truncated or corrupt?)",
+        let bad = || format!("{} is not a valid safetensors file", path.display());
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file_len = file.metadata()?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0)
+            .with_context(|| format!("{} (too short)", bad()))?;
+        let n = u64::from_le_bytes(n);
+        ensure!(
+            n <= 100 << 20 && 8 + n <= file_len,
+            "{} (truncated or corrupt header)",
+            bad()
+        );
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8)?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).with_context(|| format!("{} (bad header)", bad()))?;
+        let data_start = 8 + n;
+        let mut entries = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                if let Some(m) = v.as_object() {
+                    for (k, v) in m {
+                        metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                    }
+                }
+                continue;
+            }
+            let dtype_name = v["dtype"].as_str().unwrap_or_default();
+            let dtype = parse_dtype(dtype_name).with_context(|| {
+                format!(
+                    "{}: tensor {name} has unsupported dtype {dtype_name}",
+                    path.display()
+                )
+            })?;
+            let shape: Vec<usize> = v["shape"]
+                .as_array()
+                .with_context(bad)?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<_>>()
+                .with_context(bad)?;
+            let offs = v["data_offsets"].as_array().with_context(bad)?;
+            let (s, e) = match (
+                offs.first().and_then(|v| v.as_u64()),
+                offs.get(1).and_then(|v| v.as_u64()),
+            ) {
+                (Some(s), Some(e)) if e >= s => (s, e),
+                _ => bail!("{} (bad offsets for {name})", bad()),
+            };
+            let numel: usize = shape.iter().product();
+            ensure!(
+                (e - s) as usize == numel * dtype.size_in_bytes(),
+                "{} ({name}: {} bytes for shape {shape:?})",
+                bad(),
+                e - s
+            );
+            ensure!(
+                data_start + e <= file_len,
+                "{} is truncated: {name} lies past the end of the file",
                 path.display()
-            )
-        })?;
+            );
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape,
+                    start: data_start + s,
+                    len: (e - s) as usize,
+                },
+            );
+        }
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
-            tensors,
+            file,
+            entries,
+            metadata,
             used: Mutex::new(BTreeSet::new()),
         }))
     }
@@ -42,30 +137,73 @@ impl WeightFile {
         &self.path
     }
 
+    /// The file's `__metadata__` strings.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// A tensor's shape, if the file has it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Reads one tensor as stored (on the CPU), without marking it used.
+    pub fn read(&self, name: &str) -> Result<Tensor> {
+        let e = self
+            .entries
+            .get(name)
+            .with_context(|| format!("{} has no tensor {name}", self.path.display()))?;
+        let mut buf = vec![0u8; e.len];
+        self.file
+            .read_exact_at(&mut buf, e.start)
+            .with_context(|| format!("reading {name} from {}", self.path.display()))?;
+        Ok(Tensor::from_raw_buffer(
+            &buf,
+            e.dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
+    }
+
+    fn mark_used(&self, name: &str) {
+        self.used.lock().unwrap().insert(name.to_string());
+    }
+
     /// A `VarBuilder` over this file that converts every tensor to `dtype` on `device`.
     pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(Tracked(self.clone())), dtype, device.clone())
+        source_var_builder(self.clone(), None, dtype, device)
+    }
+
+    /// Reads one tensor as stored (on the CPU) and marks it used.
+    pub fn read_used(&self, name: &str) -> Result<Tensor> {
+        let t = self.read(name)?;
+        self.mark_used(name);
+        Ok(t)
+    }
+
+    /// Whether the file has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Where the tensor data starts (just after the header).
+    pub fn data_start(&self) -> u64 {
+        self.entries.values().map(|e| e.start).min().unwrap_or(0)
     }
 
     /// Names of the tensors in the file.
     pub fn names(&self) -> Vec<String> {
-        self.tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect()
+        self.entries.keys().cloned().collect()
     }
 
     /// Tensors in the file that were never read, except those `ignorable` says to skip.
     pub fn unused(&self, ignorable: impl Fn(&str) -> bool) -> Vec<String> {
         let used = self.used.lock().unwrap();
-        let mut out: Vec<String> = self
-            .names()
-            .into_iter()
-            .filter(|n| !used.contains(n) && !ignorable(n))
-            .collect();
-        out.sort();
-        out
+        self.entries
+            .keys()
+            .filter(|n| !used.contains(*n) && !ignorable(n))
+            .cloned()
+            .collect()
     }
 
     /// Fails if any tensor of the file was left unused: a sign that the config does not match
@@ -74,7 +212,7 @@ impl WeightFile {
         let unused = self.unused(ignorable);
         if !unused.is_empty() {
             let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
-            anyhow::bail!(
+            bail!(
                 "{} has {} tensor(s) the network does not use ({}{}): the config does not match the weights",
                 self.path.display(),
                 unused.len(),
@@ -86,30 +224,84 @@ impl WeightFile {
     }
 }
 
-struct Tracked(Arc<WeightFile>);
+/// Named tensors a network reads through a `VarBuilder`, by the names the network asks for
+/// (diffusers / transformers names). A [`WeightFile`] is one; a single-file checkpoint seen
+/// through a name mapping is another.
+pub trait TensorSource: Send + Sync {
+    /// Whether `name` can be read.
+    fn has(&self, name: &str) -> bool;
+    /// Reads `name` on the CPU (any float dtype) and records it as used.
+    fn fetch(&self, name: &str) -> Result<Tensor>;
+}
+
+impl TensorSource for WeightFile {
+    fn has(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+    fn fetch(&self, name: &str) -> Result<Tensor> {
+        self.read_used(name)
+    }
+}
+
+/// A change to some weights, applied as they are read (LoRA merging): `delta(name, shape)`
+/// is what to add (f32, CPU) to the weight `name`, or `None` to leave it as it is.
+pub trait WeightPatch: Send + Sync {
+    fn delta(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>>;
+}
+
+/// A `VarBuilder` over any [`TensorSource`], with an optional [`WeightPatch`]: each tensor is
+/// read when the network asks for it, patched in f32 if the patch touches it, then converted
+/// to `dtype` on `device`. No other copy of the weights is kept.
+pub fn source_var_builder(
+    source: Arc<dyn TensorSource>,
+    patch: Option<Arc<dyn WeightPatch>>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(Tracked { source, patch }), dtype, device.clone())
+}
+
+struct Tracked {
+    source: Arc<dyn TensorSource>,
+    patch: Option<Arc<dyn WeightPatch>>,
+}
+
+fn msg(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
+}
 
 impl SimpleBackend for Tracked {
     fn get(
         &self,
         s: Shape,
         name: &str,
-        h: Init,
+        _h: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = SimpleBackend::get(&self.0.tensors, s, name, h, dtype, dev)?;
-        self.0.used.lock().unwrap().insert(name.to_string());
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name}: the config needs {:?}, the file has {:?}",
+                s.dims(),
+                t.dims()
+            );
+        }
         Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = SimpleBackend::get_unchecked(&self.0.tensors, name, dtype, dev)?;
-        self.0.used.lock().unwrap().insert(name.to_string());
-        Ok(t)
+        let mut t = self.source.fetch(name).map_err(msg)?;
+        if let Some(p) = &self.patch
+            && let Some(d) = p.delta(name, t.dims()).map_err(msg)?
+        {
+            t = (t.to_dtype(DType::F32)? + d)?;
+        }
+        t.to_dtype(dtype)?.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        SimpleBackend::contains_tensor(&self.0.tensors, name)
+        self.source.has(name)
     }
 }
 
