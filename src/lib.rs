@@ -5,8 +5,11 @@
 //! [`pipeline`] denoise loop ([`models::unet`] + CFG + [`scheduler`]) → [`models::vae`] decode →
 //! [`key`] → [`output`] writers.
 
+pub mod bench;
 pub mod cli;
 pub mod color;
+pub mod jobs;
+pub mod kernels;
 pub mod key;
 pub mod metadata;
 pub mod models;

@@ -1,20 +1,25 @@
 //! Text-to-image with classifier-free guidance and DDIM, as diffusers' StableDiffusionPipeline
 //! computes it. One loop serves every model family; families differ only in conditioning.
 
+use crate::models::builtin;
 use crate::models::clip::{ClipTextModel, HiddenLayer};
 use crate::models::config::{
     ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig, read_json,
 };
 use crate::models::hub::ModelFolder;
+use crate::models::lora::{LoraReport, LoraSet, LoraSpec, Target};
+use crate::models::single_file::{self, SingleFile, full_clip_tokenizer};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{AddedCond, UNet};
 use crate::models::vae::{self, Vae};
-use crate::models::weights::WeightFile;
+use crate::models::weights::{TensorSource, WeightFile, WeightPatch, source_var_builder};
 use crate::rng::RngKind;
 use crate::scheduler::Ddim;
 use crate::tkg::{self, ShiftReport, TkgSettings};
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::models::registry::Family;
@@ -44,7 +49,7 @@ enum Conditioner {
     /// SDXL: CLIP-L and OpenCLIP-bigG penultimate states, concatenated; pooled text
     /// embedding from the second encoder's projection.
     Sdxl {
-        towers: [TextTower; 2],
+        towers: Box<[TextTower; 2]>,
         layer: HiddenLayer,
         /// An empty negative prompt is all zeros (embeddings and pooled), not the encoding of "".
         force_zeros_for_empty_prompt: bool,
@@ -144,8 +149,13 @@ pub struct Pipeline {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
-    /// The UNet weights file (for the model hash).
+    /// The file the `Model hash` is computed over: the UNet weights of a folder, or the
+    /// single-file checkpoint.
     pub unet_weights: std::path::PathBuf,
+    /// What each LoRA matched (empty without LoRAs).
+    pub lora_reports: Vec<LoraReport>,
+    /// `(name, hash)` per LoRA, for A1111's `Lora hashes` (see [`Self::lora_hashes_text`]).
+    pub lora_hashes: Vec<(String, String)>,
     pub load_time: Duration,
 }
 
@@ -175,27 +185,153 @@ impl TextTower {
     }
 }
 
-/// Loads `tokenizer{suffix}` and `text_encoder{suffix}`; returns the tower and its width.
-fn load_tower(folder: &ModelFolder, suffix: &str, opts: &LoadOptions) -> Result<(TextTower, usize)> {
-    let te = format!("text_encoder{suffix}");
+/// Where a model's weights, configs and tokenizers come from.
+#[derive(Debug, Clone, Copy)]
+pub enum ModelSource<'a> {
+    /// A diffusers-layout folder (local or a Hub repo).
+    Folder(&'a ModelFolder),
+    /// A single-file (A1111 / ComfyUI) checkpoint. Configs and tokenizers come from the
+    /// built-in architecture of its family (the real SD1.5 / SDXL configs, full CLIP
+    /// vocabulary), or from `config`, a diffusers folder, when given.
+    File {
+        path: &'a Path,
+        config: Option<&'a ModelFolder>,
+    },
+}
+
+/// A VAE to use instead of the model's own.
+#[derive(Debug)]
+pub enum VaeSource {
+    /// A diffusers VAE: a model folder with `vae/`, or a VAE-only folder/repo
+    /// (`config.json` + `diffusion_pytorch_model.safetensors`).
+    Folder(ModelFolder),
+    /// One safetensors file, diffusers or LDM names; the config is the model's.
+    File(PathBuf),
+}
+
+/// What is loaded on top of a model: LoRAs, another VAE.
+#[derive(Debug, Default)]
+pub struct Adapters {
+    /// Merged into the weights as they load; several add up.
+    pub loras: Vec<LoraSpec>,
+    /// Any LoRA tensor that matches no weight is an error (else it is reported).
+    pub lora_strict: bool,
+    pub vae: Option<VaeSource>,
+}
+
+/// The configs of a model, wherever they came from.
+struct Configs {
+    family: Family,
+    unet: UNetConfig,
+    vae: VaeConfig,
+    /// One per text encoder, with its tokenizer.
+    towers: Vec<(ClipTokenizer, ClipTextConfig)>,
+    scheduler: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// Where the component weights are read.
+enum WeightsFrom<'a> {
+    Folder(&'a ModelFolder),
+    Single(&'a SingleFile),
+}
+
+fn tokenizer_from_folder(folder: &ModelFolder, suffix: &str) -> Result<ClipTokenizer> {
     let tok = format!("tokenizer{suffix}");
-    let cfg: ClipTextConfig = read_json(&folder.file(&format!("{te}/config.json"))?)?;
     let tok_file = folder
         .file(&format!("{tok}/vocab.json"))
         .or_else(|_| folder.file(&format!("{tok}/tokenizer.json")))?;
     // Fetch the side files a Hub folder needs before reading it.
-    for extra in ["merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+    for extra in [
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ] {
         let _ = folder.optional_file(&format!("{tok}/{extra}"))?;
     }
-    let tokenizer = ClipTokenizer::from_dir(tok_file.parent().expect("file has a folder"))
-        .with_context(|| format!("loading {tok}"))?;
+    ClipTokenizer::from_dir(tok_file.parent().expect("file has a folder"))
+        .with_context(|| format!("loading {tok}"))
+}
+
+impl Configs {
+    /// A diffusers folder's configs and tokenizers.
+    fn from_folder(folder: &ModelFolder) -> Result<Self> {
+        let family = detect_family(folder)?;
+        let index: Option<ModelIndex> = match folder.optional_file("model_index.json")? {
+            Some(p) => Some(read_json(&p)?),
+            None => None,
+        };
+        let suffixes: &[&str] = match family {
+            Family::Sd15 => &[""],
+            Family::Sdxl => &["", "_2"],
+        };
+        let towers = suffixes
+            .iter()
+            .map(|s| -> Result<_> {
+                let cfg: ClipTextConfig =
+                    read_json(&folder.file(&format!("text_encoder{s}/config.json"))?)?;
+                Ok((tokenizer_from_folder(folder, s)?, cfg))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            family,
+            unet: read_json(&folder.file("unet/config.json")?)?,
+            vae: read_json(&folder.file("vae/config.json")?)?,
+            towers,
+            scheduler: read_json(&folder.file("scheduler/scheduler_config.json")?)?,
+            force_zeros_for_empty_prompt: index
+                .as_ref()
+                .and_then(|i| i.force_zeros_for_empty_prompt)
+                .unwrap_or(true),
+        })
+    }
+
+    /// The built-in architecture of a family (the real SD1.5 / SDXL base configs).
+    fn builtin(family: Family) -> Result<Self> {
+        let arch = builtin::architecture(match family {
+            Family::Sd15 => "random-sd15",
+            Family::Sdxl => "random-sdxl",
+        })?;
+        let towers = arch
+            .text_encoders
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| -> Result<_> {
+                let pad = if i == 0 { "<|endoftext|>" } else { "!" };
+                Ok((full_clip_tokenizer(pad)?, serde_json::from_value(v)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            family,
+            unet: serde_json::from_value(arch.unet)?,
+            vae: serde_json::from_value(arch.vae)?,
+            towers,
+            scheduler: serde_json::from_value(arch.scheduler)?,
+            force_zeros_for_empty_prompt: true,
+        })
+    }
+}
+
+/// Builds one text tower; returns it and its width.
+fn build_tower(
+    tokenizer: ClipTokenizer,
+    cfg: &ClipTextConfig,
+    what: &str,
+    source: Arc<dyn TensorSource>,
+    patch: Option<Arc<dyn WeightPatch>>,
+    opts: &LoadOptions,
+) -> Result<(TextTower, usize)> {
     ensure!(
         tokenizer.vocab_size() <= cfg.vocab_size,
-        "{tok} has {} tokens but {te} only {}",
+        "the tokenizer of {what} has {} tokens but {what} only {}",
         tokenizer.vocab_size(),
         cfg.vocab_size
     );
-    let (encoder, _) = load_component(folder, &te, &["model"], opts, |vb| ClipTextModel::load(vb, &cfg))?;
+    let encoder = ClipTextModel::load(
+        source_var_builder(source, patch, opts.dtype, &opts.device),
+        cfg,
+    )
+    .with_context(|| format!("loading {what}"))?;
     Ok((TextTower { tokenizer, encoder }, cfg.hidden_size))
 }
 
@@ -204,18 +340,26 @@ fn ignorable(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
+/// Builds a component from `{component}/{names}.safetensors` of a folder, with `patch`
+/// applied as the weights are read; every tensor of the file must be used.
 fn load_component<T>(
     folder: &ModelFolder,
     component: &str,
     weight_names: &[&str],
     opts: &LoadOptions,
+    patch: Option<Arc<dyn WeightPatch>>,
     build: impl FnOnce(candle_nn::VarBuilder) -> Result<T>,
-) -> Result<(T, std::path::PathBuf)> {
+) -> Result<(T, PathBuf)> {
     let prefer_fp16 = opts.dtype == DType::F16;
     let path = folder.weights(component, weight_names, prefer_fp16)?;
     let file = WeightFile::open(&path)?;
-    let model = build(file.var_builder(opts.dtype, &opts.device))
-        .with_context(|| format!("loading {component} from {}", path.display()))?;
+    let model = build(source_var_builder(
+        file.clone(),
+        patch,
+        opts.dtype,
+        &opts.device,
+    ))
+    .with_context(|| format!("loading {component} from {}", path.display()))?;
     file.ensure_all_used(ignorable)?;
     Ok((model, path))
 }
@@ -238,26 +382,93 @@ pub fn detect_family(folder: &ModelFolder) -> Result<Family> {
 impl Pipeline {
     /// Loads a diffusers-layout folder. Every shape comes from its configs.
     pub fn load(folder: &ModelFolder, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(ModelSource::Folder(folder), opts, &Adapters::default())
+    }
+
+    /// Loads a model from a folder or a single file, with LoRAs merged into its weights as
+    /// they are read and, optionally, another VAE.
+    pub fn load_with(source: ModelSource, opts: &LoadOptions, adapters: &Adapters) -> Result<Self> {
         let start = Instant::now();
-        let family = detect_family(folder)?;
-        let index: Option<ModelIndex> = match folder.optional_file("model_index.json")? {
-            Some(p) => Some(read_json(&p)?),
-            None => None,
+        let single = match source {
+            ModelSource::File { path, .. } => Some(SingleFile::open(path)?),
+            ModelSource::Folder(_) => None,
         };
-        let unet_cfg: UNetConfig = read_json(&folder.file("unet/config.json")?)?;
-        let (conditioner, text_width) = match family {
+        let (cfg, weights) = match (source, &single) {
+            (ModelSource::Folder(f), _) => (Configs::from_folder(f)?, WeightsFrom::Folder(f)),
+            (ModelSource::File { config, path }, Some(s)) => {
+                let cfg = match config {
+                    Some(f) => Configs::from_folder(f)?,
+                    None => Configs::builtin(s.family)?,
+                };
+                ensure!(
+                    cfg.family == s.family,
+                    "{} is an {} checkpoint but its config folder is {}",
+                    path.display(),
+                    s.family,
+                    cfg.family
+                );
+                (cfg, WeightsFrom::Single(s))
+            }
+            (ModelSource::File { .. }, None) => unreachable!("opened above"),
+        };
+        let family = cfg.family;
+        let loras = LoraSet::open(&adapters.loras)?;
+        loras.check_family(family, cfg.unet.cross_dim())?;
+
+        // Text encoders.
+        let targets = [Target::TextEncoder, Target::TextEncoder2];
+        let mut towers = Vec::new();
+        let mut text_width = 0;
+        for (i, (tokenizer, te_cfg)) in cfg.towers.into_iter().enumerate() {
+            let what = if i == 0 {
+                "text_encoder".to_string()
+            } else {
+                format!("text_encoder_{}", i + 1)
+            };
+            let patch = loras.patch(targets[i.min(1)], None);
+            let (tower, width) = match &weights {
+                WeightsFrom::Folder(f) => {
+                    let (tower, _) = load_component(f, &what, &["model"], opts, patch, |vb| {
+                        ClipTextModel::load(vb, &te_cfg)
+                    })?;
+                    ensure!(
+                        tokenizer.vocab_size() <= te_cfg.vocab_size,
+                        "the tokenizer of {what} has {} tokens but {what} only {}",
+                        tokenizer.vocab_size(),
+                        te_cfg.vocab_size
+                    );
+                    (
+                        TextTower {
+                            tokenizer,
+                            encoder: tower,
+                        },
+                        te_cfg.hidden_size,
+                    )
+                }
+                WeightsFrom::Single(s) => {
+                    build_tower(tokenizer, &te_cfg, &what, s.text_encoder(i), patch, opts)?
+                }
+            };
+            text_width += width;
+            towers.push(tower);
+        }
+        let unet_cfg = cfg.unet;
+        let conditioner = match family {
             Family::Sd15 => {
-                let tower = load_tower(folder, "", opts)?;
                 let layer = match opts.clip_skip {
                     None | Some(1) => HiddenLayer::LastNormed,
                     Some(n) => HiddenLayer::SkipNormed(n),
                 };
-                let width = tower.1;
-                (Conditioner::Sd15 { tower: tower.0, layer }, width)
+                Conditioner::Sd15 {
+                    tower: towers
+                        .pop()
+                        .context("an SD1.x model has one text encoder")?,
+                    layer,
+                }
             }
             Family::Sdxl => {
-                let (t1, w1) = load_tower(folder, "", opts)?;
-                let (t2, w2) = load_tower(folder, "_2", opts)?;
+                let t2 = towers.pop().context("SDXL has two text encoders")?;
+                let t1 = towers.pop().context("SDXL has two text encoders")?;
                 ensure!(
                     t2.encoder.has_projection(),
                     "text_encoder_2 of an SDXL model must be a CLIPTextModelWithProjection"
@@ -273,19 +484,12 @@ impl Pipeline {
                         6 * t + pooled
                     );
                 }
-                let force_zeros = index
-                    .as_ref()
-                    .and_then(|i| i.force_zeros_for_empty_prompt)
-                    .unwrap_or(true);
-                (
-                    Conditioner::Sdxl {
-                        towers: [t1, t2],
-                        // diffusers: hidden_states[-(clip_skip + 2)], no final norm.
-                        layer: HiddenLayer::Unnormed(opts.clip_skip.unwrap_or(0) + 2),
-                        force_zeros_for_empty_prompt: force_zeros,
-                    },
-                    w1 + w2,
-                )
+                Conditioner::Sdxl {
+                    towers: Box::new([t1, t2]),
+                    // diffusers: hidden_states[-(clip_skip + 2)], no final norm.
+                    layer: HiddenLayer::Unnormed(opts.clip_skip.unwrap_or(0) + 2),
+                    force_zeros_for_empty_prompt: cfg.force_zeros_for_empty_prompt,
+                }
             }
         };
         ensure!(
@@ -294,43 +498,143 @@ impl Pipeline {
             unet_cfg.cross_dim(),
             text_width
         );
-        let (unet, unet_weights) =
-            load_component(folder, "unet", &["diffusion_pytorch_model"], opts, |vb| {
-                UNet::load(vb, &unet_cfg)
-            })?;
+
+        // UNet.
+        let unet_patch = loras.patch(Target::Unet, Some(&unet_cfg));
+        let (unet, unet_weights) = match &weights {
+            WeightsFrom::Folder(f) => load_component(
+                f,
+                "unet",
+                &["diffusion_pytorch_model"],
+                opts,
+                unet_patch,
+                |vb| UNet::load(vb, &unet_cfg),
+            )?,
+            WeightsFrom::Single(s) => {
+                let vb =
+                    source_var_builder(s.unet(&unet_cfg), unet_patch, opts.dtype, &opts.device);
+                let unet = UNet::load(vb, &unet_cfg).with_context(|| {
+                    format!("loading the UNet from {}", s.file.path().display())
+                })?;
+                (unet, s.file.path().to_path_buf())
+            }
+        };
         ensure!(
             (family == Family::Sdxl) == unet.needs_added_cond(),
             "the UNet's addition_embed_type does not fit a {family} model"
         );
-        let vae_cfg: VaeConfig = read_json(&folder.file("vae/config.json")?)?;
+
+        // VAE: --vae, else the model's own.
+        let vae_cfg = match &adapters.vae {
+            Some(VaeSource::Folder(f)) => match f.optional_file("vae/config.json")? {
+                Some(p) => read_json(&p)?,
+                None => read_json(&f.file("config.json")?)?,
+            },
+            _ => cfg.vae,
+        };
         ensure!(
             vae_cfg.latent_channels == unet_cfg.in_channels,
             "the VAE has {} latent channels but the UNet takes {}",
             vae_cfg.latent_channels,
             unet_cfg.in_channels
         );
-        let vae_dtype = if vae_cfg.force_upcast { DType::F32 } else { opts.dtype };
+        let vae_dtype = if vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            opts.dtype
+        };
         let vae_opts = LoadOptions {
             dtype: vae_dtype,
             ..opts.clone()
         };
-        let (vae, _) = load_component(folder, "vae", &["diffusion_pytorch_model"], &vae_opts, |vb| {
-            Vae::load(vb, &vae_cfg)
-        })?;
-        let scheduler: SchedulerConfig =
-            read_json(&folder.file("scheduler/scheduler_config.json")?)?;
+        let build_vae = |vb: candle_nn::VarBuilder| Vae::load(vb, &vae_cfg);
+        let levels = vae_cfg.block_out_channels.len();
+        let vae = match (&adapters.vae, &weights) {
+            (Some(VaeSource::Folder(f)), _) => {
+                let comp = if f.optional_file("vae/config.json")?.is_some() {
+                    "vae"
+                } else {
+                    ""
+                };
+                load_component(
+                    f,
+                    comp,
+                    &["diffusion_pytorch_model"],
+                    &vae_opts,
+                    None,
+                    build_vae,
+                )?
+                .0
+            }
+            (Some(VaeSource::File(p)), _) => {
+                let (file, src, prefix) = single_file::vae_file(p, levels)?;
+                let vae = build_vae(source_var_builder(src, None, vae_dtype, &opts.device))
+                    .with_context(|| format!("loading the VAE from {}", p.display()))?;
+                file.ensure_all_used(|n| {
+                    single_file::ignorable(n) || !n.starts_with(prefix.as_str())
+                })?;
+                vae
+            }
+            (None, WeightsFrom::Folder(f)) => {
+                load_component(
+                    f,
+                    "vae",
+                    &["diffusion_pytorch_model"],
+                    &vae_opts,
+                    None,
+                    build_vae,
+                )?
+                .0
+            }
+            (None, WeightsFrom::Single(s)) => {
+                ensure!(
+                    s.has_vae(),
+                    "{} has no VAE (first_stage_model.*): name one with --vae",
+                    s.file.path().display()
+                );
+                build_vae(source_var_builder(
+                    s.vae(levels),
+                    None,
+                    vae_dtype,
+                    &opts.device,
+                ))
+                .with_context(|| format!("loading the VAE from {}", s.file.path().display()))?
+            }
+        };
+        if let Some(s) = &single {
+            s.ensure_all_used(adapters.vae.is_some())?;
+        }
+        let lora_reports = loras.finish(adapters.lora_strict)?;
+        let lora_hashes = loras.hashes()?;
         Ok(Self {
             family,
             conditioner,
             unet,
             vae,
             vae_dtype,
-            scheduler,
+            scheduler: cfg.scheduler,
             device: opts.device.clone(),
             dtype: opts.dtype,
             unet_weights,
+            lora_reports,
+            lora_hashes,
             load_time: start.elapsed(),
         })
+    }
+
+    /// A1111's `Model hash`: the first 10 hex digits of the sha256 of
+    /// [`Self::unet_weights`] (the single file, for a single-file checkpoint); cached.
+    pub fn model_hash(&self) -> Result<String> {
+        crate::models::hub::file_sha256_short(&self.unet_weights)
+    }
+
+    /// A1111's `Lora hashes` value: `name: hash, name: hash` (empty without LoRAs).
+    pub fn lora_hashes_text(&self) -> String {
+        self.lora_hashes
+            .iter()
+            .map(|(n, h)| format!("{n}: {h}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Image-to-latent factor of the VAE.
@@ -342,7 +646,7 @@ impl Pipeline {
     pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let f = self.vae_factor();
         ensure!(
-            width > 0 && height > 0 && width % f == 0 && height % f == 0,
+            width > 0 && height > 0 && width.is_multiple_of(f) && height.is_multiple_of(f),
             "--width and --height must be positive multiples of {f} (the VAE's factor); got {width}x{height}"
         );
         Ok(())
@@ -351,7 +655,11 @@ impl Pipeline {
     /// Encodes prompts into the denoiser's conditioning ([negative, positive] with CFG).
     pub fn encode_prompt(&self, prompt: &str, negative: &str, cfg: bool) -> Result<Conditioning> {
         let mut warnings = Vec::new();
-        let texts: Vec<&str> = if cfg { vec![negative, prompt] } else { vec![prompt] };
+        let texts: Vec<&str> = if cfg {
+            vec![negative, prompt]
+        } else {
+            vec![prompt]
+        };
         match &self.conditioner {
             Conditioner::Sd15 { tower, layer } => {
                 let out = tower.encode(&texts, *layer, &self.device, &mut warnings)?;
@@ -616,7 +924,8 @@ impl Pipeline {
         let cond = stack_conditioning(&conds, cfg)?;
         let init_refs: Vec<&Tensor> = inits.iter().map(|(_, i, _)| i).collect();
         let init = Tensor::cat(&init_refs, 0)?;
-        let final_latents = self.denoise_checked(&init, &cond, first.steps, first.guidance, control)?;
+        let final_latents =
+            self.denoise_checked(&init, &cond, first.steps, first.guidance, control)?;
         let denoise = t1.elapsed() / reqs.len() as u32;
         let mut out = Vec::with_capacity(reqs.len());
         for (i, ((r, c), (noise, init, shift))) in reqs.iter().zip(conds).zip(inits).enumerate() {

@@ -24,7 +24,11 @@ fn hf_home() -> &'static Path {
             .arg(d.join("hub/tkg--builtin--tiny-sd15"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         d
     })
 }
@@ -45,11 +49,17 @@ fn s(p: &Path) -> &str {
 /// A failure: non-zero exit, one line on stderr mentioning `needle`, no panic.
 fn assert_fails(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     let last = lines.last().copied().unwrap_or("");
     assert!(last.starts_with("error:"), "stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
     assert!(
         last.to_lowercase().contains(&needle.to_lowercase()),
         "'{needle}' not in: {last}"
@@ -102,10 +112,18 @@ fn same_pixels(a: &Path, b: &Path) -> bool {
 fn generates_image_matte_and_cutout_with_metadata() {
     let d = scratch("ok");
     let out = generate(&d, "car.png", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let paths: Vec<&str> = stdout.lines().collect();
-    assert_eq!(paths.len(), 3, "stdout must list the written files only: {stdout}");
+    assert_eq!(
+        paths.len(),
+        3,
+        "stdout must list the written files only: {stdout}"
+    );
     for p in &paths {
         assert!(Path::new(p).is_file(), "{p}");
     }
@@ -147,10 +165,23 @@ fn same_seed_same_bytes_other_seed_other_image() {
     let d = scratch("determinism");
     assert!(generate(&d, "a.png", &["--no-key"]).status.success());
     assert!(generate(&d, "b.png", &["--no-key"]).status.success());
-    assert_eq!(fs::read(d.join("a.png")).unwrap(), fs::read(d.join("b.png")).unwrap());
+    assert_eq!(
+        fs::read(d.join("a.png")).unwrap(),
+        fs::read(d.join("b.png")).unwrap()
+    );
     let out = tkg(&[
-        "generate", "--model", "tiny-sd15", "--prompt", "a red vintage car", "--seed", "43",
-        "--steps", "8", "--no-key", "--out", s(&d.join("c.png")),
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "a red vintage car",
+        "--seed",
+        "43",
+        "--steps",
+        "8",
+        "--no-key",
+        "--out",
+        s(&d.join("c.png")),
     ]);
     assert!(out.status.success());
     assert!(!same_pixels(&d.join("a.png"), &d.join("c.png")));
@@ -161,19 +192,42 @@ fn methods_differ_and_latents_are_saved() {
     let d = scratch("methods");
     let lat = d.join("lat.safetensors");
     let out = generate(&d, "tkg.png", &["--no-key", "--save-latents", s(&lat)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let t = candle_core::safetensors::load(&lat, &candle_core::Device::Cpu).unwrap();
     for n in ["noise", "init", "final"] {
         assert_eq!(t[n].dims(), &[1, 4, 8, 8], "{n}");
     }
-    let diff: f32 = (&t["init"] - &t["noise"]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (&t["init"] - &t["noise"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff > 0.0, "TKG did not change the noise");
-    assert!(generate(&d, "plain.png", &["--no-key", "--method", "plain"]).status.success());
-    assert!(generate(&d, "prompt.png", &["--no-key", "--method", "prompt"]).status.success());
+    assert!(
+        generate(&d, "plain.png", &["--no-key", "--method", "plain"])
+            .status
+            .success()
+    );
+    assert!(
+        generate(&d, "prompt.png", &["--no-key", "--method", "prompt"])
+            .status
+            .success()
+    );
     assert!(!same_pixels(&d.join("tkg.png"), &d.join("plain.png")));
     assert!(!same_pixels(&d.join("prompt.png"), &d.join("plain.png")));
     let text = tkg::output::read_png_text(&d.join("prompt.png")).unwrap();
-    assert!(text[0].1.starts_with("a red vintage car isolated on a solid green background"));
+    assert!(
+        text[0]
+            .1
+            .starts_with("a red vintage car isolated on a solid green background")
+    );
 }
 
 #[test]
@@ -183,9 +237,16 @@ fn refuses_to_clobber_without_overwrite() {
     let out = generate(&d, "car.png", &[]);
     assert_fails(&out, "--overwrite");
     assert_eq!(fs::read(d.join("car.matte.png")).unwrap(), b"precious");
-    assert!(!d.join("car.png").exists(), "nothing may be written when refusing");
+    assert!(
+        !d.join("car.png").exists(),
+        "nothing may be written when refusing"
+    );
     let out = generate(&d, "car.png", &["--overwrite"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_ne!(fs::read(d.join("car.matte.png")).unwrap(), b"precious");
 }
 
@@ -194,21 +255,50 @@ fn bad_arguments_fail_cleanly() {
     let d = scratch("badargs");
     assert_fails(&generate(&d, "x.png", &["--width", "60"]), "multiples of 8");
     let out = tkg(&[
-        "generate", "--model", "tiny-sd15", "--prompt", "x", "--steps", "0",
-        "--out", s(&d.join("x.png")),
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "x",
+        "--steps",
+        "0",
+        "--out",
+        s(&d.join("x.png")),
     ]);
     assert_fails(&out, "--steps");
     assert_fails(&generate(&d, "x.png", &["--shift", "0.99"]), "shift");
-    let out = tkg(&["generate", "--model", "tiny-sd15", "--prompt", "x", "--color", "grene"]);
+    let out = tkg(&[
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "x",
+        "--color",
+        "grene",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("#RRGGBB"));
     let out = tkg(&[
-        "generate", "--model", "tiny-sd15", "--prompt", "x", "--steps", "2",
-        "--out", "/nonexistent-tkg-dir/x.png",
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
+        "/nonexistent-tkg-dir/x.png",
     ]);
     assert_fails(&out, "does not exist");
-    assert_fails(&tkg(&["generate", "--model", "no-such-model", "--prompt", "x"]), "tiny-sd15");
-    assert_eq!(fs::read_dir(&d).unwrap().count(), 0, "failures must write nothing");
+    assert_fails(
+        &tkg(&["generate", "--model", "no-such-model", "--prompt", "x"]),
+        "tiny-sd15",
+    );
+    assert_eq!(
+        fs::read_dir(&d).unwrap().count(),
+        0,
+        "failures must write nothing"
+    );
 }
 
 #[test]
@@ -216,8 +306,18 @@ fn long_prompts_warn_and_truncate() {
     let d = scratch("long");
     let long = "a very long prompt about a red car ".repeat(20);
     let out = tkg(&[
-        "generate", "--model", "tiny-sd15", "--prompt", &long, "--seed", "1", "--steps", "2",
-        "--no-key", "--out", s(&d.join("l.png")),
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        &long,
+        "--seed",
+        "1",
+        "--steps",
+        "2",
+        "--no-key",
+        "--out",
+        s(&d.join("l.png")),
     ]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -228,14 +328,27 @@ fn long_prompts_warn_and_truncate() {
 fn model_copy(name: &str) -> PathBuf {
     let d = scratch(name).join("model");
     let out = tkg(&["models", "materialize", "tiny-sd15", s(&d)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     d
 }
 
 fn generate_dir(model: &Path, out: &Path) -> Output {
     tkg(&[
-        "generate", "--model-dir", s(model), "--prompt", "a car", "--seed", "3", "--steps", "2",
-        "--out", s(out),
+        "generate",
+        "--model-dir",
+        s(model),
+        "--prompt",
+        "a car",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        s(out),
     ])
 }
 
@@ -244,10 +357,24 @@ fn model_dir_gives_the_same_pixels_as_the_named_model() {
     let m = model_copy("samepix");
     let d = m.parent().unwrap();
     let out = tkg(&[
-        "generate", "--model-dir", s(&m), "--prompt", "a red vintage car", "--seed", "42",
-        "--steps", "8", "--no-key", "--out", s(&d.join("dir.png")),
+        "generate",
+        "--model-dir",
+        s(&m),
+        "--prompt",
+        "a red vintage car",
+        "--seed",
+        "42",
+        "--steps",
+        "8",
+        "--no-key",
+        "--out",
+        s(&d.join("dir.png")),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(generate(d, "named.png", &["--no-key"]).status.success());
     assert!(same_pixels(&d.join("dir.png"), &d.join("named.png")));
 }
@@ -271,14 +398,19 @@ fn broken_models_fail_with_the_file_named() {
     // A config that does not match the weights.
     let m = model_copy("mismatch");
     let p = m.join("unet/config.json");
-    let cfg = fs::read_to_string(&p).unwrap().replace("\"attention_head_dim\": 4", "\"attention_head_dim\": 4, \"layers_per_block\": 2");
+    let cfg = fs::read_to_string(&p).unwrap().replace(
+        "\"attention_head_dim\": 4",
+        "\"attention_head_dim\": 4, \"layers_per_block\": 2",
+    );
     fs::write(&p, cfg).unwrap();
     assert_fails(&generate_dir(&m, &out_png), "unet");
 
     // A wrong tensor shape.
     let m = model_copy("shape");
     let p = m.join("text_encoder/config.json");
-    let cfg = fs::read_to_string(&p).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 48");
+    let cfg = fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 48");
     fs::write(&p, cfg).unwrap();
     assert_fails(&generate_dir(&m, &out_png), "shape");
     assert!(!out_png.exists());
@@ -303,7 +435,11 @@ fn key_subcommand_keys_a_generated_image() {
     let d = scratch("key");
     assert!(generate(&d, "g.png", &["--no-key"]).status.success());
     let out = tkg(&["key", s(&d.join("g.png")), "--out", s(&d.join("k.png"))]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(d.join("k.matte.png").is_file() && d.join("k.cutout.png").is_file());
 }
 
@@ -312,7 +448,10 @@ fn models_list_shows_the_builtins() {
     let out = tkg(&["models", "list"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("sd15") && text.contains("tiny-sd15"), "{text}");
+    assert!(
+        text.contains("sd15") && text.contains("tiny-sd15"),
+        "{text}"
+    );
     let tiny = text.lines().find(|l| l.starts_with("tiny-sd15")).unwrap();
     assert!(tiny.contains("yes"), "{tiny}");
 }

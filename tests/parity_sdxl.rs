@@ -27,9 +27,15 @@ fn load(variant: &str, case: &str) -> Golden {
         clip_skip: None,
     };
     let pipe = Pipeline::load(&folder, &opts).unwrap();
-    let t = candle_core::safetensors::load(dir.join(format!("golden_{case}.safetensors")), &Device::Cpu).unwrap();
-    let json =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("golden_{case}.json"))).unwrap()).unwrap();
+    let t = candle_core::safetensors::load(
+        dir.join(format!("golden_{case}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let json = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("golden_{case}.json"))).unwrap(),
+    )
+    .unwrap();
     Golden { pipe, t, json }
 }
 
@@ -100,7 +106,10 @@ fn check(variant: &str, case: &str) {
     let m = &g.json["micro_conditioning"];
     let pair = |k: &str| {
         let v = m[k].as_array().unwrap();
-        (v[0].as_u64().unwrap() as usize, v[1].as_u64().unwrap() as usize)
+        (
+            v[0].as_u64().unwrap() as usize,
+            v[1].as_u64().unwrap() as usize,
+        )
     };
     cond.micro = Some(tkg::pipeline::MicroCond {
         original_size: pair("original_size"),
@@ -132,7 +141,8 @@ fn check(variant: &str, case: &str) {
             })
             .unwrap();
         dump.insert("eps".to_string(), eps.clone());
-        candle_core::safetensors::save(&dump, format!("{dir}/eps_xl_{variant}_{case}.safetensors")).unwrap();
+        candle_core::safetensors::save(&dump, format!("{dir}/eps_xl_{variant}_{case}.safetensors"))
+            .unwrap();
     }
     assert!(unet_err < 1e-5, "UNet step 0 rel L2 {unet_err}");
 

@@ -2,31 +2,18 @@
 
 use super::Ui;
 use super::key::KeyFlags;
-use crate::color::{KeyColor, SD15_LATENT_RGB, SDXL_LATENT_RGB};
-use crate::key;
-use crate::metadata::Parameters;
+use crate::color::KeyColor;
 use crate::models::builtin;
 use crate::models::hub::{self, ModelFolder};
 use crate::models::registry::{Family, Registry, Source};
-use crate::output::{self, Pixels, PngImage};
-use crate::pipeline::{InitNoise, LoadOptions, Pipeline, Request};
-use crate::tkg::TkgSettings;
+use crate::output;
+use crate::rng::RngKind;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Method {
-    /// TKG-DM: shifted initial noise (the default).
-    Tkg,
-    /// Baseline: plain noise, " isolated on a solid <colour> background" appended to the prompt.
-    Prompt,
-    /// Neither: plain text-to-image.
-    Plain,
-}
+pub use crate::jobs::Method;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
@@ -65,11 +52,10 @@ pub struct ModelArgs {
     pub dtype: Option<DTypeArg>,
 }
 
+/// Per-image settings and run options shared by `tkg generate` and `tkg batch` (where a
+/// job line overrides the per-image ones).
 #[derive(Debug, Args)]
-pub struct GenerateArgs {
-    /// What to draw.
-    #[arg(long, short)]
-    pub prompt: String,
+pub struct JobOptions {
     /// What to avoid (the unconditional side of classifier-free guidance).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
@@ -84,9 +70,15 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (1 or less turns guidance off).
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
-    /// Random seed; chosen at random (and printed) when omitted.
+    /// Random seed of the first image; the next images use seed+1, seed+2, ...
+    /// [default: random for `generate`, 0 for `batch`; a batch job without a seed gets
+    /// SEED + its image index]
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Initial-noise generator: torch-cpu (torch.randn with a CPU generator, as diffusers
+    /// recommends; bit-exact) or torch-cuda (torch's CUDA Philox, A1111's "GPU" seed).
+    #[arg(long, default_value = "torch-cpu", value_parser = RngKind::parse)]
+    pub rng: RngKind,
     /// Image width in pixels (default: the model's).
     #[arg(long)]
     pub width: Option<usize>,
@@ -103,42 +95,104 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0.5)]
     pub mask_sigma: f64,
     /// Subject centre X,Y in [-1, 1]; repeat for several subjects.
-    #[arg(long, value_name = "X,Y", value_parser = parse_center)]
+    #[arg(long, value_name = "X,Y", value_parser = parse_center, allow_hyphen_values = true)]
     pub subject_center: Vec<(f64, f64)>,
     /// A1111 "clip skip": use the text encoder's n-th hidden state from the end.
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// The image file; the matte and cut-out go next to it (X.matte.png, X.cutout.png).
+    /// The image file, or a template: fields {index}, {seed}, {slug}, {color}, {model},
+    /// {date}, {image}, {line}; numbers take a width, e.g. {index:05}. The matte and cut-out
+    /// go next to it (X.matte.png, X.cutout.png). [default: tkg-{seed}.png for generate,
+    /// tkg-{index:05}-{seed}.png for batch]
     #[arg(long, short)]
-    pub out: Option<PathBuf>,
+    pub out: Option<String>,
     /// Replace existing output files.
     #[arg(long)]
     pub overwrite: bool,
-    /// Also write the noise, TKG init and final latents (f32 safetensors).
+    /// Also write the noise, TKG init and final latents (f32 safetensors); a template like
+    /// --out.
     #[arg(long, value_name = "FILE.safetensors")]
-    pub save_latents: Option<PathBuf>,
+    pub save_latents: Option<String>,
+    /// SDXL: the size the model is told the source image had, WIDTHxHEIGHT (default: the size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL: the crop offset the model is told about, TOP,LEFT (default 0,0).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub crop_top_left: Option<(usize, usize)>,
+    /// SDXL: the target size the model is told about, WIDTHxHEIGHT (default: the size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub target_size: Option<(usize, usize)>,
     /// Skip keying: write only the image.
     #[arg(long)]
     pub no_key: bool,
     #[command(flatten)]
     pub key: KeyFlags,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// How a run of several images goes.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Batch, resume and shards")]
+pub struct RunOptions {
+    /// Images per job: seeds SEED, SEED+1, ... (as A1111's batch count).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_images: u64,
+    /// Images per UNet call (GPU throughput); gives the same pixels as 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub batch_size: u64,
+    /// Skip images whose files all exist (a rerun does only the remaining work).
+    #[arg(long, conflicts_with = "overwrite")]
+    pub skip_existing: bool,
+    /// Do image i only when i mod N == I: "I/N", or "auto" (Slurm array or Kubernetes
+    /// Indexed Job from the environment).
+    #[arg(long, value_name = "I/N|auto")]
+    pub shard: Option<String>,
+    /// The shard count for --shard auto in a Kubernetes Indexed Job (its completions).
+    #[arg(long, value_name = "N")]
+    pub shard_count: Option<usize>,
+    /// Append one JSON line per finished image (paths, seed, settings, timings, keying).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub manifest: Option<PathBuf>,
+    /// Progress on stderr: auto (a bar on a terminal, else plain lines), bar, plain, json
+    /// (NDJSON events) or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// Check everything (job lines, templates, paths, models) and print the plan; generate
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Where progress goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    Auto,
+    Bar,
+    Plain,
+    Json,
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// What to draw.
+    #[arg(long, short)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub opts: JobOptions,
 }
 
 fn parse_center(s: &str) -> Result<(f64, f64), String> {
-    let (x, y) = s
-        .split_once(',')
-        .ok_or_else(|| format!("'{s}' is not X,Y"))?;
-    let p = |v: &str| -> Result<f64, String> {
-        let f: f64 = v
-            .trim()
-            .parse()
-            .map_err(|_| format!("'{v}' is not a number"))?;
-        if !(-1.0..=1.0).contains(&f) {
-            return Err(format!("{f} is outside [-1, 1]"));
-        }
-        Ok(f)
-    };
-    Ok((p(x)?, p(y)?))
+    crate::jobs::parse_center(s)
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    crate::jobs::parse_size(s)
+}
+
+fn parse_pair(s: &str) -> Result<(usize, usize), String> {
+    crate::jobs::parse_pair(s)
 }
 
 /// Picks the compute device.
@@ -228,173 +282,37 @@ pub fn pick_dtype(arg: Option<DTypeArg>, device: &Device) -> DType {
 }
 
 pub fn run(args: &GenerateArgs, ui: Ui) -> Result<()> {
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    let seed = match args.seed {
+    let opts = &args.opts;
+    let seed = match opts.seed {
         Some(s) => s,
         None => {
+            if opts.run.shard.is_some() {
+                bail!("--shard needs --seed, so that every shard draws the same seeds");
+            }
             let s = rand::random::<u32>() as u64;
             ui.info(format!("seed: {s}"));
             s
         }
     };
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("tkg-{seed}.png")));
-    let (key_opts, key_flags) = args.key.to_options(args.color.clone())?;
-    let mut targets = vec![out.clone()];
-    if !args.no_key {
-        key::check_output_flags(&key_flags)?;
-        targets.extend(key::output_paths(&out, &key_flags));
-    }
-    if let Some(p) = &args.save_latents {
-        targets.push(p.clone());
-    }
-    // Refuse early, before minutes of work.
-    output::check_targets(&targets, args.overwrite)?;
-
-    let device = pick_device(&args.model.device)?;
-    let dtype = pick_dtype(args.model.dtype, &device);
-    let model = resolve_model(&args.model, ui)?;
-    let pipe = Pipeline::load(
-        &model.folder,
-        &LoadOptions {
-            device: device.clone(),
-            dtype,
-            clip_skip: args.clip_skip,
-        },
-    )?;
-    ui.detail(format!(
-        "loaded {} ({}) in {:.2}s",
-        model.name,
-        model.folder.describe(),
-        pipe.load_time.as_secs_f64()
-    ));
-    let family = pipe.family;
-    let width = args.width.or(model.width).unwrap_or(default_size(family));
-    let height = args.height.or(model.height).unwrap_or(default_size(family));
-    pipe.check_size(width, height)?;
-
-    let factors = match family {
-        Family::Sd15 => &SD15_LATENT_RGB,
-        Family::Sdxl => &SDXL_LATENT_RGB,
+    let line = crate::jobs::SourcedLine {
+        line: 0,
+        job: Default::default(),
     };
-    let shift = args.shift.or(model.tkg_shift).unwrap_or(match family {
-        Family::Sd15 => 0.07,
-        Family::Sdxl => 0.11,
-    });
-    let signs = args.color.channel_signs(factors);
-    let centers = if args.subject_center.is_empty() {
-        vec![(0.0, 0.0)]
-    } else {
-        args.subject_center.clone()
-    };
-    let (prompt, init) = match args.method {
-        Method::Tkg => {
-            ui.detail(format!("TKG channel signs for {}: {signs:?}", args.color));
-            (
-                args.prompt.clone(),
-                InitNoise::Tkg(TkgSettings {
-                    signs,
-                    target_shift: shift,
-                    sigma: args.mask_sigma,
-                    centers: centers.clone(),
-                }),
-            )
-        }
-        Method::Prompt => (
-            format!(
-                "{} isolated on a solid {} background",
-                args.prompt,
-                args.color.prompt_words()
-            ),
-            InitNoise::Plain,
-        ),
-        Method::Plain => (args.prompt.clone(), InitNoise::Plain),
-    };
-    let req = Request {
-        prompt: prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        width,
-        height,
-        steps: args.steps,
-        guidance: args.guidance,
+    let mut base = super::batch::base_settings(&args.prompt, opts, "tkg-{seed}.png")?;
+    base.seed = Some(seed);
+    super::batch::execute(
+        "the command line",
+        &[line],
+        Vec::new(),
+        base,
         seed,
-        init,
-    };
-
-    let mut progress = Progress::new(ui, args.steps);
-    let generated = pipe.generate(&req, &mut |i, n| progress.step(i, n))?;
-    progress.finish();
-    for w in &generated.warnings {
-        ui.warn(w);
-    }
-
-    let model_hash = hub::file_sha256_short(&pipe.unet_weights).ok();
-    let mut params = Parameters::new(&prompt, &args.negative_prompt);
-    params.push("Steps", args.steps.to_string());
-    params.push("Sampler", "DDIM".into());
-    params.push("CFG scale", fmt_num(args.guidance));
-    params.push("Seed", seed.to_string());
-    params.push("Size", format!("{width}x{height}"));
-    if let Some(h) = &model_hash {
-        params.push("Model hash", h.clone());
-    }
-    params.push("Model", model.name.clone());
-    if let Some(n) = args.clip_skip {
-        params.push("Clip skip", n.to_string());
-    }
-    params.push("TKG method", format!("{:?}", args.method).to_lowercase());
-    params.push("TKG color", args.color.to_string());
-    if args.method == Method::Tkg {
-        params.push("TKG shift", fmt_num(shift));
-        params.push("TKG sigma", fmt_num(args.mask_sigma));
-        let c: Vec<String> = centers
-            .iter()
-            .map(|(x, y)| format!("{},{}", fmt_num(*x), fmt_num(*y)))
-            .collect();
-        params.push("TKG center", c.join(";"));
-    }
-    params.push("Version", format!("tkg {}", env!("CARGO_PKG_VERSION")));
-    let text = vec![("parameters".to_string(), params.to_string())];
-
-    output::write_png(
-        &out,
-        &PngImage {
-            width: width as u32,
-            height: height as u32,
-            pixels: Pixels::Rgb8(&generated.rgb),
-            text: &text,
-        },
-        args.overwrite,
-    )?;
-    println!("{}", out.display());
-    if !args.no_key {
-        let keyed = key::key_rgb8(width as u32, height as u32, &generated.rgb, &key_opts)?;
-        if let Some(w) = &keyed.screen.warning {
-            ui.warn(w);
-        }
-        for p in key::write_outputs(&out, &keyed, &key_flags, &text, args.overwrite)? {
-            println!("{}", p.display());
-        }
-    }
-    if let Some(p) = &args.save_latents {
-        save_latents(p, &generated, args.overwrite)?;
-        println!("{}", p.display());
-    }
-    let t = &generated.timings;
-    ui.detail(format!(
-        "text {:.2}s, denoise {:.2}s, decode {:.2}s",
-        t.text.as_secs_f64(),
-        t.denoise.as_secs_f64(),
-        t.decode.as_secs_f64()
-    ));
-    Ok(())
+        opts,
+        false,
+        ui,
+    )
 }
 
-fn default_size(family: Family) -> usize {
+pub(super) fn default_size(family: Family) -> usize {
     match family {
         Family::Sd15 => 512,
         Family::Sdxl => 1024,
@@ -402,7 +320,7 @@ fn default_size(family: Family) -> usize {
 }
 
 /// Numbers as people write them: 7.5, 0.07, 50.
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     let s = format!("{v}");
     if s.contains('e') {
         format!("{v:.6}")
@@ -411,7 +329,11 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn save_latents(path: &Path, g: &crate::pipeline::Generated, overwrite: bool) -> Result<()> {
+pub(super) fn save_latents(
+    path: &Path,
+    g: &crate::pipeline::Generated,
+    overwrite: bool,
+) -> Result<()> {
     let tensors = [
         ("noise", &g.noise),
         ("init", &g.init),
@@ -439,47 +361,4 @@ fn save_latents(path: &Path, g: &crate::pipeline::Generated, overwrite: bool) ->
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(data, None)?;
     output::write_atomic(path, overwrite, |w| Ok(w.write_all(&bytes)?))
-}
-
-/// Step progress on stderr: a bar on a terminal, plain lines otherwise, nothing with --quiet.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    plain: bool,
-    start: Instant,
-}
-
-impl Progress {
-    fn new(ui: Ui, steps: usize) -> Self {
-        let terminal = std::io::stderr().is_terminal();
-        let bar = (!ui.quiet && terminal).then(|| {
-            let b = indicatif::ProgressBar::new(steps as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]",
-                )
-                .expect("valid template"),
-            );
-            b
-        });
-        Self {
-            bar,
-            plain: !ui.quiet && !terminal,
-            start: Instant::now(),
-        }
-    }
-
-    fn step(&mut self, i: usize, n: usize) {
-        if let Some(b) = &self.bar {
-            b.set_position(i as u64);
-        } else if self.plain && (i == n || i % (n / 10).max(1) == 0) {
-            let secs = self.start.elapsed().as_secs_f64() / i as f64;
-            eprintln!("step {i}/{n} ({secs:.2} s/it)");
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
 }

@@ -1,6 +1,10 @@
 //! The command line: a thin layer of clap over the library.
 
+mod batch;
+mod bench;
+mod completions;
 mod generate;
+mod info;
 mod key;
 mod models;
 
@@ -29,6 +33,16 @@ pub enum Command {
     Key(key::KeyArgs),
     /// List or materialise models.
     Models(models::ModelsArgs),
+    /// Time each stage of a generation (load, text, UNet step, VAE decode) and peak memory.
+    Bench(Box<bench::BenchArgs>),
+    /// Generate many images from a JSONL job file or a prompt file (shardable, resumable).
+    Batch(Box<batch::BatchArgs>),
+    /// Print an image's generation settings and the command that makes it again.
+    Info(info::InfoArgs),
+    /// Print shell completions: tkg completions bash|zsh|fish > FILE.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page (roff), or write all pages into a folder.
+    Man(completions::ManArgs),
 }
 
 /// How chatty to be on stderr.
@@ -70,6 +84,11 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args, ui),
         Command::Key(args) => key::run(args, ui),
         Command::Models(args) => models::run(args, ui),
+        Command::Bench(args) => bench::run(args, ui),
+        Command::Batch(args) => batch::run(args, ui),
+        Command::Info(args) => info::run(args, ui),
+        Command::Completions(args) => completions::completions(args, ui),
+        Command::Man(args) => completions::man(args, ui),
     }
 }
 
@@ -84,8 +103,13 @@ pub fn one_line_error(err: &anyhow::Error) -> String {
 }
 
 /// Exit status for a failure.
-pub fn exit_code(_err: &anyhow::Error) -> u8 {
-    1
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    // 130 = 128 + SIGINT, as shells report an interrupted command.
+    if err.is::<crate::jobs::Interrupted>() {
+        130
+    } else {
+        1
+    }
 }
 
 /// A panic is a bug, but the user still gets one line, not a backtrace.

@@ -293,12 +293,12 @@ impl UNetConfig {
             };
             let ch = self.block_out_channels[i];
             ensure!(
-                heads[i] > 0 && ch % heads[i] == 0,
+                heads[i] > 0 && ch.is_multiple_of(heads[i]),
                 "unet config: {ch} channels do not split into {} heads",
                 heads[i]
             );
             ensure!(
-                ch % self.norm_num_groups == 0,
+                ch.is_multiple_of(self.norm_num_groups),
                 "unet config: {ch} channels do not split into {} groups",
                 self.norm_num_groups
             );
@@ -402,7 +402,7 @@ impl VaeConfig {
         }
         for &c in &self.block_out_channels {
             ensure!(
-                c % self.norm_num_groups == 0,
+                c.is_multiple_of(self.norm_num_groups),
                 "vae config: {c} channels do not split into {} groups",
                 self.norm_num_groups
             );
@@ -466,7 +466,8 @@ fn d_eos() -> u32 {
 impl ClipTextConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "text encoder config: hidden_size {} does not split into {} heads",
             self.hidden_size,
             self.num_attention_heads

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# 8 jobs in one `tkg batch` run vs 8 separate `tkg generate` calls (not a test).
+#
+#   benches/batch_vs_generate.sh [path/to/tkg] [model] [steps]
+#
+# Defaults: target/release/tkg, tiny-sd15, 20 steps. Each side runs 3 times; the best time of
+# each is reported with the ratio (batch / separate). Outputs go to a temporary folder. The
+# images of both sides are compared: they must be byte-identical.
+set -euo pipefail
+TKG=${1:-target/release/tkg}
+MODEL=${2:-tiny-sd15}
+STEPS=${3:-20}
+TKG=$(realpath "$TKG")
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+export HF_HOME=${HF_HOME:-$WORK/hf}
+
+"$TKG" -q models materialize "$MODEL" >/dev/null 2>&1 || true
+
+for i in $(seq 0 7); do
+  printf '{"prompt": "a red toy car number %d", "seed": %d}\n' "$i" $((100 + i))
+done > "$WORK/jobs.jsonl"
+
+now() { date +%s.%N; }
+best_sep=999999
+best_bat=999999
+for rep in 1 2 3; do
+  rm -rf "$WORK/sep" "$WORK/bat"; mkdir -p "$WORK/sep" "$WORK/bat"
+  t0=$(now)
+  for i in $(seq 0 7); do
+    "$TKG" -q generate --model "$MODEL" --steps "$STEPS" --prompt "a red toy car number $i" \
+      --seed $((100 + i)) --out "$WORK/sep/$(printf %05d "$i").png" >/dev/null
+  done
+  t1=$(now)
+  "$TKG" -q batch "$WORK/jobs.jsonl" --model "$MODEL" --steps "$STEPS" \
+    --out "$WORK/bat/{index:05}.png" >/dev/null
+  t2=$(now)
+  sep=$(echo "$t1 - $t0" | bc -l); bat=$(echo "$t2 - $t1" | bc -l)
+  best_sep=$(echo "if ($sep < $best_sep) $sep else $best_sep" | bc -l)
+  best_bat=$(echo "if ($bat < $best_bat) $bat else $best_bat" | bc -l)
+done
+for f in "$WORK"/sep/*.png; do cmp -s "$f" "$WORK/bat/$(basename "$f")" || { echo "MISMATCH $f" >&2; exit 1; }; done
+printf 'model %s, %s steps, 8 images, %s CPU cores\n' "$MODEL" "$STEPS" "$(nproc)"
+printf '8 x tkg generate: %.2f s\n' "$best_sep"
+printf '1 x tkg batch:    %.2f s\n' "$best_bat"
+printf 'ratio batch/separate: %.2f\n' "$(echo "$best_bat / $best_sep" | bc -l)"
