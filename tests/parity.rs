@@ -1,0 +1,184 @@
+//! Parity with diffusers on tiny random-weight models saved by `save_pretrained`
+//! (tests/golden/{sd15,sdxl}, made by their make_golden.py): StableDiffusionPipeline and
+//! StableDiffusionXLPipeline with DDIMScheduler, 50 steps, guidance 7.5, f32 on CPU.
+//! Bars: final latent relative L2 <= 1e-4, 8-bit image max abs difference <= 1, TKG-DM init
+//! within 1e-6 of the reference code's.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{max_abs, max_u8_diff, rel_l2};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tkg::models::hub::ModelFolder;
+use tkg::pipeline::{LoadOptions, Pipeline};
+use tkg::tkg::TkgSettings;
+
+struct Golden {
+    pipe: Pipeline,
+    t: HashMap<String, Tensor>,
+    json: serde_json::Value,
+}
+
+/// Loads `tests/golden/{family}/{variant}` and the golden files named `{stem}.*`.
+fn load(family: &str, variant: &str, stem: &str) -> Golden {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(family)
+        .join(variant);
+    let folder = ModelFolder::local(&dir.join("model")).unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        clip_skip: None,
+    };
+    let pipe = Pipeline::load(&folder, &opts).unwrap();
+    let t = candle_core::safetensors::load(dir.join(format!("{stem}.safetensors")), &Device::Cpu)
+        .unwrap();
+    let text = std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap();
+    let json = serde_json::from_str(&text).unwrap();
+    Golden { pipe, t, json }
+}
+
+fn green(g: &Golden) -> TkgSettings {
+    let tkg = &g.json["tkg"];
+    TkgSettings {
+        signs: [0, 1, 1, 0],
+        target_shift: tkg["target_shift"].as_f64().unwrap(),
+        sigma: tkg["sigma"].as_f64().unwrap(),
+        centers: vec![(0.0, 0.0)],
+    }
+}
+
+fn micro(m: &serde_json::Value) -> tkg::pipeline::MicroCond {
+    let pair = |k: &str| {
+        let v = m[k].as_array().unwrap();
+        let n = |i: usize| v[i].as_u64().unwrap() as usize;
+        (n(0), n(1))
+    };
+    tkg::pipeline::MicroCond {
+        original_size: pair("original_size"),
+        crop_top_left: pair("crops_coords_top_left"),
+        target_size: pair("target_size"),
+    }
+}
+
+fn check(family: &str, variant: &str, stem: &str) {
+    let g = load(family, variant, stem);
+    let sdxl = g.t.contains_key("pooled");
+    let prompt = g.json["prompt"].as_str().unwrap();
+    let negative = g.json["negative_prompt"].as_str().unwrap_or("");
+
+    // Noise: torch.randn with a CPU generator.
+    let seed = g.json["seed"].as_u64().unwrap();
+    let want_noise = &g.t["noise"];
+    let noise = tkg::rng::torch_cpu_randn(seed, want_noise.elem_count());
+    let noise = Tensor::from_vec(noise, want_noise.shape(), &Device::Cpu).unwrap();
+    assert!(
+        max_abs(&noise, want_noise) < 1e-5,
+        "noise differs from torch's"
+    );
+
+    // TKG-DM init from the golden noise.
+    let (init, _) = tkg::tkg::apply(want_noise, &green(&g)).unwrap();
+    let init_err = max_abs(&init, &g.t["init"]);
+    assert!(init_err <= 1e-6, "TKG init max abs error {init_err}");
+
+    // Conditioning.
+    let mut cond = g.pipe.encode_prompt(prompt, negative, true).unwrap();
+    assert_eq!(cond.pooled.is_some(), sdxl);
+    let mut pooled_err = 0.0;
+    let mut added = None;
+    if sdxl {
+        pooled_err = rel_l2(cond.pooled.as_ref().unwrap(), &g.t["pooled"]);
+        assert!(pooled_err < 1e-5, "pooled rel L2 {pooled_err}");
+        cond.micro = Some(micro(&g.json["micro_conditioning"]));
+        added = Some(tkg::models::unet::AddedCond {
+            text_embeds: g.t["pooled"].clone(),
+            time_ids: g.t["add_time_ids"].clone(),
+        });
+    }
+    let emb_err = rel_l2(&cond.context, &g.t["prompt_embeds"]);
+    assert!(emb_err < 1e-5, "prompt embeddings rel L2 {emb_err}");
+
+    // One UNet call.
+    let t0 = g.json["timesteps"][0].as_u64().unwrap() as f64;
+    let x = Tensor::cat(&[&g.t["init"], &g.t["init"]], 0).unwrap();
+    let eps = g
+        .pipe
+        .unet
+        .forward(&x, t0, &g.t["prompt_embeds"], added.as_ref())
+        .unwrap();
+    let unet_err = rel_l2(&eps, &g.t["unet_step0"]);
+    if let Ok(dir) = std::env::var("TKG_PARITY_DUMP") {
+        let mut dump = HashMap::new();
+        g.pipe
+            .unet
+            .forward_traced(
+                &x,
+                t0,
+                &g.t["prompt_embeds"],
+                added.as_ref(),
+                &mut |n, t| {
+                    dump.insert(n.to_string(), t.clone());
+                },
+            )
+            .unwrap();
+        dump.insert("eps".to_string(), eps.clone());
+        candle_core::safetensors::save(
+            &dump,
+            format!("{dir}/eps_{family}_{variant}_{stem}.safetensors"),
+        )
+        .unwrap();
+    }
+    assert!(unet_err < 1e-5, "UNet step 0 rel L2 {unet_err}");
+
+    // The whole loop from the golden init.
+    let steps = g.json["steps"].as_u64().unwrap() as usize;
+    let guidance = g.json["guidance"].as_f64().unwrap();
+    let fin = g
+        .pipe
+        .denoise(&g.t["init"], &cond, steps, guidance, &mut |_, _| {})
+        .unwrap();
+    let fin_err = rel_l2(&fin, &g.t["final"]);
+    assert!(fin_err <= 1e-4, "final latent rel L2 {fin_err}");
+
+    // VAE decode and 8-bit image.
+    let rgb = g.pipe.decode(&fin).unwrap();
+    let want = g.t["image"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let worst = max_u8_diff(&rgb, &want);
+    assert!(worst <= 1, "8-bit image max abs difference {worst}");
+    eprintln!(
+        "{family}/{variant}/{stem}: pooled {pooled_err:.2e}, init {init_err:.2e}, embeds {emb_err:.2e}, unet {unet_err:.2e}, final {fin_err:.2e}, image {worst}"
+    );
+}
+
+#[test]
+fn sd15_variant_a_matches_diffusers() {
+    check("sd15", "a", "golden");
+}
+
+#[test]
+fn sd15_variant_b_matches_diffusers() {
+    check("sd15", "b", "golden");
+}
+
+#[test]
+fn sdxl_variant_a_empty_negative_matches_diffusers() {
+    check("sdxl", "a", "golden_empty");
+}
+
+#[test]
+fn sdxl_variant_a_negative_prompt_matches_diffusers() {
+    check("sdxl", "a", "golden_neg");
+}
+
+#[test]
+fn sdxl_variant_b_empty_negative_matches_diffusers() {
+    check("sdxl", "b", "golden_empty");
+}
+
+#[test]
+fn sdxl_variant_b_negative_prompt_matches_diffusers() {
+    check("sdxl", "b", "golden_neg");
+}
