@@ -12,11 +12,11 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Args)]
 pub struct KeyFlags {
     /// Clip black (0..1): raw alpha at or below this becomes fully transparent [default: from
-    /// the measured noise, about 0.02-0.05].
+    /// the measured noise, about 0.02-0.08].
     #[arg(long, value_name = "A", value_parser = unit_interval)]
     pub clip_black: Option<f32>,
     /// Clip white (0..1): raw alpha at or above this becomes fully opaque [default: from the
-    /// measured noise, about 0.85-0.9].
+    /// measured noise, about 0.82-0.9].
     #[arg(long, value_name = "A", value_parser = unit_interval)]
     pub clip_white: Option<f32>,
     /// Spill suppression strength, 0 (off) to 1 (full).

@@ -10,6 +10,9 @@
 //! - Refinement is a guided filter (He et al.) of the matte with the image's key measure as
 //!   guide, applied only in the soft band; the opaque and clear parts are untouched.
 
+// Channel and neighbour loops index several arrays at once; ranges read best there.
+#![allow(clippy::needless_range_loop)]
+
 /// Settings of the clean-up.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CleanupParams {

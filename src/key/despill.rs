@@ -8,17 +8,25 @@
 //!   brings `D` back to zero. For a pure green screen this is the classic limiter
 //!   `G <= max(R, B)`; for any other key hue it is the same operation about that hue.
 
-use super::screen::{ACHROMATIC_CHROMA, chroma, dot};
+use super::screen::{chroma, dot};
 
 const K_PERP: f32 = 0.577_350_26;
 
-/// The foreground colour of a pixel with colour `c`, alpha `a`, plate colour `b`, with spill
+/// The foreground colour of a pixel with colour `c`, alpha `a`, plate colour `b` (with unit
+/// chroma axis `u` and `inv_m = 1 / |chroma(b)|`, NaN for an achromatic screen), with spill
 /// suppression of strength `despill` (0 = off, 1 = full).
 #[inline]
-pub(crate) fn foreground(c: [f32; 3], a: f32, b: [f32; 3], despill: f32) -> [u8; 3] {
-    let f = if a >= 0.999 {
+pub(crate) fn foreground(
+    c: [f32; 3],
+    a: f32,
+    b: [f32; 3],
+    u: [f32; 3],
+    inv_m: f32,
+    despill: f32,
+) -> [u8; 3] {
+    let f = if a >= 0.999 || a <= 0.02 {
         c
-    } else if a > 0.02 {
+    } else {
         let inv = 1.0 / a;
         let k = 1.0 - a;
         [
@@ -26,11 +34,9 @@ pub(crate) fn foreground(c: [f32; 3], a: f32, b: [f32; 3], despill: f32) -> [u8;
             ((c[1] - k * b[1]) * inv).clamp(0.0, 255.0),
             ((c[2] - k * b[2]) * inv).clamp(0.0, 255.0),
         ]
-    } else {
-        c
     };
-    let f = if despill > 0.0 {
-        suppress_spill(f, b, despill)
+    let f = if despill > 0.0 && inv_m.is_finite() {
+        suppress_spill(f, b, u, inv_m, despill)
     } else {
         f
     };
@@ -39,14 +45,13 @@ pub(crate) fn foreground(c: [f32; 3], a: f32, b: [f32; 3], despill: f32) -> [u8;
 
 /// Removes the screen-hue excess from `f` by subtracting a share of the plate colour `b`.
 #[inline]
-pub(crate) fn suppress_spill(f: [f32; 3], b: [f32; 3], strength: f32) -> [f32; 3] {
-    let ch_b = chroma(b);
-    let m2 = dot(ch_b, ch_b);
-    if m2 < ACHROMATIC_CHROMA * ACHROMATIC_CHROMA {
-        return f;
-    }
-    let m = m2.sqrt();
-    let u = ch_b.map(|v| v / m);
+pub(crate) fn suppress_spill(
+    f: [f32; 3],
+    b: [f32; 3],
+    u: [f32; 3],
+    inv_m: f32,
+    strength: f32,
+) -> [f32; 3] {
     let ch_f = chroma(f);
     let par = dot(ch_f, u);
     if par <= 0.0 {
@@ -57,7 +62,7 @@ pub(crate) fn suppress_spill(f: [f32; 3], b: [f32; 3], strength: f32) -> [f32; 3
     if d <= 0.0 {
         return f;
     }
-    let t = strength * d / m;
+    let t = strength * d * inv_m;
     [
         (f[0] - t * b[0]).max(0.0),
         (f[1] - t * b[1]).max(0.0),

@@ -241,9 +241,9 @@ mod tests {
     fn perfect_prediction_has_zero_error() {
         let gt = disc(40, 30, 9.3);
         let tri = trimap(40, 30, &gt, 3);
-        assert!(tri.iter().any(|&t| t == TRIMAP_UNKNOWN));
-        assert!(tri.iter().any(|&t| t == TRIMAP_FG));
-        assert!(tri.iter().any(|&t| t == TRIMAP_BG));
+        assert!(tri.contains(&TRIMAP_UNKNOWN));
+        assert!(tri.contains(&TRIMAP_FG));
+        assert!(tri.contains(&TRIMAP_BG));
         let e = matte_errors(40, 30, &gt, &gt, &tri);
         assert_eq!(e.sad, 0.0);
         assert_eq!(e.mse, 0.0);

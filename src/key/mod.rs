@@ -166,7 +166,6 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
         MAX_PIXELS / 1_000_000
     );
     let n = w * h;
-    let __t = std::time::Instant::now();
     ensure!(
         rgb.len() == n * 3,
         "image buffer does not match its size ({} bytes for {width}x{height} RGB)",
@@ -194,7 +193,6 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
         opts.despill
     );
 
-    eprintln!("T0 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 1. Screen and plate.
     let requested = opts.requested.rgb.map(|v| v as f32);
     let name = opts.requested.to_string();
@@ -207,14 +205,12 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
             warning: None,
         };
     }
-    eprintln!("T1 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     let plate = if opts.fit_plate {
-        screen::fit_plate(w, h, rgb, screen.rgb)
+        screen::fit_plate(w, h, rgb, screen.rgb, noise)
     } else {
         Plate::constant(w, h, screen.rgb)
     };
 
-    eprintln!("T2 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 2. Alpha.
     let mut ramp = alpha::default_ramp(noise, screen.rgb);
     if let Some(lo) = opts.clip_black {
@@ -228,22 +224,19 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
     let margin = 2.0 * noise + 1.0;
     let mut a = vec![0f32; n];
     let mut raw = vec![0f32; n];
-    let mut prow = vec![[0f32; 3]; w];
-    let mut scratch = alpha::RowScratch::default();
+    let mut prow = alpha::PlateRow::default();
     for y in 0..h {
-        plate.row(y, &mut prow);
+        prow.fill(&plate, y);
         let row = &rgb[y * w * 3..(y + 1) * w * 3];
         let arow = &mut a[y * w..(y + 1) * w];
         let rrow = &mut raw[y * w..(y + 1) * w];
-        alpha::raw_alpha_row(row, &prow, margin, &mut scratch, rrow);
+        alpha::raw_alpha_row(row, &prow, margin, rrow);
         for (a, &r) in arow.iter_mut().zip(rrow.iter()) {
             *a = ramp.apply(r);
         }
     }
-    eprintln!("T3 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     alpha::project_edges(w, h, rgb, &plate, &raw, &mut a, ramp, noise);
 
-    eprintln!("T4 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 3. Clean-up.
     if opts.cleanup {
         let params = cleanup::CleanupParams::for_size(n);
@@ -256,7 +249,6 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
             let c = screen::px(rgb, i);
             screen::norm([c[0] - b[0], c[1] - b[1], c[2] - b[2]])
         };
-        eprintln!("T5 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
         cleanup::fill_pinholes(w, h, &mut a, &dist, tol, &params);
     }
     if opts.refine {
@@ -265,7 +257,6 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
     }
     drop(raw);
 
-    eprintln!("T6 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     // 4. Foreground.
     let mut foreground = vec![0u8; n * 3];
     let mut bg = 0usize;
@@ -276,23 +267,29 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
             // Fully clear: the colour is never seen; leave it black.
             continue;
         }
-        plate.row(y, &mut prow);
+        prow.fill(&plate, y);
         let crow = &rgb[y * w * 3..(y + 1) * w * 3];
         let frow = &mut foreground[y * w * 3..(y + 1) * w * 3];
-        for (x, ((&av, c), f)) in arow
-            .iter()
-            .zip(crow.chunks_exact(3))
-            .zip(frow.chunks_exact_mut(3))
-            .enumerate()
-        {
+        prow.for_each(|x, p| {
+            let av = arow[x];
             if av <= 0.0 {
-                continue;
+                return;
             }
-            let c = [c[0] as f32, c[1] as f32, c[2] as f32];
-            f.copy_from_slice(&despill::foreground(c, av, prow[x], opts.despill));
-        }
+            let c = [
+                crow[3 * x] as f32,
+                crow[3 * x + 1] as f32,
+                crow[3 * x + 2] as f32,
+            ];
+            frow[3 * x..3 * x + 3].copy_from_slice(&despill::foreground(
+                c,
+                av,
+                p.b,
+                p.u,
+                p.inv_m,
+                opts.despill,
+            ));
+        });
     }
-    eprintln!("T7 {:.1}", __t.elapsed().as_secs_f64() * 1e3);
     let background_fraction = bg as f32 / n as f32;
     if background_fraction < 0.002 {
         let msg = format!(

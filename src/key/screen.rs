@@ -6,6 +6,9 @@
 //! that plane. On that plane hues form a true circle (red, yellow, green ... 60 degrees apart),
 //! so everything here works for any key colour, not only green.
 
+// Channel and neighbour loops index several arrays at once; ranges read best there.
+#![allow(clippy::needless_range_loop)]
+
 use super::ScreenEstimate;
 
 /// Chroma magnitude below which a screen is treated as achromatic (white, black, grey keys).
@@ -299,6 +302,41 @@ impl Plate {
         }
     }
 
+    /// The plate's node colours interpolated to row `y` (one per node column), and for each
+    /// pixel x its node column and the weight of the next one.
+    pub(crate) fn row_nodes(&self, y: usize, nodes: &mut Vec<[f32; 3]>) {
+        let fy = (y as f32 + 0.5) / self.cell;
+        let gy = (fy.floor() as usize).min(self.gh - 2);
+        let ty = (fy - gy as f32).clamp(0.0, 1.0);
+        let r0 = &self.nodes[gy * self.gw..(gy + 1) * self.gw];
+        let r1 = &self.nodes[(gy + 1) * self.gw..(gy + 2) * self.gw];
+        nodes.clear();
+        nodes.extend(r0.iter().zip(r1).map(|(a, b)| {
+            [
+                a[0] + (b[0] - a[0]) * ty,
+                a[1] + (b[1] - a[1]) * ty,
+                a[2] + (b[2] - a[2]) * ty,
+            ]
+        }));
+    }
+
+    /// Node column and interpolation weight of pixel column `x`.
+    #[inline]
+    pub(crate) fn x_pos(&self, x: usize) -> (usize, f32) {
+        let fx = (x as f32 + 0.5) / self.cell;
+        let gx = (fx as usize).min(self.gw - 2);
+        (gx, (fx - gx as f32).clamp(0.0, 1.0))
+    }
+
+    /// The change of the interpolation weight from one pixel column to the next.
+    pub(crate) fn x_step(&self) -> f32 {
+        1.0 / self.cell
+    }
+
+    pub(crate) fn width(&self) -> usize {
+        self.width
+    }
+
     /// The plate colour at one pixel.
     pub fn at(&self, x: usize, y: usize) -> [f32; 3] {
         let fy = (y as f32 + 0.5) / self.cell;
@@ -409,7 +447,13 @@ fn solve(mut a: Vec<f64>, mut b: Vec<[f64; 3]>, n: usize) -> Option<Vec<[f64; 3]
 /// squares. Cells darker or less saturated than the fit (a soft shadow, a semi-transparent
 /// object, an edge) are down-weighted much more than brighter ones, so shadows and glass stay
 /// in the matte instead of being absorbed into the plate. Too little screen: a flat plate.
-pub(crate) fn fit_plate(width: usize, height: usize, rgb: &[u8], screen: [f32; 3]) -> Plate {
+pub(crate) fn fit_plate(
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    screen: [f32; 3],
+    noise: f32,
+) -> Plate {
     let flat = Plate::constant(width, height, screen);
     let s_ch = chroma(screen);
     let s_c = norm(s_ch);
@@ -463,70 +507,104 @@ pub(crate) fn fit_plate(width: usize, height: usize, rgb: &[u8], screen: [f32; 3
         }
     }
     let total = gw * gh;
-    let degree = if cells.len() * 4 >= total && cells.len() >= 20 {
+    let max_degree = if cells.len() * 4 >= total && cells.len() >= 20 {
         2
     } else if cells.len() * 10 >= total && cells.len() >= 6 {
         1
+    } else if !cells.is_empty() {
+        0
     } else {
+        return flat;
+    };
+    // Residuals of a cell against a fit: (strength difference, colour distance). Strength is
+    // the chroma along the screen axis (chromatic screens), brightness for white or grey
+    // screens, darkness for black ones.
+    let residual = |c: &CellSample, fit: [f32; 3]| -> (f32, f32) {
+        if s_c >= ACHROMATIC_CHROMA {
+            let d = dot(chroma(c.rgb), s_axis) - dot(chroma(fit), s_axis);
+            let e = [c.rgb[0] - fit[0], c.rgb[1] - fit[1], c.rgb[2] - fit[2]];
+            (d, norm(e))
+        } else {
+            let d = (c.rgb[0] + c.rgb[1] + c.rgb[2] - fit[0] - fit[1] - fit[2]) / 3.0;
+            let bright = screen[0] + screen[1] + screen[2] >= 3.0 * 96.0;
+            (if bright { d } else { -d }, d.abs())
+        }
+    };
+    // Cell medians are nearly noise-free; what is left is the model's own error.
+    let tol = 1.0 + 0.5 * noise + 0.012 * s_c.max(40.0);
+    let eval = |coef: &[[f64; 3]], x: f32, y: f32, degree: usize, t: &mut [f64]| -> [f32; 3] {
+        terms(x, y, degree, t);
+        std::array::from_fn(|k| (0..n_terms(degree)).map(|i| coef[i][k] * t[i]).sum::<f64>() as f32)
+    };
+    // Fit each degree up to the data's limit by reweighted least squares that seeks the upper
+    // envelope (the screen is the strongest consistent surface; shadows, smoke, glass and
+    // edges only take strength away), then keep the lowest degree that explains about as
+    // many cells as any higher one: a flat screen stays flat even when smoke covers half of
+    // it, and a vignette gets its curvature.
+    let mut best: Option<(usize, Vec<[f64; 3]>, f64)> = None;
+    let total_weight: f64 = cells.iter().map(|c| c.weight as f64).sum();
+    for degree in 0..=max_degree {
+        let nt = n_terms(degree);
+        let mut t = vec![0.0f64; nt];
+        let mut weights: Vec<f64> = cells.iter().map(|c| c.weight as f64).collect();
+        let mut coef: Option<Vec<[f64; 3]>> = None;
+        for _iter in 0..10 {
+            let mut a = vec![0.0f64; nt * nt];
+            let mut b = vec![[0.0f64; 3]; nt];
+            for (c, &w) in cells.iter().zip(&weights) {
+                if w <= 0.0 {
+                    continue;
+                }
+                terms(c.x, c.y, degree, &mut t);
+                for i in 0..nt {
+                    for j in 0..nt {
+                        a[i * nt + j] += w * t[i] * t[j];
+                    }
+                    for k in 0..3 {
+                        b[i][k] += w * t[i] * c.rgb[k] as f64;
+                    }
+                }
+            }
+            let Some(x) = solve(a, b, nt) else {
+                break;
+            };
+            for (c, w) in cells.iter().zip(weights.iter_mut()) {
+                let fit = eval(&x, c.x, c.y, degree, &mut t);
+                let (r_strength, r_total) = residual(c, fit);
+                let base = c.weight as f64;
+                *w = if r_strength >= -tol {
+                    base / (1.0 + (r_total as f64 / (4.0 * tol as f64)).powi(2))
+                } else {
+                    let r = (-r_strength - tol) / tol;
+                    base / (1.0 + 4.0 * (r as f64).powi(2))
+                };
+            }
+            coef = Some(x);
+        }
+        let Some(coef) = coef else {
+            continue;
+        };
+        let inliers: f64 = cells
+            .iter()
+            .filter(|c| {
+                let fit = eval(&coef, c.x, c.y, degree, &mut t);
+                residual(c, fit).1 <= 2.0 * tol
+            })
+            .map(|c| c.weight as f64)
+            .sum();
+        let better = match &best {
+            None => true,
+            Some((_, _, prev)) => inliers > prev + 0.04 * total_weight,
+        };
+        if better {
+            best = Some((degree, coef, inliers));
+        }
+    }
+    let Some((degree, coef, _)) = best else {
         return flat;
     };
     let nt = n_terms(degree);
     let mut t = vec![0.0f64; nt];
-    let mut weights: Vec<f64> = cells.iter().map(|c| c.weight as f64).collect();
-    let mut coef: Option<Vec<[f64; 3]>> = None;
-    for _iter in 0..8 {
-        let mut a = vec![0.0f64; nt * nt];
-        let mut b = vec![[0.0f64; 3]; nt];
-        for (c, &w) in cells.iter().zip(&weights) {
-            if w <= 0.0 {
-                continue;
-            }
-            terms(c.x, c.y, degree, &mut t);
-            for i in 0..nt {
-                for j in 0..nt {
-                    a[i * nt + j] += w * t[i] * t[j];
-                }
-                for k in 0..3 {
-                    b[i][k] += w * t[i] * c.rgb[k] as f64;
-                }
-            }
-        }
-        let Some(x) = solve(a, b, nt) else {
-            break;
-        };
-        // Reweight: residual measured as the difference in screen strength along the axis
-        // (chromatic screens) or brightness (achromatic), asymmetric against dark cells.
-        for (c, w) in cells.iter().zip(weights.iter_mut()) {
-            terms(c.x, c.y, degree, &mut t);
-            let fit: [f32; 3] =
-                std::array::from_fn(|k| (0..nt).map(|i| x[i][k] * t[i]).sum::<f64>() as f32);
-            let (r_strength, r_total) = if s_c >= ACHROMATIC_CHROMA {
-                let d = dot(chroma(c.rgb), s_axis) - dot(chroma(fit), s_axis);
-                let e = [c.rgb[0] - fit[0], c.rgb[1] - fit[1], c.rgb[2] - fit[2]];
-                (d, norm(e))
-            } else {
-                // Achromatic: a white or grey screen's strength is its brightness, a black
-                // screen's its darkness.
-                let d = (c.rgb[0] + c.rgb[1] + c.rgb[2] - fit[0] - fit[1] - fit[2]) / 3.0;
-                let bright = screen[0] + screen[1] + screen[2] >= 3.0 * 96.0;
-                (if bright { d } else { -d }, d.abs())
-            };
-            // Seek the upper envelope: the screen is the brightest consistent surface, and
-            // whatever covers it (shadow, smoke, glass, an edge) only takes strength away.
-            let tol = 3.0 + 0.025 * s_c.max(40.0);
-            let base = c.weight as f64;
-            *w = if r_strength >= -tol {
-                base / (1.0 + (r_total as f64 / (6.0 * tol as f64)).powi(2))
-            } else {
-                let r = (-r_strength - tol) / tol;
-                base / (1.0 + 4.0 * (r as f64).powi(2))
-            };
-        }
-        coef = Some(x);
-    }
-    let Some(coef) = coef else {
-        return flat;
-    };
     let ngw = gw + 1;
     let ngh = gh + 1;
     let mut nodes = Vec::with_capacity(ngw * ngh);
