@@ -33,7 +33,10 @@ fn main() -> Result<()> {
     );
     if let Some(g) = golden {
         let t = candle_core::safetensors::load(&g, &Device::Cpu)?;
-        let timestep = t["timestep"].to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+        let timestep = t["timestep"]
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?[0];
         let added = t.get("text_embeds").map(|te| AddedCond {
             text_embeds: te.clone(),
             time_ids: t["time_ids"].clone(),

@@ -43,7 +43,7 @@ struct TextTower {
 enum Conditioner {
     /// SD1.x: one CLIP-L, last hidden state.
     Sd15 {
-        tower: TextTower,
+        tower: Box<TextTower>,
         layer: HiddenLayer,
     },
     /// SDXL: CLIP-L and OpenCLIP-bigG penultimate states, concatenated; pooled text
@@ -460,9 +460,11 @@ impl Pipeline {
                     Some(n) => HiddenLayer::SkipNormed(n),
                 };
                 Conditioner::Sd15 {
-                    tower: towers
-                        .pop()
-                        .context("an SD1.x model has one text encoder")?,
+                    tower: Box::new(
+                        towers
+                            .pop()
+                            .context("an SD1.x model has one text encoder")?,
+                    ),
                     layer,
                 }
             }
@@ -654,6 +656,12 @@ impl Pipeline {
 
     /// Encodes prompts into the denoiser's conditioning ([negative, positive] with CFG).
     pub fn encode_prompt(&self, prompt: &str, negative: &str, cfg: bool) -> Result<Conditioning> {
+        // `<lora:NAME:W>` tags choose LoRAs at load time; they are not text to encode.
+        let (prompt, negative) = (
+            crate::models::lora::strip_tags(prompt),
+            crate::models::lora::strip_tags(negative),
+        );
+        let (prompt, negative) = (prompt.as_str(), negative.as_str());
         let mut warnings = Vec::new();
         let texts: Vec<&str> = if cfg {
             vec![negative, prompt]

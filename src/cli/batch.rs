@@ -5,7 +5,7 @@
 use super::Ui;
 use super::generate::{
     JobOptions, ModelArgs, ProgressMode, default_size, fmt_num, pick_device, pick_dtype,
-    resolve_model, save_latents,
+    save_latents,
 };
 use crate::color::{SD15_LATENT_RGB, SDXL_LATENT_RGB};
 use crate::jobs::{self, ImageJob, Interrupted, Manifest, Method, Settings, Shard, SourcedLine};
@@ -350,14 +350,22 @@ pub fn execute(
             device: opts.model.device.clone(),
             dtype: opts.model.dtype,
         };
-        let model = resolve_model(&margs, ui)?;
-        let pipe = Pipeline::load(
-            &model.folder,
+        // [issue 5] --model-file, --vae, --lora and <lora:...> tags of this run's prompts.
+        let model = super::generate::resolve_model_with(&margs, &opts.extra, ui)?;
+        let prompts: Vec<&str> = order[pos..end]
+            .iter()
+            .map(|(i, _)| images[*i].settings.prompt.as_str())
+            .collect();
+        let pipe = super::generate::load_pipeline(
+            &model,
+            &opts.extra,
+            &prompts,
             &LoadOptions {
                 device: device.clone(),
                 dtype,
                 clip_skip: first.clip_skip,
             },
+            ui,
         )?;
         let model_hash = hub::file_sha256_short(&pipe.unet_weights).ok();
         rep.event(json!({"event": "load", "model": model.name,
@@ -558,6 +566,10 @@ impl Loaded<'_> {
         p.push("Size", format!("{}x{}", req.width, req.height));
         if let Some(h) = &self.hash {
             p.push("Model hash", h.clone());
+        }
+        // [issue 5] A1111's "Lora hashes" (name: 12 hex, ...).
+        if !self.pipe.lora_hashes.is_empty() {
+            p.push("Lora hashes", self.pipe.lora_hashes_text());
         }
         p.push("Model", self.name.clone());
         if let Some(n) = s.clip_skip {

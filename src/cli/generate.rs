@@ -64,6 +64,9 @@ pub struct JobOptions {
     pub color: KeyColor,
     #[command(flatten)]
     pub model: ModelArgs,
+    // [issue 5: LoRA / single-file] --model-file, --vae, --lora, --lora-dir, --lora-strict.
+    #[command(flatten)]
+    pub extra: ExtraModelArgs,
     /// Denoising steps (DDIM).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
@@ -227,7 +230,10 @@ pub fn pick_device(spec: &str) -> Result<Device> {
 /// A resolved model: where its folder is and what to call it.
 pub struct ResolvedModel {
     pub name: String,
+    /// The model's folder (for a single file: the folder the file is in).
     pub folder: ModelFolder,
+    /// [issue 5] A single-file checkpoint (--model-file, or a registry entry `file = ...`).
+    pub file: Option<PathBuf>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub tkg_shift: Option<f64>,
@@ -242,6 +248,7 @@ pub fn resolve_model(args: &ModelArgs, ui: Ui) -> Result<ResolvedModel> {
         return Ok(ResolvedModel {
             name,
             folder: ModelFolder::local(dir)?,
+            file: None,
             width: None,
             height: None,
             tkg_shift: None,
@@ -261,16 +268,142 @@ pub fn resolve_model(args: &ModelArgs, ui: Ui) -> Result<ResolvedModel> {
             }
             ModelFolder::local(&builtin::ensure(&entry.name)?)?
         }
+        // [issue 5] registry entries with `file = ...` are single-file checkpoints.
+        Source::File(p) => return resolve_file(p, entry.name.clone()),
         _ => entry.folder()?.with_progress(!ui.quiet),
     };
     Ok(ResolvedModel {
         name: entry.name.clone(),
         folder,
+        file: None,
         width: entry.width.map(|v| v as usize),
         height: entry.height.map(|v| v as usize),
         tkg_shift: entry.tkg_shift,
     })
 }
+
+// ---- [issue 5: LoRA / single-file checkpoints] -------------------------------------------
+
+/// LoRAs, single-file checkpoints and another VAE.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "LoRA, single-file checkpoints, VAE")]
+pub struct ExtraModelArgs {
+    /// A single-file checkpoint (A1111 / ComfyUI / civitai .safetensors), SD1.x or SDXL,
+    /// instead of --model / --model-dir.
+    #[arg(long, value_name = "FILE.safetensors", conflicts_with_all = ["model", "model_dir"])]
+    pub model_file: Option<PathBuf>,
+    /// Another VAE: a diffusers folder (or a VAE-only folder) or one .safetensors file.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<PathBuf>,
+    /// A LoRA to merge (kohya, diffusers/PEFT); WEIGHT defaults to 1. Repeat for several.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    pub lora: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` tags in the prompt find NAME.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// Fail when a LoRA tensor matches no weight of the model (else it is reported).
+    #[arg(long)]
+    pub lora_strict: bool,
+}
+
+fn resolve_file(path: &Path, name: String) -> Result<ResolvedModel> {
+    crate::models::single_file::check_extension(path)?;
+    if !path.is_file() {
+        bail!("{}: no such file", path.display());
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(ResolvedModel {
+        name,
+        folder: ModelFolder::local(parent)?,
+        file: Some(path.to_path_buf()),
+        width: None,
+        height: None,
+        tkg_shift: None,
+    })
+}
+
+/// [`resolve_model`], or the --model-file when there is one.
+pub fn resolve_model_with(
+    args: &ModelArgs,
+    extra: &ExtraModelArgs,
+    ui: Ui,
+) -> Result<ResolvedModel> {
+    match &extra.model_file {
+        Some(p) => {
+            let name = p
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string());
+            resolve_file(p, name)
+        }
+        None => resolve_model(args, ui),
+    }
+}
+
+/// Loads a resolved model with --vae and the LoRAs of --lora plus the `<lora:...>` tags of
+/// `prompts` (every prompt of one load must carry the same tags); reports what each LoRA
+/// matched on stderr.
+pub fn load_pipeline(
+    model: &ResolvedModel,
+    extra: &ExtraModelArgs,
+    prompts: &[&str],
+    opts: &crate::pipeline::LoadOptions,
+    ui: Ui,
+) -> Result<crate::pipeline::Pipeline> {
+    use crate::models::lora::{self, LoraSpec};
+    use crate::pipeline::{Adapters, ModelSource, Pipeline, VaeSource};
+    let mut loras = extra
+        .lora
+        .iter()
+        .map(|a| LoraSpec::parse(a))
+        .collect::<Result<Vec<_>>>()?;
+    let tags = match prompts.first() {
+        Some(p) => lora::prompt_tags(p)?,
+        None => Vec::new(),
+    };
+    for p in prompts.iter().skip(1) {
+        if lora::prompt_tags(p)? != tags {
+            bail!(
+                "prompts with different <lora:...> tags cannot share one model load yet; put them in separate runs"
+            );
+        }
+    }
+    for t in &tags {
+        loras.push(lora::resolve_tag(t, extra.lora_dir.as_deref())?);
+    }
+    let vae = match &extra.vae {
+        None => None,
+        Some(p) if p.is_dir() => Some(VaeSource::Folder(ModelFolder::local(p)?)),
+        Some(p) if p.is_file() => Some(VaeSource::File(p.clone())),
+        Some(p) => bail!("--vae {}: no such file or folder", p.display()),
+    };
+    let adapters = Adapters {
+        loras,
+        lora_strict: extra.lora_strict,
+        vae,
+    };
+    let source = match &model.file {
+        Some(path) => ModelSource::File { path, config: None },
+        None => ModelSource::Folder(&model.folder),
+    };
+    let pipe = Pipeline::load_with(source, opts, &adapters)?;
+    for r in &pipe.lora_reports {
+        ui.info(r.summary());
+        if !r.unmatched.is_empty() {
+            ui.warn(format!(
+                "LoRA {}: unmatched: {}",
+                r.name,
+                r.unmatched.join(", ")
+            ));
+        }
+    }
+    Ok(pipe)
+}
+
+// ---- [end issue 5] --------------------------------------------------------------------------
 
 /// Chooses the dtype: the flag, else f32 on CPU and f16 on GPUs.
 pub fn pick_dtype(arg: Option<DTypeArg>, device: &Device) -> DType {

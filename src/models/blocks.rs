@@ -3,32 +3,189 @@
 //! candle-transformers' stable-diffusion blocks are close but not exact: their resnets in
 //! down/up blocks ignore `norm_num_groups` (always 32) and their GEGLU uses the tanh GELU
 //! approximation. Both break parity on other configurations, so the blocks live here.
+//!
+//! On the CPU in f32 every block runs on [`crate::kernels`] (fused group norm + SiLU, convs with
+//! the bias, timestep embedding and residual fused in, attention without the score tensor,
+//! fused q/k/v projections); elsewhere it runs on candle's ops. Both paths compute the same
+//! function, up to float rounding.
 
+use crate::kernels;
 use anyhow::Result;
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d(cin, cout, 3, cfg, vb)?)
+/// A group norm, optionally followed by SiLU (`GroupNorm` [+ `SiLU`]).
+#[derive(Debug)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
-fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
-    Ok(candle_nn::conv2d(cin, cout, 1, Default::default(), vb)?)
+impl Norm {
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        anyhow::ensure!(
+            groups > 0 && channels.is_multiple_of(groups),
+            "{channels} channels do not split into {groups} groups"
+        );
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if kernels::applies(xs) {
+            return kernels::norm::group_norm(
+                xs,
+                self.groups,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                silu,
+            );
+        }
+        let gn = candle_nn::GroupNorm::new(
+            self.weight.clone(),
+            self.bias.clone(),
+            self.weight.dim(0)?,
+            self.groups,
+            self.eps,
+        )?;
+        let y = gn.forward(xs)?;
+        Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
+    }
+}
+
+/// A 2D convolution with bias (`nn.Conv2d`), square kernel, groups = 1.
+#[derive(Debug)]
+pub struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    pub fn load(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((cout, cin, kernel, kernel), "weight")?,
+            bias: Some(vb.get(cout, "bias")?),
+            stride,
+            padding,
+        })
+    }
+
+    /// 3x3, padding 1.
+    pub fn load3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Self::load(vb, cin, cout, 3, 1, 1)
+    }
+
+    /// 1x1.
+    pub fn load1(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Self::load(vb, cin, cout, 1, 1, 0)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_fused(xs, None, None)
+    }
+
+    /// `conv(xs) + extra_bias + residual`, where `extra_bias` is [B, Cout] (added per batch
+    /// item and channel, e.g. a timestep embedding) and `residual` has the output's shape.
+    pub fn forward_fused(
+        &self,
+        xs: &Tensor,
+        extra_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if kernels::applies(xs) {
+            let bias = match (&self.bias, extra_bias) {
+                (Some(b), Some(e)) => Some(e.broadcast_add(&b.unsqueeze(0)?)?),
+                (Some(b), None) => Some(b.clone()),
+                (None, Some(e)) => Some(e.clone()),
+                (None, None) => None,
+            };
+            return kernels::conv::conv2d(
+                xs,
+                &self.weight,
+                bias.as_ref(),
+                residual,
+                self.stride,
+                self.padding,
+            );
+        }
+        let mut h = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            h = h.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        }
+        if let Some(e) = extra_bias {
+            h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        Ok(match residual {
+            Some(r) => (r + h)?,
+            None => h,
+        })
+    }
+
+    /// `conv(upsample_nearest(xs, size))`, fused when the size is exactly 2x.
+    pub fn forward_upsampled(&self, xs: &Tensor, (oh, ow): (usize, usize)) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        if kernels::applies(xs) && self.stride == 1 && oh == 2 * h && ow == 2 * w {
+            return kernels::conv::conv2d_upsample2x(
+                xs,
+                &self.weight,
+                self.bias.as_ref(),
+                self.padding,
+            );
+        }
+        self.forward(&xs.upsample_nearest2d(oh, ow)?)
+    }
+}
+
+/// `x · wᵀ + b (+ residual)`, on the fused kernel where it applies.
+fn linear_fused(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if kernels::applies(x) {
+        return kernels::linear::linear(x, w, b, residual);
+    }
+    let y = Linear::new(w.clone(), b.cloned()).forward(x)?;
+    Ok(match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    })
 }
 
 /// A 2D resnet block with optional timestep-embedding input (`ResnetBlock2D`).
 #[derive(Debug)]
 pub struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
+    norm1: Norm,
+    conv1: Conv,
     time_emb_proj: Option<Linear>,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+    norm2: Norm,
+    conv2: Conv,
+    conv_shortcut: Option<Conv>,
     output_scale_factor: f64,
 }
 
@@ -44,16 +201,16 @@ pub struct ResnetSettings {
 impl ResnetBlock {
     pub fn load(vb: VarBuilder, cin: usize, cout: usize, s: ResnetSettings) -> Result<Self> {
         Ok(Self {
-            norm1: candle_nn::group_norm(s.groups, cin, s.eps, vb.pp("norm1"))?,
-            conv1: conv3(vb.pp("conv1"), cin, cout)?,
+            norm1: Norm::load(vb.pp("norm1"), s.groups, cin, s.eps)?,
+            conv1: Conv::load3(vb.pp("conv1"), cin, cout)?,
             time_emb_proj: match s.temb_channels {
                 Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
                 None => None,
             },
-            norm2: candle_nn::group_norm(s.groups, cout, s.eps, vb.pp("norm2"))?,
-            conv2: conv3(vb.pp("conv2"), cout, cout)?,
+            norm2: Norm::load(vb.pp("norm2"), s.groups, cout, s.eps)?,
+            conv2: Conv::load3(vb.pp("conv2"), cout, cout)?,
             conv_shortcut: if cin != cout {
-                Some(conv1(vb.pp("conv_shortcut"), cin, cout)?)
+                Some(Conv::load1(vb.pp("conv_shortcut"), cin, cout)?)
             } else {
                 None
             },
@@ -62,19 +219,18 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(xs)?)?;
-        let mut h = self.conv1.forward(&h)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
-        let h = self.conv2.forward(&h)?;
+        let h = self.norm1.forward(xs, true)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&candle_nn::ops::silu(temb)?)?),
+            _ => None,
+        };
+        let h = self.conv1.forward_fused(&h, t.as_ref(), None)?;
+        let h = self.norm2.forward(&h, true)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (x + h)?;
+        let out = self.conv2.forward_fused(&h, None, Some(&x))?;
         Ok(if self.output_scale_factor == 1.0 {
             out
         } else {
@@ -91,12 +247,34 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     Ok(probs.matmul(v)?)
 }
 
+/// Attention on [B, N, heads·d] tensors (heads as column blocks), returning [B, Nq, heads·d].
+fn attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if kernels::applies(q) {
+        return kernels::attention::attention(q, k, v, heads);
+    }
+    let (b, n, dim) = q.dims3()?;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let m = t.dim(1)?;
+        Ok(t.reshape((b, m, heads, dim / heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let o = attention(&split(q)?, &split(k)?, &split(v)?)?;
+    Ok(o.transpose(1, 2)?.reshape((b, n, dim))?)
+}
+
 /// Multi-head attention with separate q/k/v projections (diffusers `Attention`).
+///
+/// The projections are stored fused: k and v as one [2·dim, ctx_dim] matrix, and q, k, v as
+/// one [3·dim, dim] matrix when the context has the model's width (self-attention).
 #[derive(Debug)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// [dim, dim]
+    w_q: Tensor,
+    /// [2·dim, ctx_dim]
+    w_kv: Tensor,
+    /// [3·dim, dim] when ctx_dim == dim.
+    w_qkv: Option<Tensor>,
     to_out: Linear,
     heads: usize,
 }
@@ -104,10 +282,23 @@ pub struct Attention {
 impl Attention {
     /// Transformer attention: q/k/v without bias, output with bias.
     pub fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        let wq = vb.get((dim, dim), "to_q.weight")?;
+        let wk = vb.get((dim, context_dim), "to_k.weight")?;
+        let wv = vb.get((dim, context_dim), "to_v.weight")?;
+        let (w_q, w_kv, w_qkv) = if context_dim == dim {
+            let qkv = Tensor::cat(&[&wq, &wk, &wv], 0)?;
+            (
+                qkv.narrow(0, 0, dim)?,
+                qkv.narrow(0, dim, 2 * dim)?,
+                Some(qkv),
+            )
+        } else {
+            (wq, Tensor::cat(&[&wk, &wv], 0)?, None)
+        };
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
+            w_q,
+            w_kv,
+            w_qkv,
             to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
             heads,
         })
@@ -115,21 +306,39 @@ impl Attention {
 
     /// `xs`: [batch, tokens, dim]; `context`: [batch, ctx_tokens, ctx_dim] or self.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = context.unwrap_or(xs);
-        let (b, n, dim) = xs.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            let m = t.dim(1)?;
-            Ok(t.reshape((b, m, self.heads, dim / self.heads))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        self.forward_residual(xs, context, None)
+    }
+
+    /// [`Self::forward`] + `residual`.
+    pub fn forward_residual(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let dim = self.w_q.dim(0)?;
+        let (q, k, v) = match (context, &self.w_qkv) {
+            (None, Some(qkv)) => {
+                let p = linear_fused(xs, qkv, None, None)?;
+                (
+                    p.narrow(D::Minus1, 0, dim)?,
+                    p.narrow(D::Minus1, dim, dim)?,
+                    p.narrow(D::Minus1, 2 * dim, dim)?,
+                )
+            }
+            _ => {
+                let ctx = context.unwrap_or(xs);
+                let q = linear_fused(xs, &self.w_q, None, None)?;
+                let kv = linear_fused(ctx, &self.w_kv, None, None)?;
+                (
+                    q,
+                    kv.narrow(D::Minus1, 0, dim)?,
+                    kv.narrow(D::Minus1, dim, dim)?,
+                )
+            }
         };
-        let q = split(self.to_q.forward(xs)?)?;
-        let k = split(self.to_k.forward(ctx)?)?;
-        let v = split(self.to_v.forward(ctx)?)?;
-        let o = attention(&q, &k, &v)?
-            .transpose(1, 2)?
-            .reshape((b, n, dim))?;
-        Ok(self.to_out.forward(&o)?)
+        let o = attention_tokens(&q, &k, &v, self.heads)?;
+        linear_fused(&o, self.to_out.weight(), self.to_out.bias(), residual)
     }
 }
 
@@ -149,11 +358,16 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let parts = h.chunk(2, D::Minus1)?;
-        let h = (&parts[0] * parts[1].gelu_erf()?)?;
-        Ok(self.out.forward(&h)?)
+    /// `ff(xs) + residual`.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = linear_fused(xs, self.proj.weight(), self.proj.bias(), None)?;
+        let h = if kernels::applies(&h) {
+            kernels::linear::geglu(&h)?
+        } else {
+            let parts = h.chunk(2, D::Minus1)?;
+            (&parts[0] * parts[1].gelu_erf()?)?
+        };
+        linear_fused(&h, self.out.weight(), self.out.bias(), Some(residual))
     }
 }
 
@@ -181,25 +395,74 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        Ok((self.ff.forward(&self.norm3.forward(&xs)?)? + xs)?)
+        let xs = self
+            .attn1
+            .forward_residual(&self.norm1.forward(xs)?, None, Some(xs))?;
+        let xs =
+            self.attn2
+                .forward_residual(&self.norm2.forward(&xs)?, Some(context), Some(&xs))?;
+        self.ff.forward_residual(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
+/// proj_in / proj_out of a spatial transformer: a 1x1 conv or a linear layer (same math).
 #[derive(Debug)]
-enum Proj {
-    Conv(Conv2d),
-    Linear(Linear),
+struct Proj {
+    /// [out, in] (linear) or [out, in, 1, 1] (conv).
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Proj {
+    fn load(vb: VarBuilder, channels: usize, linear: bool) -> Result<Self> {
+        let weight = if linear {
+            vb.get((channels, channels), "weight")?
+        } else {
+            vb.get((channels, channels, 1, 1), "weight")?
+        };
+        Ok(Self {
+            weight,
+            bias: vb.get(channels, "bias")?,
+        })
+    }
+
+    fn matrix(&self) -> Result<Tensor> {
+        Ok(self.weight.reshape((self.weight.dim(0)?, ()))?)
+    }
+
+    /// Map [B, C, H, W] → tokens [B, H·W, C'].
+    fn map_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::applies(x) {
+            return kernels::linear::linear_from_map(x, &self.weight, Some(&self.bias));
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let t = x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
+        Ok(Linear::new(self.matrix()?, Some(self.bias.clone())).forward(&t)?)
+    }
+
+    /// Tokens [B, H·W, C] → map [B, C', H, W] + residual.
+    fn tokens_to_map(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = residual.dims4()?;
+        if kernels::applies(t) {
+            return kernels::linear::linear_to_map(
+                t,
+                &self.weight,
+                Some(&self.bias),
+                Some(residual),
+                (h, w),
+            );
+        }
+        let y = Linear::new(self.matrix()?, Some(self.bias.clone())).forward(t)?;
+        let c = y.dim(2)?;
+        let y = y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
+        Ok((y + residual)?)
+    }
 }
 
 /// A spatial transformer over a feature map (diffusers `Transformer2DModel`).
 #[derive(Debug)]
 pub struct Transformer2D {
-    norm: GroupNorm,
+    norm: Norm,
     proj_in: Proj,
     blocks: Vec<TransformerBlock>,
     proj_out: Proj,
@@ -217,16 +480,9 @@ pub struct TransformerSettings {
 
 impl Transformer2D {
     pub fn load(vb: VarBuilder, channels: usize, s: TransformerSettings) -> Result<Self> {
-        let proj = |name: &str| -> Result<Proj> {
-            Ok(if s.linear_projection {
-                Proj::Linear(candle_nn::linear(channels, channels, vb.pp(name))?)
-            } else {
-                Proj::Conv(conv1(vb.pp(name), channels, channels)?)
-            })
-        };
         Ok(Self {
-            norm: candle_nn::group_norm(s.groups, channels, 1e-6, vb.pp("norm"))?,
-            proj_in: proj("proj_in")?,
+            norm: Norm::load(vb.pp("norm"), s.groups, channels, 1e-6)?,
+            proj_in: Proj::load(vb.pp("proj_in"), channels, s.linear_projection)?,
             blocks: (0..s.depth)
                 .map(|i| {
                     TransformerBlock::load(
@@ -237,51 +493,31 @@ impl Transformer2D {
                     )
                 })
                 .collect::<Result<_>>()?,
-            proj_out: proj("proj_out")?,
+            proj_out: Proj::load(vb.pp("proj_out"), channels, s.linear_projection)?,
         })
     }
 
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let x = self.norm.forward(xs)?;
-        let to_tokens =
-            |x: Tensor| -> Result<Tensor> { Ok(x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
-        let to_map = |x: Tensor| -> Result<Tensor> {
-            Ok(x.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
-        let mut x = match &self.proj_in {
-            Proj::Conv(p) => to_tokens(p.forward(&x)?)?,
-            Proj::Linear(p) => p.forward(&to_tokens(x)?)?,
-        };
+        let x = self.norm.forward(xs, false)?;
+        let mut x = self.proj_in.map_to_tokens(&x)?;
         for blk in &self.blocks {
             x = blk.forward(&x, context)?;
         }
-        let x = match &self.proj_out {
-            Proj::Conv(p) => p.forward(&to_map(x)?)?,
-            Proj::Linear(p) => to_map(p.forward(&x)?)?,
-        };
-        Ok((x + xs)?)
+        self.proj_out.tokens_to_map(&x, xs)
     }
 }
 
 /// 3x3 stride-2 convolution (`Downsample2D` with a conv).
 #[derive(Debug)]
 pub struct Downsample {
-    conv: Conv2d,
+    conv: Conv,
     pad_right_bottom: bool,
 }
 
 impl Downsample {
     pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            stride: 2,
-            padding,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: Conv::load(vb.pp("conv"), channels, channels, 3, 2, padding)?,
             pad_right_bottom: padding == 0,
         })
     }
@@ -292,9 +528,9 @@ impl Downsample {
             let x = xs
                 .pad_with_zeros(D::Minus1, 0, 1)?
                 .pad_with_zeros(D::Minus2, 0, 1)?;
-            Ok(self.conv.forward(&x)?)
+            self.conv.forward(&x)
         } else {
-            Ok(self.conv.forward(xs)?)
+            self.conv.forward(xs)
         }
     }
 }
@@ -302,32 +538,43 @@ impl Downsample {
 /// Nearest-neighbour 2x upsampling followed by a 3x3 conv (`Upsample2D`).
 #[derive(Debug)]
 pub struct Upsample {
-    conv: Conv2d,
+    conv: Conv,
 }
 
 impl Upsample {
     pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
         Ok(Self {
-            conv: conv3(vb.pp("conv"), channels, channels)?,
+            conv: Conv::load3(vb.pp("conv"), channels, channels)?,
         })
     }
 
     /// `size`: the output size when it is not exactly twice the input.
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
-        Ok(self.conv.forward(&xs.upsample_nearest2d(oh, ow)?)?)
+        self.conv
+            .forward_upsampled(xs, size.unwrap_or((2 * h, 2 * w)))
     }
 }
 
 /// The VAE's single-head self-attention over a feature map, with a residual.
 #[derive(Debug)]
 pub struct VaeAttention {
-    group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    group_norm: Norm,
+    /// q, k, v weights stacked: [3·C, C]; biases [3·C].
+    w_qkv: Tensor,
+    b_qkv: Tensor,
     to_out: Linear,
+}
+
+/// A VAE attention projection: [C, C] or, in older checkpoints, [C, C, 1, 1].
+fn vae_proj(vb: VarBuilder, channels: usize) -> Result<(Tensor, Tensor)> {
+    let w = match vb.get((channels, channels), "weight") {
+        Ok(w) => w,
+        Err(_) => vb
+            .get((channels, channels, 1, 1), "weight")?
+            .reshape((channels, channels))?,
+    };
+    Ok((w, vb.get(channels, "bias")?))
 }
 
 impl VaeAttention {
@@ -339,28 +586,43 @@ impl VaeAttention {
             } else {
                 ("to_q", "to_k", "to_v", "to_out.0")
             };
-        let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        let (wq, bq) = vae_proj(vb.pp(q), channels)?;
+        let (wk, bk) = vae_proj(vb.pp(k), channels)?;
+        let (wv, bv) = vae_proj(vb.pp(v), channels)?;
+        let (wo, bo) = vae_proj(vb.pp(o), channels)?;
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: lin(q)?,
-            to_k: lin(k)?,
-            to_v: lin(v)?,
-            to_out: lin(o)?,
+            group_norm: Norm::load(vb.pp("group_norm"), groups, channels, 1e-6)?,
+            w_qkv: Tensor::cat(&[&wq, &wk, &wv], 0)?,
+            b_qkv: Tensor::cat(&[&bq, &bk, &bv], 0)?,
+            to_out: Linear::new(wo, Some(bo)),
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let x = self
-            .group_norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let one_head = |t: Tensor| -> Result<Tensor> { Ok(t.unsqueeze(1)?) };
-        let q = one_head(self.to_q.forward(&x)?)?;
-        let k = one_head(self.to_k.forward(&x)?)?;
-        let v = one_head(self.to_v.forward(&x)?)?;
+        let x = self.group_norm.forward(xs, false)?;
+        if kernels::applies(&x) {
+            let qkv = kernels::linear::linear_from_map(&x, &self.w_qkv, Some(&self.b_qkv))?;
+            let o = kernels::attention::attention(
+                &qkv.narrow(2, 0, c)?,
+                &qkv.narrow(2, c, c)?,
+                &qkv.narrow(2, 2 * c, c)?,
+                1,
+            )?;
+            return kernels::linear::linear_to_map(
+                &o,
+                self.to_out.weight(),
+                self.to_out.bias(),
+                Some(xs),
+                (h, w),
+            );
+        }
+        let x = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let qkv = Linear::new(self.w_qkv.clone(), Some(self.b_qkv.clone())).forward(&x)?;
+        let one_head = |t: Tensor| -> Result<Tensor> { Ok(t.contiguous()?.unsqueeze(1)?) };
+        let q = one_head(qkv.narrow(2, 0, c)?)?;
+        let k = one_head(qkv.narrow(2, c, c)?)?;
+        let v = one_head(qkv.narrow(2, 2 * c, c)?)?;
         let o = attention(&q, &k, &v)?.squeeze(1)?;
         let o = self.to_out.forward(&o)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;

@@ -51,7 +51,13 @@ fn vae(block_out: &[usize], layers: usize, groups: usize, scaling: f64) -> Value
 }
 
 fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
-    let clip = |hidden: usize, layers: usize, heads: usize, inter: usize, vocab: usize, act: &str, projection: bool| {
+    let clip = |hidden: usize,
+                layers: usize,
+                heads: usize,
+                inter: usize,
+                vocab: usize,
+                act: &str,
+                projection: bool| {
         json!({
             "architectures": [if projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
             "model_type": "clip_text_model",
@@ -192,11 +198,18 @@ fn write_folder(spec: &Spec, dir: &Path, vocab: &str, merges: &str) -> Result<()
     let vae_cfg: VaeConfig = serde_json::from_value(spec.vae.clone())?;
 
     for (i, te) in spec.text_encoders.iter().enumerate() {
-        let suffix = if i == 0 { String::new() } else { format!("_{}", i + 1) };
+        let suffix = if i == 0 {
+            String::new()
+        } else {
+            format!("_{}", i + 1)
+        };
         let cfg: ClipTextConfig = serde_json::from_value(te.clone())?;
         let w = RandomWeights::new(spec.seed ^ (0x10 + i as u64));
         ClipTextModel::load(w.var_builder(&dev), &cfg)?;
-        save_weights(&w, &dir.join(format!("text_encoder{suffix}/model.safetensors")))?;
+        save_weights(
+            &w,
+            &dir.join(format!("text_encoder{suffix}/model.safetensors")),
+        )?;
         write_json(&dir.join(format!("text_encoder{suffix}/config.json")), te)?;
         // SDXL's second tokenizer pads with "!".
         let pad = if i == 0 { "<|endoftext|>" } else { "!" };
@@ -277,4 +290,25 @@ pub fn ensure(name: &str) -> Result<PathBuf> {
     }
     materialize(name, &dir)?;
     Ok(dir)
+}
+
+/// The configs of a built-in architecture (`random-sd15` / `random-sdxl` are the real SD1.5
+/// and SDXL base configs), as their `config.json` values; text encoders for the full CLIP
+/// vocabulary. Single-file checkpoints take their configs from here.
+pub struct Architecture {
+    pub text_encoders: Vec<Value>,
+    pub unet: Value,
+    pub vae: Value,
+    pub scheduler: Value,
+}
+
+/// See [`Architecture`].
+pub fn architecture(name: &str) -> Result<Architecture> {
+    let spec = spec(name, 49408, 49407)?;
+    Ok(Architecture {
+        text_encoders: spec.text_encoders,
+        unet: spec.unet,
+        vae: spec.vae,
+        scheduler: sd15_scheduler(),
+    })
 }

@@ -1,35 +1,203 @@
-//! The VAE (diffusers `AutoencoderKL`), built from its `config.json` on candle's VAE blocks.
+//! The VAE (diffusers `AutoencoderKL`), built from its `config.json` on tkg's own blocks
+//! ([`super::blocks`]), so decoding runs on the fused CPU kernels (group norm + SiLU, convs
+//! with fused residuals, upsampling fused into the next conv, memory-efficient attention).
+//!
+//! Every weight of the checkpoint is loaded, the encoder's too, so a checkpoint whose weights
+//! do not match the config is refused; [`Vae::encode`] runs the encoder.
 
+use super::blocks::{Conv, Downsample, Norm, ResnetBlock, ResnetSettings, Upsample, VaeAttention};
 use super::config::VaeConfig;
 use anyhow::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+
+/// diffusers' `UNetMidBlock2D` as the VAE uses it: resnet, attention, resnet.
+#[derive(Debug)]
+struct MidBlock {
+    resnet_in: ResnetBlock,
+    attention: VaeAttention,
+    resnet_out: ResnetBlock,
+}
+
+impl MidBlock {
+    fn load(vb: VarBuilder, channels: usize, s: ResnetSettings) -> Result<Self> {
+        Ok(Self {
+            resnet_in: ResnetBlock::load(vb.pp("resnets.0"), channels, channels, s)?,
+            attention: VaeAttention::load(vb.pp("attentions.0"), channels, s.groups)?,
+            resnet_out: ResnetBlock::load(vb.pp("resnets.1"), channels, channels, s)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.resnet_in.forward(xs, None)?;
+        let xs = self.attention.forward(&xs)?;
+        self.resnet_out.forward(&xs, None)
+    }
+}
+
+#[derive(Debug)]
+struct EncoderLevel {
+    resnets: Vec<ResnetBlock>,
+    downsample: Option<Downsample>,
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: Conv,
+    levels: Vec<EncoderLevel>,
+    mid: MidBlock,
+    norm_out: Norm,
+    conv_out: Conv,
+}
+
+impl Encoder {
+    fn load(vb: VarBuilder, cfg: &VaeConfig, s: ResnetSettings) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let last = *ch.last().expect("validated: non-empty");
+        let mut levels = Vec::with_capacity(ch.len());
+        for (i, &cout) in ch.iter().enumerate() {
+            let vb_i = vb.pp("down_blocks").pp(i);
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::load(
+                        vb_i.pp("resnets").pp(j),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        s,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let downsample = if i + 1 < ch.len() {
+                Some(Downsample::load(vb_i.pp("downsamplers.0"), cout, 0)?)
+            } else {
+                None
+            };
+            levels.push(EncoderLevel {
+                resnets,
+                downsample,
+            });
+        }
+        Ok(Self {
+            conv_in: Conv::load3(vb.pp("conv_in"), cfg.in_channels, ch[0])?,
+            levels,
+            mid: MidBlock::load(vb.pp("mid_block"), last, s)?,
+            norm_out: Norm::load(vb.pp("conv_norm_out"), s.groups, last, 1e-6)?,
+            conv_out: Conv::load3(vb.pp("conv_out"), last, 2 * cfg.latent_channels)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.conv_in.forward(xs)?;
+        for level in &self.levels {
+            for r in &level.resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(d) = &level.downsample {
+                xs = d.forward(&xs)?;
+            }
+        }
+        let xs = self.mid.forward(&xs)?;
+        self.conv_out.forward(&self.norm_out.forward(&xs, true)?)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLevel {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Upsample>,
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: Conv,
+    mid: MidBlock,
+    levels: Vec<DecoderLevel>,
+    norm_out: Norm,
+    conv_out: Conv,
+}
+
+impl Decoder {
+    fn load(vb: VarBuilder, cfg: &VaeConfig, s: ResnetSettings) -> Result<Self> {
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let mut levels = Vec::with_capacity(rev.len());
+        for (i, &cout) in rev.iter().enumerate() {
+            let vb_i = vb.pp("up_blocks").pp(i);
+            let cin = if i == 0 { rev[0] } else { rev[i - 1] };
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::load(
+                        vb_i.pp("resnets").pp(j),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        s,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let upsample = if i + 1 < rev.len() {
+                Some(Upsample::load(vb_i.pp("upsamplers.0"), cout)?)
+            } else {
+                None
+            };
+            levels.push(DecoderLevel { resnets, upsample });
+        }
+        let first = cfg.block_out_channels[0];
+        Ok(Self {
+            conv_in: Conv::load3(vb.pp("conv_in"), cfg.latent_channels, rev[0])?,
+            mid: MidBlock::load(vb.pp("mid_block"), rev[0], s)?,
+            levels,
+            norm_out: Norm::load(vb.pp("conv_norm_out"), s.groups, first, 1e-6)?,
+            conv_out: Conv::load3(vb.pp("conv_out"), first, cfg.out_channels)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.conv_in.forward(xs)?;
+        let mut xs = self.mid.forward(&xs)?;
+        for level in &self.levels {
+            for r in &level.resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(u) = &level.upsample {
+                xs = u.forward(&xs, None)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&xs, true)?)
+    }
+}
 
 #[derive(Debug)]
 pub struct Vae {
-    inner: AutoEncoderKL,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<Conv>,
+    post_quant_conv: Option<Conv>,
     pub config: VaeConfig,
 }
 
 impl Vae {
     pub fn load(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         cfg.validate()?;
-        let inner = AutoEncoderKL::new(
-            vb,
-            cfg.in_channels,
-            cfg.out_channels,
-            AutoEncoderKLConfig {
-                block_out_channels: cfg.block_out_channels.clone(),
-                layers_per_block: cfg.layers_per_block,
-                latent_channels: cfg.latent_channels,
-                norm_num_groups: cfg.norm_num_groups,
-                use_quant_conv: cfg.use_quant_conv,
-                use_post_quant_conv: cfg.use_post_quant_conv,
-            },
-        )?;
+        let s = ResnetSettings {
+            groups: cfg.norm_num_groups,
+            eps: 1e-6,
+            temb_channels: None,
+            output_scale_factor: 1.0,
+        };
+        let lat = cfg.latent_channels;
         Ok(Self {
-            inner,
+            encoder: Encoder::load(vb.pp("encoder"), cfg, s)?,
+            decoder: Decoder::load(vb.pp("decoder"), cfg, s)?,
+            quant_conv: if cfg.use_quant_conv {
+                Some(Conv::load1(vb.pp("quant_conv"), 2 * lat, 2 * lat)?)
+            } else {
+                None
+            },
+            post_quant_conv: if cfg.use_post_quant_conv {
+                Some(Conv::load1(vb.pp("post_quant_conv"), lat, lat)?)
+            } else {
+                None
+            },
             config: cfg.clone(),
         })
     }
@@ -42,8 +210,24 @@ impl Vae {
     /// Decodes scaled latents ([B, C, h, w], as the denoiser produces them) into images in
     /// [-1, 1] ([B, 3, H, W]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let unscaled = (latents / self.config.scaling_factor)?;
-        Ok(self.inner.decode(&unscaled)?)
+        let z = (latents / self.config.scaling_factor)?;
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(&z)?,
+            None => z,
+        };
+        self.decoder.forward(&z)
+    }
+
+    /// Encodes images in [-1, 1] ([B, 3, H, W]) into the mean of the latent distribution,
+    /// scaled as the denoiser expects (diffusers' `latent_dist.mode() * scaling_factor`).
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let moments = self.encoder.forward(images)?;
+        let moments = match &self.quant_conv {
+            Some(c) => c.forward(&moments)?,
+            None => moments,
+        };
+        let mean = moments.narrow(1, 0, self.config.latent_channels)?;
+        Ok((mean * self.config.scaling_factor)?)
     }
 }
 

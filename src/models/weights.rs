@@ -481,3 +481,60 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    fn write(name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("tkg-wf-{name}-{}.safetensors", std::process::id()));
+        let map: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        candle_core::safetensors::save(&map, &p).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_converts_and_tracks_use() {
+        let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[5f32, 6.], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let p = write("ok", &[("a.weight", a), ("b.bias", b)]);
+        let f = WeightFile::open(&p).unwrap();
+        let vb = f.var_builder(DType::F32, &Device::Cpu);
+        let got = vb.get((2, 2), "a.weight").unwrap();
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            vec![vec![1., 2.], vec![3., 4.]]
+        );
+        assert!(
+            vb.get((4,), "a.weight")
+                .unwrap_err()
+                .to_string()
+                .contains("shape mismatch")
+        );
+        assert_eq!(f.unused(|_| false), vec!["b.bias".to_string()]);
+        assert!(f.ensure_all_used(|_| false).is_err());
+        assert_eq!(vb.get(2, "b.bias").unwrap().dtype(), DType::F32);
+        f.ensure_all_used(|_| false).unwrap();
+    }
+
+    #[test]
+    fn truncated_files_are_refused_at_open() {
+        let a = Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap();
+        let p = write("trunc", &[("a", a)]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let err = WeightFile::open(&p).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        std::fs::write(&p, &bytes[..4]).unwrap();
+        assert!(WeightFile::open(&p).is_err());
+        std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x00garbage").unwrap();
+        assert!(WeightFile::open(&p).is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! Stage timings of one generation, for `tkg bench` and the side-by-side comparison with
+//! diffusers (benches/compare_diffusers.py).
+//!
+//! The stages are the ones a generation runs, timed through the real pipeline: model load,
+//! text encoding (negative + positive prompt), the DDIM loop (one UNet call on a batch of 2 per
+//! step with classifier-free guidance), and the VAE decode to 8-bit pixels. Peak memory is the
+//! process's high-water mark of resident memory (`VmHWM`).
+
+use crate::models::hub::ModelFolder;
+use crate::pipeline::{LoadOptions, Pipeline};
+use anyhow::{Context, Result, ensure};
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchSettings {
+    pub width: usize,
+    pub height: usize,
+    /// Denoising steps; each one is a UNet call on a batch of 2.
+    pub steps: usize,
+    pub dtype: DType,
+    pub device: Device,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+}
+
+/// Results, in seconds and MiB. Field names are shared with benches/compare_diffusers.py.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub tool: String,
+    pub model: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub dtype: String,
+    pub threads: usize,
+    pub load_s: f64,
+    pub text_s: f64,
+    /// Every step's time, in order (the first one includes warm-up costs).
+    pub unet_steps_s: Vec<f64>,
+    /// The median step: the number to compare.
+    pub unet_step_s: f64,
+    pub unet_step_min_s: f64,
+    pub vae_decode_s: f64,
+    pub total_s: f64,
+    /// Resident memory after loading the model.
+    pub rss_after_load_mib: f64,
+    /// Peak resident memory of the whole run (VmHWM).
+    pub peak_rss_mib: f64,
+}
+
+/// Sets how many threads candle and rayon use. Call it before any tensor work: candle and
+/// rayon size their thread pools once, from `RAYON_NUM_THREADS` (matmul reads it on every
+/// call) and `CANDLE_NUM_THREADS` (the element-wise pool).
+pub fn set_threads(n: usize) -> Result<()> {
+    ensure!(n > 0, "--threads must be at least 1");
+    // SAFETY: called at start-up from the main thread, before any other thread exists that
+    // could read the environment.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    // The global pool runs candle's convolutions and tkg's own kernels.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(())
+}
+
+/// The thread count candle's matmul will use (the same rule as candle's).
+pub fn threads_in_use() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// Reads a `Vm*` field of /proc/self/status, in MiB (0 where there is no /proc).
+pub fn proc_status_mib(field: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+        return 0.0;
+    };
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+            let kb: f64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some(kb / 1024.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Loads `folder` and runs one generation, timing each stage.
+pub fn run(
+    model_name: &str,
+    folder: &ModelFolder,
+    s: &BenchSettings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    ensure!(s.steps > 0, "--steps must be at least 1");
+    let start = Instant::now();
+    progress("loading the model");
+    let pipe = Pipeline::load(
+        folder,
+        &LoadOptions {
+            device: s.device.clone(),
+            dtype: s.dtype,
+            clip_skip: None,
+        },
+    )
+    .with_context(|| format!("loading {model_name}"))?;
+    let load_s = start.elapsed().as_secs_f64();
+    let rss_after_load_mib = proc_status_mib("VmRSS");
+    pipe.check_size(s.width, s.height)?;
+
+    progress("encoding the prompts");
+    let t = Instant::now();
+    let cond = pipe.encode_prompt(&s.prompt, &s.negative_prompt, true)?;
+    let text_s = t.elapsed().as_secs_f64();
+
+    // Plain N(0, 1) latents: the cost of a step does not depend on them.
+    let f = pipe.vae_factor();
+    let c = pipe.unet.config.in_channels;
+    let (lh, lw) = (s.height / f, s.width / f);
+    let noise = crate::rng::torch_cpu_randn(s.seed, c * lh * lw);
+    let init = candle_core::Tensor::from_vec(noise, (1, c, lh, lw), &Device::Cpu)?;
+    let guidance = 7.5;
+    let mut unet_steps_s = Vec::with_capacity(s.steps);
+    let mut last = Instant::now();
+    let latents = pipe.denoise(&init, &cond, s.steps, guidance, &mut |i, n| {
+        let now = Instant::now();
+        unet_steps_s.push((now - last).as_secs_f64());
+        last = now;
+        progress(&format!("step {i}/{n}"));
+    })?;
+
+    progress("decoding");
+    let t = Instant::now();
+    let rgb = pipe.decode(&latents)?;
+    let vae_decode_s = t.elapsed().as_secs_f64();
+    ensure!(rgb.len() == s.width * s.height * 3, "unexpected image size");
+    let total_s = start.elapsed().as_secs_f64();
+
+    Ok(BenchReport {
+        tool: "tkg".into(),
+        model: model_name.into(),
+        width: s.width,
+        height: s.height,
+        steps: s.steps,
+        dtype: dtype_name(s.dtype).into(),
+        threads: threads_in_use(),
+        load_s,
+        text_s,
+        unet_step_s: median(&unet_steps_s),
+        unet_step_min_s: unet_steps_s.iter().copied().fold(f64::INFINITY, f64::min),
+        unet_steps_s,
+        vae_decode_s,
+        total_s,
+        rss_after_load_mib,
+        peak_rss_mib: proc_status_mib("VmHWM"),
+    })
+}
+
+impl BenchReport {
+    /// A plain-text table, one stage a line.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{} {}x{} {} threads={} steps={}\n",
+            self.model, self.width, self.height, self.dtype, self.threads, self.steps
+        );
+        let steps: Vec<String> = self
+            .unet_steps_s
+            .iter()
+            .map(|v| format!("{v:.2}"))
+            .collect();
+        let rows = [
+            ("model load", format!("{:.2} s", self.load_s)),
+            ("text encoding", format!("{:.3} s", self.text_s)),
+            (
+                "UNet step, CFG (batch 2)",
+                format!(
+                    "{:.2} s median, {:.2} s min [{}]",
+                    self.unet_step_s,
+                    self.unet_step_min_s,
+                    steps.join(", ")
+                ),
+            ),
+            ("VAE decode", format!("{:.2} s", self.vae_decode_s)),
+            ("total", format!("{:.2} s", self.total_s)),
+            (
+                "RSS after load",
+                format!("{:.0} MiB", self.rss_after_load_mib),
+            ),
+            ("peak RSS", format!("{:.0} MiB", self.peak_rss_mib)),
+        ];
+        for (k, v) in rows {
+            out.push_str(&format!("{k:<26} {v}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn reads_own_memory() {
+        if std::path::Path::new("/proc/self/status").exists() {
+            assert!(proc_status_mib("VmHWM") > 0.0);
+            assert!(proc_status_mib("VmRSS") > 0.0);
+        }
+        assert_eq!(proc_status_mib("NoSuchField"), 0.0);
+    }
+}

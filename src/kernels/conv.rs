@@ -1,0 +1,507 @@
+//! 2D convolution, f32, NCHW, as one `gemm` per tile of output rows.
+//!
+//! For a tile of output rows, the im2col block [Cin·kh·kw, rows·W_out] is built straight from
+//! the NCHW input (each block row is a shifted copy of an input row, so copies are contiguous),
+//! and `out[Cout, tile] += W[Cout, Cin·kh·kw] · col` writes into the NCHW output in place: the
+//! weight is used in its stored layout, and the output never needs a transpose. 1x1 stride-1
+//! convolutions skip im2col and read the input directly.
+//!
+//! The output starts as `residual + bias` (either optional; the bias may differ per batch item,
+//! which is how a resnet's timestep embedding is fused in), and the gemm accumulates onto it.
+
+use super::{F32View, SendPtr, tensor, threads, uninit_vec};
+use anyhow::{Result, ensure};
+use candle_core::Tensor;
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// Bytes of one im2col tile; the tile's rows are chosen to stay near this.
+const TILE_BYTES: usize = 2 << 20;
+/// Fewest output columns per tile.
+const MIN_TILE_COLS: usize = 64;
+
+/// Whether 3x3 stride-1 convolutions on `pixels` outputs per item use Winograd F(2x2, 3x3)
+/// (`TKG_WINOGRAD=0` turns it off, for comparisons).
+fn use_winograd(pixels: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    pixels >= WINOGRAD_MIN_PIXELS
+        && *ON.get_or_init(|| std::env::var("TKG_WINOGRAD").map_or(true, |v| v != "0"))
+}
+
+/// Below this many output pixels per item, im2col + gemm wins (the weight transform costs more
+/// than it saves).
+const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
+
+/// Output size of a convolution along one axis.
+pub fn out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (input + 2 * padding - kernel) / stride + 1
+}
+
+/// `conv2d(x, w) + bias + residual`.
+///
+/// - `x`: [B, Cin, H, W]; `w`: [Cout, Cin, kh, kw] (groups = 1, dilation = 1)
+/// - `bias`: [Cout] or [B, Cout]
+/// - `residual`: [B, Cout, H_out, W_out], added to the result
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_impl(x, w, bias, residual, stride, padding, 1)
+}
+
+/// `conv2d(upsample_nearest_2x(x), w) + bias` (stride 1) without materialising the upsampled
+/// input: the im2col reads each input pixel for its 2x2 block.
+pub fn conv2d_upsample2x(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_impl(x, w, bias, None, 1, padding, 2)
+}
+
+fn conv2d_impl(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    up: usize,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let (b, cin, sh, sw) = x.dims4()?;
+    let _p = super::profile::scope(|| {
+        let (co, _, k, _) = w.dims4().unwrap_or_default();
+        let algo = if k == 3 && stride == 1 && padding == 1 && use_winograd(sh * sw * up * up) {
+            "winograd"
+        } else {
+            "im2col"
+        };
+        format!(
+            "conv{k}x{k} s{stride} {algo} {cin}->{co} {}x{}",
+            sh * up,
+            sw * up
+        )
+    });
+    // The size the kernel sees (after the nearest upsampling).
+    let (h, wd) = (sh * up, sw * up);
+    let (cout, wcin, kh, kw) = w.dims4()?;
+    ensure!(
+        wcin == cin,
+        "conv2d: input has {cin} channels, kernel {wcin}"
+    );
+    ensure!(stride > 0 && h + 2 * padding >= kh && wd + 2 * padding >= kw);
+    let oh = out_size(h, kh, stride, padding);
+    let ow = out_size(wd, kw, stride, padding);
+    let plane = oh * ow;
+
+    let bias = bias.map(|t| t.contiguous()).transpose()?;
+    let bias_per_item = match &bias {
+        Some(t) if t.rank() == 2 => {
+            ensure!(t.dims() == [b, cout], "conv2d: bias shape {:?}", t.dims());
+            true
+        }
+        Some(t) => {
+            ensure!(t.dims() == [cout], "conv2d: bias shape {:?}", t.dims());
+            false
+        }
+        None => false,
+    };
+    let residual = residual.map(|t| t.contiguous()).transpose()?;
+    if let Some(r) = &residual {
+        ensure!(r.dims() == [b, cout, oh, ow], "conv2d: residual shape");
+    }
+
+    // out = residual + bias
+    let mut out = match &residual {
+        Some(r) => F32View::new(r)?.slice().to_vec(),
+        None => uninit_vec(b * cout * plane),
+    };
+    {
+        let bias_v = bias.as_ref().map(F32View::new).transpose()?;
+        let bias_s = bias_v.as_ref().map(|v| v.slice());
+        let has_residual = residual.is_some();
+        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            let (bi, co) = (i / cout, i % cout);
+            let bv = match bias_s {
+                Some(s) if bias_per_item => s[bi * cout + co],
+                Some(s) => s[co],
+                None => 0.0,
+            };
+            if has_residual {
+                if bv != 0.0 {
+                    dst.iter_mut().for_each(|v| *v += bv);
+                }
+            } else {
+                dst.fill(bv);
+            }
+        });
+    }
+
+    let xv = F32View::new(&x)?;
+    let wv = F32View::new(&w)?;
+    let xs = xv.slice();
+    let ws = wv.slice();
+    if kh == 3 && kw == 3 && stride == 1 && padding == 1 && use_winograd(oh * ow) {
+        super::winograd::conv3x3(xs, ws, &mut out, b, cin, cout, (sh, sw), up);
+        drop(xv);
+        drop(wv);
+        return tensor(out, (b, cout, oh, ow));
+    }
+    let k = cin * kh * kw;
+    let dst = SendPtr(out.as_mut_ptr());
+    let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0 && up == 1;
+    if !pointwise && b * plane <= SMALL_PIXELS {
+        conv_small(
+            xs,
+            ws,
+            dst,
+            (b, cin, sh, sw, up),
+            (cout, kh, kw, stride, padding),
+            (oh, ow),
+        );
+        drop(xv);
+        drop(wv);
+        return tensor(out, (b, cout, oh, ow));
+    }
+
+    // Tiles of whole output rows, sized to keep one im2col tile near TILE_BYTES.
+    let cols_wanted = if pointwise {
+        1024
+    } else {
+        (TILE_BYTES / 4 / k).max(MIN_TILE_COLS)
+    };
+    let mut rows = cols_wanted.div_ceil(ow).clamp(1, oh);
+    let nthreads = threads();
+    // Enough tasks to keep every thread busy.
+    while rows > 1 && b * oh.div_ceil(rows) < 4 * nthreads {
+        rows = rows.div_ceil(2);
+    }
+    let tiles = oh.div_ceil(rows);
+    let tasks = b * tiles;
+    let parallel_tasks = tasks >= 2 * nthreads;
+    let par = if parallel_tasks || nthreads == 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(nthreads)
+    };
+
+    let run = |task: usize, col: &mut Vec<f32>| {
+        let (bi, tile) = (task / tiles, task % tiles);
+        let oy0 = tile * rows;
+        let oy1 = (oy0 + rows).min(oh);
+        let n = (oy1 - oy0) * ow;
+        let x_item = &xs[bi * cin * sh * sw..(bi + 1) * cin * sh * sw];
+        let (rhs, rhs_rs): (*const f32, usize) = if pointwise {
+            (x_item[oy0 * ow..].as_ptr(), h * wd)
+        } else {
+            col.resize(k * n, 0.0);
+            im2col_rows(
+                x_item,
+                col,
+                n,
+                cin,
+                (h, wd, up),
+                kh,
+                kw,
+                stride,
+                padding,
+                oy0,
+                oy1,
+                ow,
+            );
+            (col.as_ptr(), n)
+        };
+        // SAFETY: the dst block [Cout, rows oy0..oy1] of item bi belongs to this task alone;
+        // lhs, rhs and dst are valid for the strides given.
+        unsafe {
+            gemm(
+                cout,
+                n,
+                k,
+                dst.get().add(bi * cout * plane + oy0 * ow),
+                1,
+                plane as isize,
+                true,
+                ws.as_ptr(),
+                1,
+                k as isize,
+                rhs,
+                1,
+                rhs_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    };
+    if parallel_tasks {
+        (0..tasks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |col, task| run(task, col));
+    } else {
+        let mut col = Vec::new();
+        for task in 0..tasks {
+            run(task, &mut col);
+        }
+    }
+    drop(xv);
+    drop(wv);
+    tensor(out, (b, cout, oh, ow))
+}
+
+/// At most this many output pixels (all batch items together) take [`conv_small`].
+const SMALL_PIXELS: usize = 2048;
+
+/// Convolution of small feature maps (the UNet's lowest levels): one im2col matrix for all
+/// batch items, and the gemm split over output channels, so each task packs only its rows of
+/// the (large) weight and the weight is read once. `out` already holds bias and residual.
+fn conv_small(
+    xs: &[f32],
+    ws: &[f32],
+    out: SendPtr,
+    (b, cin, sh, sw, up): (usize, usize, usize, usize, usize),
+    (cout, kh, kw, stride, padding): (usize, usize, usize, usize, usize),
+    (oh, ow): (usize, usize),
+) {
+    let plane = oh * ow;
+    let ld = b * plane;
+    let k = cin * kh * kw;
+    let mut col = uninit_vec(k * ld);
+    col.par_chunks_mut(kh * kw * ld)
+        .enumerate()
+        .for_each(|(ci, rows)| {
+            for bi in 0..b {
+                let x = &xs[(bi * cin + ci) * sh * sw..(bi * cin + ci + 1) * sh * sw];
+                im2col_rows(
+                    x,
+                    &mut rows[bi * plane..],
+                    ld,
+                    1,
+                    (sh * up, sw * up, up),
+                    kh,
+                    kw,
+                    stride,
+                    padding,
+                    0,
+                    oh,
+                    ow,
+                );
+            }
+        });
+    let want = 3 * threads();
+    let chunk = cout.div_ceil(want).next_multiple_of(16).min(cout);
+    let col = &col;
+    (0..cout.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let c0 = c * chunk;
+        let m = chunk.min(cout - c0);
+        let mut tmp = uninit_vec(m * ld);
+        // SAFETY: shapes and strides match the buffers.
+        unsafe {
+            gemm(
+                m,
+                ld,
+                k,
+                tmp.as_mut_ptr(),
+                1,
+                ld as isize,
+                false,
+                ws.as_ptr().add(c0 * k),
+                1,
+                k as isize,
+                col.as_ptr(),
+                1,
+                ld as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        for bi in 0..b {
+            for co in 0..m {
+                // SAFETY: channels c0..c0+m of every item are this task's alone.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.get().add((bi * cout + c0 + co) * plane),
+                        plane,
+                    )
+                };
+                let src = &tmp[co * ld + bi * plane..co * ld + (bi + 1) * plane];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d += s;
+                }
+            }
+        }
+    });
+}
+
+/// Fills `col` ([Cin·kh·kw, (oy1-oy0)·ow], rows `ld` apart) with the input patches of output
+/// rows oy0..oy1, zero where the kernel reads padding. `h`, `w` are the input size the kernel sees:
+/// `up` times the stored input's (nearest upsampling).
+#[allow(clippy::too_many_arguments)]
+fn im2col_rows(
+    x: &[f32],
+    col: &mut [f32],
+    ld: usize,
+    cin: usize,
+    (h, w, up): (usize, usize, usize),
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    oy0: usize,
+    oy1: usize,
+    ow: usize,
+) {
+    let n = (oy1 - oy0) * ow;
+    let (sh, sw) = (h / up, w / up);
+    for ci in 0..cin {
+        let plane = &x[ci * sh * sw..(ci + 1) * sh * sw];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let r = (ci * kh + ky) * kw + kx;
+                let dst_row = &mut col[r * ld..r * ld + n];
+                for oy in oy0..oy1 {
+                    let dst = &mut dst_row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
+                    let iy = (oy * stride + ky) as isize - padding as isize;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let sy = iy as usize / up;
+                    let src = &plane[sy * sw..(sy + 1) * sw];
+                    // ix = ox * stride + kx - padding
+                    let shift = kx as isize - padding as isize;
+                    if up > 1 {
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            let ix = (ox * stride) as isize + shift;
+                            *d = if ix >= 0 && ix < w as isize {
+                                src[ix as usize / up]
+                            } else {
+                                0.0
+                            };
+                        }
+                    } else if stride == 1 {
+                        // Valid ox: 0 <= ox + shift < w.
+                        let lo = (-shift).max(0) as usize;
+                        let hi = ((w as isize - shift).min(ow as isize)).max(lo as isize) as usize;
+                        dst[..lo].fill(0.0);
+                        dst[lo..hi].copy_from_slice(
+                            &src[(lo as isize + shift) as usize..(hi as isize + shift) as usize],
+                        );
+                        dst[hi..].fill(0.0);
+                    } else {
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            let ix = (ox * stride) as isize + shift;
+                            *d = if ix >= 0 && ix < w as isize {
+                                src[ix as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_candle() {
+        // (B, Cin, H, W, Cout, k, stride, padding)
+        let cases = [
+            (2, 5, 9, 7, 6, 3, 1, 1),
+            (1, 3, 8, 8, 4, 3, 2, 1),
+            (2, 4, 9, 9, 3, 3, 2, 0),
+            (2, 7, 5, 6, 5, 1, 1, 0),
+            (1, 2, 3, 3, 2, 3, 1, 1),
+            (3, 16, 33, 31, 8, 3, 1, 1),
+            (1, 4, 33, 32, 5, 3, 1, 1),
+            (3, 3, 70, 70, 4, 3, 2, 1),
+            (2, 7, 40, 40, 5, 1, 1, 0),
+            (2, 3, 40, 40, 4, 3, 1, 0),
+        ];
+        for (i, &(b, cin, h, w, cout, k, s, p)) in cases.iter().enumerate() {
+            let x = rand(&[b, cin, h, w], i as u64);
+            let wt = rand(&[cout, cin, k, k], 100 + i as u64);
+            let bias = rand(&[cout], 200 + i as u64);
+            let cfg = candle_nn::Conv2dConfig {
+                padding: p,
+                stride: s,
+                ..Default::default()
+            };
+            let conv = candle_nn::Conv2d::new(wt.clone(), Some(bias.clone()), cfg);
+            let want = conv.forward(&x).unwrap();
+            let got = conv2d(&x, &wt, Some(&bias), None, s, p).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) < 1e-5, "case {i}");
+
+            // Per-item bias and a residual.
+            let bias2 = rand(&[b, cout], 300 + i as u64);
+            let res = rand(want.dims(), 400 + i as u64);
+            let want2 = (conv
+                .forward(&x)
+                .unwrap()
+                .broadcast_sub(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&bias2.unsqueeze(2).unwrap().unsqueeze(3).unwrap())
+                .unwrap()
+                + &res)
+                .unwrap();
+            let got2 = conv2d(&x, &wt, Some(&bias2), Some(&res), s, p).unwrap();
+            assert!(max_diff(&got2, &want2) < 1e-5, "case {i} fused");
+
+            if s == 1 {
+                let (_, _, h, w) = x.dims4().unwrap();
+                let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+                let want3 = conv.forward(&up).unwrap();
+                let got3 = conv2d_upsample2x(&x, &wt, Some(&bias), p).unwrap();
+                assert!(max_diff(&got3, &want3) < 1e-5, "case {i} upsampled");
+            }
+        }
+    }
+}

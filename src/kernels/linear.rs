@@ -1,0 +1,406 @@
+//! Linear layers as row-blocked gemms with the bias and the residual fused in, including the
+//! two layout changes around a spatial transformer: a feature map [B, C, H, W] read as tokens
+//! [B, H·W, C] (proj_in) and tokens written back as a map (proj_out), without a transpose copy.
+
+use super::{F32View, SendPtr, tensor, threads, uninit_vec};
+use anyhow::{Result, ensure};
+use candle_core::Tensor;
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+/// Rows (or columns) of output per task.
+const BLOCK: usize = 128;
+
+/// How the input's [rows, K] matrix lies in memory, per batch item.
+#[derive(Clone, Copy)]
+struct Input {
+    ptr: SendPtr,
+    /// Elements between batch items.
+    item: usize,
+    /// Stride between rows (tokens) and between columns (features).
+    rs: usize,
+    cs: usize,
+}
+
+/// Fills `out` with `residual + bias` (or `bias`); returns whether anything was written.
+fn init_out(
+    out: &mut [f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    bias_per_row: bool,
+    plane: usize,
+) -> bool {
+    match (bias, residual) {
+        (None, None) => false,
+        (b, r) => {
+            out.par_chunks_mut(BLOCK * n)
+                .enumerate()
+                .for_each(|(blk, dst)| {
+                    let off = blk * BLOCK * n;
+                    if let Some(r) = r {
+                        dst.copy_from_slice(&r[off..off + dst.len()]);
+                    }
+                    if let Some(b) = b {
+                        for (i, v) in dst.iter_mut().enumerate() {
+                            let idx = off + i;
+                            // bias per output feature: the last axis, or the channel of a map.
+                            let f = if bias_per_row {
+                                (idx / plane) % b.len()
+                            } else {
+                                idx % n
+                            };
+                            if r.is_some() {
+                                *v += b[f];
+                            } else {
+                                *v = b[f];
+                            }
+                        }
+                    }
+                });
+            true
+        }
+    }
+}
+
+/// Splits an output of `items` x [tokens, features] into parallel single-threaded gemm tasks
+/// `f(item, t0, tokens, f0, features)`: along tokens when there are plenty (every task then
+/// packs the whole weight, which its many tokens amortise), else along features (the weight is
+/// split, so it is read once in all).
+fn for_grid(
+    items: usize,
+    tokens: usize,
+    features: usize,
+    f: impl Fn(usize, usize, usize, usize, usize) + Sync,
+) {
+    let nthreads = threads();
+    let want = 3 * nthreads;
+    let (tb, fb) = if items * tokens >= 256 * want {
+        let per_item = want.div_ceil(items);
+        (tokens.div_ceil(per_item).max(128), features)
+    } else {
+        let per_item = want.div_ceil(items);
+        let fb = features.div_ceil(per_item).next_multiple_of(16).max(16);
+        (tokens, fb)
+    };
+    let (nt, nf) = (tokens.div_ceil(tb), features.div_ceil(fb));
+    let tasks = items * nt * nf;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (item, rest) = (t / (nt * nf), t % (nt * nf));
+        let (ti, fi) = (rest / nf, rest % nf);
+        let (t0, f0) = (ti * tb, fi * fb);
+        f(item, t0, tb.min(tokens - t0), f0, fb.min(features - f0));
+    });
+}
+
+/// `x · wᵀ + bias + residual` with x: [..., K], w: [N, K], bias: [N], residual: [..., N].
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let (n, k) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    ensure!(
+        dims.last() == Some(&k),
+        "linear: input {dims:?}, weight [{n}, {k}]"
+    );
+    let m = x.elem_count() / k;
+    let _p = super::profile::scope(|| format!("linear {m}x{k}->{n}"));
+    *dims.last_mut().expect("rank >= 1") = n;
+    let xv = F32View::new(&x)?;
+    let input = Input {
+        ptr: SendPtr(xv.slice().as_ptr() as *mut f32),
+        item: 0,
+        rs: k,
+        cs: 1,
+    };
+    let out = tokens_out(input, 1, m, &w, bias, residual)?;
+    drop(xv);
+    tensor(out, dims)
+}
+
+/// A feature map x: [B, Cin, H, W] read as tokens [B, H·W, Cin], then `· wᵀ + bias`:
+/// returns [B, H·W, N] (a 1x1 convolution followed by the permute, in one pass).
+pub fn linear_from_map(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (b, cin, h, wd) = x.dims4()?;
+    let w = w.contiguous()?;
+    let w = w.reshape((w.dim(0)?, ()))?;
+    let (n, k) = w.dims2()?;
+    ensure!(
+        k == cin,
+        "linear_from_map: {cin} channels, weight [{n}, {k}]"
+    );
+    let hw = h * wd;
+    let _p = super::profile::scope(|| format!("linear_from_map {hw}x{k}->{n}"));
+    let xv = F32View::new(&x)?;
+    let input = Input {
+        ptr: SendPtr(xv.slice().as_ptr() as *mut f32),
+        item: cin * hw,
+        rs: 1,
+        cs: hw,
+    };
+    let out = tokens_out(input, b, hw, &w, bias, None)?;
+    drop(xv);
+    tensor(out, (b, hw, n))
+}
+
+/// Output [items·rows, N] row-major from an input with arbitrary strides.
+fn tokens_out(
+    input: Input,
+    items: usize,
+    rows: usize,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Vec<f32>> {
+    let (n, k) = w.dims2()?;
+    let bias = bias.map(|t| t.contiguous()).transpose()?;
+    let residual = residual.map(|t| t.contiguous()).transpose()?;
+    if let Some(r) = &residual {
+        ensure!(r.elem_count() == items * rows * n, "linear: residual size");
+    }
+    let bv = bias.as_ref().map(F32View::new).transpose()?;
+    let rv = residual.as_ref().map(F32View::new).transpose()?;
+    let wv = F32View::new(w)?;
+    let ws = SendPtr(wv.slice().as_ptr() as *mut f32);
+    let mut out = uninit_vec(items * rows * n);
+    let read_dst = init_out(
+        &mut out,
+        n,
+        bv.as_ref().map(|v| v.slice()),
+        rv.as_ref().map(|v| v.slice()),
+        false,
+        0,
+    );
+    let dst = SendPtr(out.as_mut_ptr());
+    for_grid(items, rows, n, |item, r0, m, c0, nc| {
+        let (dst, ws, input) = (dst, ws, input);
+        // SAFETY: rows r0..r0+m, columns c0..c0+nc of item `item` are this task's alone;
+        // strides are valid.
+        unsafe {
+            gemm(
+                m,
+                nc,
+                k,
+                dst.0.add((item * rows + r0) * n + c0),
+                1,
+                n as isize,
+                read_dst,
+                input.ptr.0.add(item * input.item + r0 * input.rs),
+                input.cs as isize,
+                input.rs as isize,
+                ws.0.add(c0 * k),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+    Ok(out)
+}
+
+/// Tokens t: [B, H·W, K] through `w: [N, K]` (+ bias), written as a map [B, N, H, W]
+/// (+ residual): a linear layer or 1x1 convolution and the permute back, in one pass.
+pub fn linear_to_map(
+    t: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    (h, wd): (usize, usize),
+) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    let (b, hw, k) = t.dims3()?;
+    ensure!(hw == h * wd, "linear_to_map: {hw} tokens for {h}x{wd}");
+    let w = w.contiguous()?;
+    let w = w.reshape((w.dim(0)?, ()))?;
+    let (n, wk) = w.dims2()?;
+    ensure!(wk == k, "linear_to_map: {k} features, weight [{n}, {wk}]");
+    let _p = super::profile::scope(|| format!("linear_to_map {hw}x{k}->{n}"));
+    let bias = bias.map(|t| t.contiguous()).transpose()?;
+    let residual = residual.map(|t| t.contiguous()).transpose()?;
+    if let Some(r) = &residual {
+        ensure!(r.dims() == [b, n, h, wd], "linear_to_map: residual shape");
+    }
+    let tv = F32View::new(&t)?;
+    let wv = F32View::new(&w)?;
+    let bv = bias.as_ref().map(F32View::new).transpose()?;
+    let rv = residual.as_ref().map(F32View::new).transpose()?;
+    let mut out = uninit_vec(b * n * hw);
+    let read_dst = init_out(
+        &mut out,
+        hw,
+        bv.as_ref().map(|v| v.slice()),
+        rv.as_ref().map(|v| v.slice()),
+        true,
+        hw,
+    );
+    let dst = SendPtr(out.as_mut_ptr());
+    let (ts, ws) = (
+        SendPtr(tv.slice().as_ptr() as *mut f32),
+        SendPtr(wv.slice().as_ptr() as *mut f32),
+    );
+    // out[b] [N, HW] = w [N, K] · t[b]ᵀ [K, HW]; tasks over blocks of pixels (columns).
+    for_grid(b, hw, n, |item, p0, cols, f0, nf| {
+        let (dst, ts, ws) = (dst, ts, ws);
+        // SAFETY: features f0..f0+nf, pixels p0..p0+cols of item `item` are this task's alone.
+        unsafe {
+            gemm(
+                nf,
+                cols,
+                k,
+                dst.0.add(item * n * hw + f0 * hw + p0),
+                1,
+                hw as isize,
+                read_dst,
+                ws.0.add(f0 * k),
+                1,
+                k as isize,
+                ts.0.add(item * hw * k + p0 * k),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+    drop((tv, wv));
+    tensor(out, (b, n, h, wd))
+}
+
+/// GEGLU: h: [..., 2·I] → h[..., :I] · gelu_erf(h[..., I:]), as [..., I].
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let h = h.contiguous()?;
+    let mut dims = h.dims().to_vec();
+    let two_i = *dims.last().expect("rank >= 1");
+    ensure!(two_i.is_multiple_of(2), "geglu: odd last axis {two_i}");
+    let inner = two_i / 2;
+    let _p = super::profile::scope(|| format!("geglu {inner}"));
+    *dims.last_mut().expect("rank >= 1") = inner;
+    let hv = F32View::new(&h)?;
+    let hs = hv.slice();
+    let mut out = uninit_vec(hs.len() / 2);
+    out.par_chunks_mut(inner)
+        .zip(hs.par_chunks(two_i))
+        .for_each(|(o, row)| super::simd::geglu(&row[..inner], &row[inner..], o));
+    drop(hv);
+    tensor(out, dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn linear_matches_candle() {
+        for &(b, m, k, n) in &[
+            (2, 300, 17, 9),
+            (1, 5, 8, 3),
+            (3, 129, 40, 70),
+            (1, 2000, 8, 5),
+        ] {
+            let x = rand(&[b, m, k], 1);
+            let w = rand(&[n, k], 2);
+            let bias = rand(&[n], 3);
+            let res = rand(&[b, m, n], 4);
+            let lin = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+            let want = lin.forward(&x).unwrap();
+            assert!(max_diff(&linear(&x, &w, Some(&bias), None).unwrap(), &want) < 1e-5);
+            let want_r = (&want + &res).unwrap();
+            assert!(max_diff(&linear(&x, &w, Some(&bias), Some(&res)).unwrap(), &want_r) < 1e-5);
+            let want_nb = candle_nn::Linear::new(w.clone(), None).forward(&x).unwrap();
+            assert!(max_diff(&linear(&x, &w, None, None).unwrap(), &want_nb) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn geglu_matches_candle() {
+        let h = (rand(&[2, 5, 12], 11) * 6.0).unwrap();
+        let parts = h.chunk(2, 2).unwrap();
+        let want = (&parts[0] * parts[1].gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&geglu(&h).unwrap(), &want) < 2e-6);
+    }
+
+    #[test]
+    fn map_layouts_match_permutes() {
+        let (b, c, h, w, n) = (2, 6, 7, 9, 5);
+        let x = rand(&[b, c, h, w], 5);
+        let wt = rand(&[n, c], 6);
+        let bias = rand(&[n], 7);
+        let tokens = x
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .reshape((b, h * w, c))
+            .unwrap();
+        let want = candle_nn::Linear::new(wt.clone(), Some(bias.clone()))
+            .forward(&tokens)
+            .unwrap();
+        let got = linear_from_map(&x, &wt, Some(&bias)).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+
+        let t = rand(&[b, h * w, c], 8);
+        let res = rand(&[b, n, h, w], 9);
+        let lin = candle_nn::Linear::new(wt.clone(), Some(bias.clone()))
+            .forward(&t)
+            .unwrap();
+        let want = (lin
+            .reshape((b, h, w, n))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            + &res)
+            .unwrap();
+        let got = linear_to_map(&t, &wt, Some(&bias), Some(&res), (h, w)).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        let got = linear_to_map(
+            &t,
+            &wt.reshape((n, c, 1, 1)).unwrap(),
+            Some(&bias),
+            Some(&res),
+            (h, w),
+        )
+        .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+    }
+}

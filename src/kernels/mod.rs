@@ -1,0 +1,162 @@
+//! CPU kernels for f32 where candle's generic ones are slow: convolution (tiled im2col straight
+//! from NCHW into `gemm`, with the bias, the timestep embedding and the residual fused in),
+//! group norm fused with SiLU, memory-efficient attention that reads heads in place, and GEGLU.
+//!
+//! Each kernel works on contiguous f32 CPU tensors and returns a new tensor; callers check
+//! [`applies`] and keep candle's ops for other devices and dtypes. Work is split over rayon's
+//! global pool, and every `gemm` inside a parallel task is single-threaded.
+
+pub mod attention;
+pub mod conv;
+pub mod linear;
+pub mod norm;
+pub mod simd;
+mod winograd;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Shape, Storage, StorageRef, Tensor};
+
+/// Whether the fast kernels can run on `t`: f32 on the CPU (and not turned off with
+/// `TKG_KERNELS=0`, which runs candle's ops instead, for comparisons).
+pub fn applies(t: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    t.device().is_cpu()
+        && t.dtype() == DType::F32
+        && *ON.get_or_init(|| {
+            let on = std::env::var("TKG_KERNELS").map_or(true, |v| v != "0");
+            if on {
+                keep_freed_memory();
+            }
+            on
+        })
+}
+
+/// Makes glibc's malloc keep freed memory for reuse instead of handing every large block back
+/// to the kernel: a forward pass allocates and frees tensors of the same few sizes over and
+/// over, and fresh pages from the kernel cost a page fault and a zeroing each (about a tenth
+/// of a UNet step at 512x512). The peak stays the same: the memory is reused, not added.
+/// `TKG_MALLOC_TUNING=0` leaves malloc alone.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var("TKG_MALLOC_TUNING").map_or(true, |v| v != "0") {
+        // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
+        unsafe {
+            // Serve large blocks from the heap (reusable) rather than fresh mappings...
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            // ...and never shrink the heap top back to the kernel.
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
+
+/// Read access to a contiguous f32 CPU tensor's values.
+pub(crate) struct F32View<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> F32View<'a> {
+    /// `t` must be contiguous (call `.contiguous()` first).
+    pub(crate) fn new(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        if !layout.is_contiguous() {
+            bail!("internal: kernel input is not contiguous");
+        }
+        if !matches!(&*guard, Storage::Cpu(_)) || t.dtype() != DType::F32 {
+            bail!("internal: kernel input is not an f32 CPU tensor");
+        }
+        Ok(Self {
+            guard,
+            start: layout.start_offset(),
+            len: t.elem_count(),
+        })
+    }
+
+    pub(crate) fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(c) => {
+                &c.as_slice::<f32>().expect("checked f32")[self.start..self.start + self.len]
+            }
+            _ => unreachable!("checked CPU"),
+        }
+    }
+}
+
+/// Wraps kernel output as a CPU tensor (no copy).
+pub(crate) fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape.into(), &Device::Cpu)?)
+}
+
+/// A raw pointer that may cross threads; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: used only to hand disjoint output regions to rayon tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A vector whose every element the caller writes before reading.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn uninit_vec(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns; callers overwrite every element before use.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The number of threads the kernels split work over.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Per-kernel wall-clock totals, collected when `TKG_PROFILE=1` (for `tkg bench -v`).
+pub mod profile {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    static TOTALS: Mutex<BTreeMap<String, (Duration, usize)>> = Mutex::new(BTreeMap::new());
+
+    fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("TKG_PROFILE").is_ok_and(|v| v == "1"))
+    }
+
+    /// Times its scope under `name` while profiling is on.
+    pub struct Scope(Option<(String, Instant)>);
+
+    pub fn scope(name: impl FnOnce() -> String) -> Scope {
+        Scope(enabled().then(|| (name(), Instant::now())))
+    }
+
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            if let Some((name, t)) = self.0.take() {
+                let mut m = TOTALS.lock().unwrap();
+                let e = m.entry(name).or_default();
+                e.0 += t.elapsed();
+                e.1 += 1;
+            }
+        }
+    }
+
+    /// The totals so far, largest first, and clears them.
+    pub fn take() -> Vec<(String, Duration, usize)> {
+        let mut m = TOTALS.lock().unwrap();
+        let mut v: Vec<_> = std::mem::take(&mut *m)
+            .into_iter()
+            .map(|(k, (d, n))| (k, d, n))
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v
+    }
+}

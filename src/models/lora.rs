@@ -1,0 +1,830 @@
+//! LoRA adapters, merged into the weights as they are loaded.
+//!
+//! Formats read:
+//! - kohya-ss (sd-scripts, most civitai files): `lora_unet_<path with _>`, `lora_te_` (SD1),
+//!   `lora_te1_` / `lora_te2_` (SDXL) with `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+//!   SD1 files use diffusers module paths, SDXL files LDM paths (`input_blocks_4_1_...`);
+//!   LoCon 3x3 convs (down [r, in, 3, 3], up [out, r, 1, 1]).
+//! - diffusers / PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` + module path +
+//!   `.lora_A.weight` / `.lora_B.weight`; alpha from the `lora_adapter_metadata` JSON
+//!   (`unet.lora_alpha`, `unet.alpha_pattern`, ...) when present, else scale 1.
+//! - older diffusers: `.lora.down/up.weight`, `.lora_linear_layer.down/up.weight`, and the
+//!   attention-processor names (`attn1.processor.to_q_lora.down.weight`, text encoder
+//!   `self_attn.to_q_lora...`).
+//!
+//! Matching goes model-first, as ComfyUI does: for each weight the network reads, every LoRA
+//! module name that could refer to it is looked up (dotted diffusers path, the same with `_`,
+//! and for the UNet its LDM path with `_`). The change `w · scale · up @ down` is added in f32
+//! to the weight as it is read ([`WeightPatch`]), so no second copy of the model exists.
+
+use super::config::UNetConfig;
+use super::registry::Family;
+use super::single_file::unet_to_ldm;
+use super::weights::{WeightFile, WeightPatch};
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{DType, Tensor};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One LoRA to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    /// The multiplier (A1111's weight); 1.0 by default.
+    pub weight: f32,
+    /// The name shown in reports and in `Lora hashes` (the prompt tag's name, or the file
+    /// stem).
+    pub name: String,
+}
+
+impl LoraSpec {
+    /// Parses `--lora FILE[:WEIGHT]`.
+    pub fn parse(arg: &str) -> Result<Self> {
+        let (path, weight) = match arg.rsplit_once(':') {
+            Some((p, w)) if !p.is_empty() && w.trim().parse::<f32>().is_ok() => {
+                (p, w.trim().parse::<f32>().expect("checked"))
+            }
+            _ => (arg, 1.0),
+        };
+        ensure!(
+            weight.is_finite(),
+            "--lora {arg}: the weight must be a finite number"
+        );
+        let path = PathBuf::from(path);
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Ok(Self { path, weight, name })
+    }
+}
+
+/// A `<lora:NAME:WEIGHT>` tag found in a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTag {
+    pub name: String,
+    pub weight: f32,
+}
+
+fn tag_regex() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| regex::Regex::new(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>").unwrap())
+}
+
+/// The `<lora:NAME[:WEIGHT]>` tags of a prompt (A1111's syntax), in order.
+pub fn prompt_tags(prompt: &str) -> Result<Vec<LoraTag>> {
+    tag_regex()
+        .captures_iter(prompt)
+        .map(|c| {
+            let name = c[1].trim().to_string();
+            let weight = match c.get(2).map(|m| m.as_str().trim()) {
+                None | Some("") => 1.0,
+                Some(w) => w
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|w| w.is_finite())
+                    .with_context(|| format!("<lora:{name}:{w}>: the weight must be a number"))?,
+            };
+            Ok(LoraTag { name, weight })
+        })
+        .collect()
+}
+
+/// The prompt without its `<lora:...>` tags: the text that is encoded.
+pub fn strip_tags(prompt: &str) -> String {
+    if !prompt.contains("<lora:") {
+        return prompt.to_string();
+    }
+    tag_regex().replace_all(prompt, "").into_owned()
+}
+
+/// Finds a tag's file in `--lora-dir`: `NAME.safetensors` (also in sub-folders, as A1111
+/// does), or `NAME` itself.
+pub fn resolve_tag(tag: &LoraTag, dir: Option<&Path>) -> Result<LoraSpec> {
+    let Some(dir) = dir else {
+        bail!(
+            "the prompt has <lora:{}:...> but no --lora-dir says where LoRA files are",
+            tag.name
+        );
+    };
+    let want = format!("{}.safetensors", tag.name);
+    let direct = [dir.join(&want), dir.join(&tag.name)];
+    let mut found = direct.into_iter().find(|p| p.is_file());
+    if found.is_none() {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            for p in entries {
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.file_name().is_some_and(|n| n == want.as_str()) {
+                    found = Some(p);
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+    }
+    let path = found.with_context(|| {
+        format!(
+            "<lora:{}>: no {want} in --lora-dir {}",
+            tag.name,
+            dir.display()
+        )
+    })?;
+    Ok(LoraSpec {
+        path,
+        weight: tag.weight,
+        name: tag.name.clone(),
+    })
+}
+
+/// Which network a LoRA module changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Unet,
+    TextEncoder,
+    TextEncoder2,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Unet => "unet",
+            Target::TextEncoder => "text_encoder",
+            Target::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// The tensors of one LoRA module.
+#[derive(Debug, Default, Clone)]
+struct Module {
+    down: Option<String>,
+    up: Option<String>,
+    alpha: Option<String>,
+    /// kohya naming (alpha / rank, alpha missing = rank).
+    kohya: bool,
+}
+
+impl Module {
+    fn tensors(&self) -> impl Iterator<Item = &String> {
+        [&self.down, &self.up, &self.alpha].into_iter().flatten()
+    }
+}
+
+/// What a LoRA tensor name means: (target, module key, part); the key is the dotted module
+/// path (with `text_model.` for text encoders) or, for kohya, the path with `_`.
+fn parse_key(key: &str) -> Option<(Target, String, Part, bool)> {
+    for (prefix, target) in [
+        ("lora_unet_", Target::Unet),
+        ("lora_te1_", Target::TextEncoder),
+        ("lora_te2_", Target::TextEncoder2),
+        ("lora_te_", Target::TextEncoder),
+    ] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            let (module, suffix) = rest.split_once('.')?;
+            let part = match suffix {
+                "lora_down.weight" => Part::Down,
+                "lora_up.weight" => Part::Up,
+                "alpha" => Part::Alpha,
+                _ => return None,
+            };
+            return Some((target, module.to_string(), part, true));
+        }
+    }
+    let (target, rest) = if let Some(r) = key.strip_prefix("unet.") {
+        (Target::Unet, r)
+    } else if let Some(r) = key.strip_prefix("text_encoder_2.") {
+        (Target::TextEncoder2, r)
+    } else if let Some(r) = key.strip_prefix("text_encoder.") {
+        (Target::TextEncoder, r)
+    } else if key.contains("_blocks.") || key.starts_with("mid_block.") {
+        // The oldest diffusers files: attention processors without a prefix.
+        (Target::Unet, key)
+    } else {
+        return None;
+    };
+    const SUFFIXES: &[(&str, Part)] = &[
+        (".lora_A.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+        (".lora_linear_layer.down.weight", Part::Down),
+        (".lora_linear_layer.up.weight", Part::Up),
+        ("_lora.down.weight", Part::Down),
+        ("_lora.up.weight", Part::Up),
+        (".alpha", Part::Alpha),
+    ];
+    let (module, part) = SUFFIXES
+        .iter()
+        .find_map(|(s, p)| rest.strip_suffix(s).map(|m| (m, *p)))?;
+    Some((target, normalize_dotted(target, module), part, false))
+}
+
+/// Old attention-processor names → module paths; text encoder paths get `text_model.`.
+fn normalize_dotted(target: Target, module: &str) -> String {
+    let mut segs: Vec<String> = module
+        .split('.')
+        .filter(|s| *s != "processor")
+        .map(String::from)
+        .collect();
+    let te = target != Target::Unet;
+    if let Some(last) = segs.last_mut() {
+        let renamed = match (last.as_str(), te) {
+            ("to_q", true) => Some("q_proj"),
+            ("to_k", true) => Some("k_proj"),
+            ("to_v", true) => Some("v_proj"),
+            ("to_out", true) => Some("out_proj"),
+            ("to_out", false) => Some("to_out.0"),
+            _ => None,
+        };
+        if let Some(r) = renamed {
+            *last = r.to_string();
+        }
+    }
+    let path = segs.join(".");
+    if te && !path.starts_with("text_model.") && !path.starts_with("text_projection") {
+        format!("text_model.{path}")
+    } else {
+        path
+    }
+}
+
+/// PEFT's adapter settings for one target, from `lora_adapter_metadata`.
+#[derive(Debug, Default, Clone)]
+struct PeftMeta {
+    alpha: Option<f64>,
+    alpha_pattern: Vec<(String, f64)>,
+    rslora: bool,
+}
+
+fn peft_meta(file: &WeightFile) -> Result<BTreeMap<Target, PeftMeta>> {
+    let mut out = BTreeMap::new();
+    let Some(raw) = file.metadata().get("lora_adapter_metadata") else {
+        return Ok(out);
+    };
+    let v: Value = serde_json::from_str(raw).with_context(|| {
+        format!(
+            "{}: lora_adapter_metadata is not valid JSON",
+            file.path().display()
+        )
+    })?;
+    let Some(obj) = v.as_object() else {
+        return Ok(out);
+    };
+    for target in [Target::Unet, Target::TextEncoder, Target::TextEncoder2] {
+        let get = |k: &str| obj.get(&format!("{}.{k}", target.as_str()));
+        let alpha = get("lora_alpha").and_then(Value::as_f64);
+        if alpha.is_none() && get("r").is_none() {
+            continue;
+        }
+        let alpha_pattern = get("alpha_pattern")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        out.insert(
+            target,
+            PeftMeta {
+                alpha,
+                alpha_pattern,
+                rslora,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// One opened LoRA file.
+pub struct LoraFile {
+    pub spec: LoraSpec,
+    file: Arc<WeightFile>,
+    modules: BTreeMap<(Target, String), Module>,
+    /// Tensors of kinds tkg does not apply (LyCORIS LoHa/LoKr, DoRA, Tucker mids, ...).
+    unsupported: Vec<String>,
+    meta: BTreeMap<Target, PeftMeta>,
+    used: Mutex<BTreeSet<(Target, String)>>,
+    /// Time spent reading this LoRA's tensors and computing its changes.
+    spent: Mutex<std::time::Duration>,
+}
+
+impl LoraFile {
+    pub fn open(spec: &LoraSpec) -> Result<Self> {
+        super::single_file::check_extension(&spec.path)?;
+        let file = WeightFile::open(&spec.path).with_context(|| format!("LoRA {}", spec.name))?;
+        let mut modules: BTreeMap<(Target, String), Module> = BTreeMap::new();
+        let mut unsupported = Vec::new();
+        for name in file.names() {
+            match parse_key(&name) {
+                Some((target, key, part, kohya)) => {
+                    let m = modules.entry((target, key)).or_default();
+                    m.kohya = kohya;
+                    let slot = match part {
+                        Part::Down => &mut m.down,
+                        Part::Up => &mut m.up,
+                        Part::Alpha => &mut m.alpha,
+                    };
+                    *slot = Some(name);
+                }
+                None => unsupported.push(name),
+            }
+        }
+        // A module needs both halves.
+        modules.retain(|_, m| {
+            let ok = m.down.is_some() && m.up.is_some();
+            if !ok {
+                unsupported.extend(m.tensors().cloned());
+            }
+            ok
+        });
+        if modules.is_empty() {
+            let shown: Vec<&str> = unsupported.iter().take(3).map(String::as_str).collect();
+            let lycoris = unsupported
+                .iter()
+                .any(|n| n.contains("hada_") || n.contains("lokr_"));
+            if lycoris {
+                bail!(
+                    "LoRA {}: {} is a LyCORIS LoHa/LoKr file, which tkg does not support (only LoRA / LoCon)",
+                    spec.name,
+                    spec.path.display()
+                );
+            }
+            if unsupported
+                .iter()
+                .any(|n| n.starts_with("model.diffusion_model."))
+            {
+                bail!(
+                    "LoRA {}: {} is a full checkpoint, not a LoRA (use --model-file)",
+                    spec.name,
+                    spec.path.display()
+                );
+            }
+            bail!(
+                "LoRA {}: {} has no LoRA tensors in a known format ({}{})",
+                spec.name,
+                spec.path.display(),
+                shown.join(", "),
+                if unsupported.len() > 3 { ", ..." } else { "" }
+            );
+        }
+        let meta = peft_meta(&file)?;
+        Ok(Self {
+            spec: spec.clone(),
+            file,
+            modules,
+            unsupported,
+            meta,
+            used: Mutex::new(BTreeSet::new()),
+            spent: Mutex::new(std::time::Duration::ZERO),
+        })
+    }
+
+    /// Number of LoRA modules (down/up pairs) in the file.
+    pub fn module_count(&self) -> usize {
+        self.modules.len()
+    }
+
+    fn targets(&self) -> BTreeSet<Target> {
+        self.modules.keys().map(|(t, _)| *t).collect()
+    }
+
+    /// The in-features of the UNet's cross-attention key/value projections, if the LoRA
+    /// changes them: the width of the text embeddings it was trained with.
+    fn cross_width(&self) -> Option<usize> {
+        self.modules.iter().find_map(|((t, k), m)| {
+            let is_kv = ["attn2.to_k", "attn2.to_v", "attn2_to_k", "attn2_to_v"]
+                .iter()
+                .any(|s| k.ends_with(s));
+            if *t != Target::Unet || !is_kv {
+                return None;
+            }
+            let shape = self.file.shape(m.down.as_ref()?)?;
+            (shape.len() == 2).then(|| shape[1])
+        })
+    }
+
+    fn scale(&self, target: Target, key: &str, m: &Module, rank: usize) -> Result<f64> {
+        let r = rank as f64;
+        if let Some(a) = &m.alpha {
+            let alpha = self
+                .file
+                .read(a)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let alpha = *alpha.first().with_context(|| format!("{a} is empty"))? as f64;
+            return Ok(if alpha == 0.0 { 1.0 } else { alpha / r });
+        }
+        if m.kohya {
+            return Ok(1.0);
+        }
+        let Some(meta) = self.meta.get(&target) else {
+            return Ok(1.0);
+        };
+        let pattern = meta
+            .alpha_pattern
+            .iter()
+            .find(|(p, _)| key == p || key.ends_with(&format!(".{p}")));
+        let alpha = match (pattern, meta.alpha) {
+            (Some((_, a)), _) => *a,
+            (None, Some(a)) => a,
+            (None, None) => return Ok(1.0),
+        };
+        Ok(if meta.rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        })
+    }
+
+    /// `scale · up @ down` for one module, shaped like the model weight.
+    fn delta(&self, target: Target, key: &str, m: &Module, shape: &[usize]) -> Result<Tensor> {
+        let name = &self.spec.name;
+        let down = self
+            .file
+            .read(m.down.as_ref().expect("complete module"))?
+            .to_dtype(DType::F32)?;
+        let up = self
+            .file
+            .read(m.up.as_ref().expect("complete module"))?
+            .to_dtype(DType::F32)?;
+        let rank = down.dim(0)?;
+        let out = up.dim(0)?;
+        ensure!(
+            up.elem_count() == out * rank,
+            "LoRA {name}: {key}: up has shape {:?}, which does not fit rank {rank} (only 1x1 up projections are supported)",
+            up.dims()
+        );
+        let scale = self.scale(target, key, m, rank)? * self.spec.weight as f64;
+        // The scale goes into `up` ([out, r], small) rather than over the full product.
+        let up = (up.reshape((out, rank))? * scale)?;
+        let down = down.reshape((rank, down.elem_count() / rank))?;
+        let d = up.matmul(&down)?;
+        let numel: usize = shape.iter().product();
+        ensure!(
+            d.elem_count() == numel && shape.first() == Some(&out),
+            "LoRA {name}: {key} changes a [{out}, {}] weight but the model's is {shape:?}: the LoRA was made for another model",
+            d.dim(1)?
+        );
+        Ok(d.reshape(shape)?)
+    }
+}
+
+/// The LoRAs of one load, with what they matched.
+pub struct LoraSet {
+    files: Vec<Arc<LoraFile>>,
+}
+
+/// What one LoRA did.
+#[derive(Debug, Clone)]
+pub struct LoraReport {
+    pub name: String,
+    pub path: PathBuf,
+    pub weight: f32,
+    /// Modules applied, per component (`unet`, `text_encoder`, `text_encoder_2`).
+    pub applied: BTreeMap<String, usize>,
+    /// Modules in the file.
+    pub modules: usize,
+    /// Tensors that matched no weight (or are of an unsupported kind).
+    pub unmatched: Vec<String>,
+    /// Time spent reading the LoRA and computing its changes (the merge itself).
+    pub merge_time: std::time::Duration,
+}
+
+impl LoraReport {
+    /// A one-line summary: `LoRA NAME (w 0.8): applied 192/192 modules (unet 128, text_encoder 64)`.
+    pub fn summary(&self) -> String {
+        let total: usize = self.applied.values().sum();
+        let per: Vec<String> = self
+            .applied
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        format!(
+            "LoRA {} (weight {}): applied {total}/{} modules ({}) in {:.2} s{}",
+            self.name,
+            self.weight,
+            self.modules,
+            per.join(", "),
+            self.merge_time.as_secs_f64(),
+            if self.unmatched.is_empty() {
+                String::new()
+            } else {
+                format!("; {} tensor(s) matched nothing", self.unmatched.len())
+            }
+        )
+    }
+}
+
+fn family_of_width(width: usize) -> String {
+    match width {
+        768 => "SD1.x".into(),
+        1024 => "SD2.x".into(),
+        2048 => "SDXL".into(),
+        w => format!("a model with {w}-wide text embeddings"),
+    }
+}
+
+impl LoraSet {
+    pub fn open(specs: &[LoraSpec]) -> Result<Self> {
+        let files = specs
+            .iter()
+            .map(|s| LoraFile::open(s).map(Arc::new))
+            .collect::<Result<_>>()?;
+        Ok(Self { files })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Fails when a LoRA was made for another model family than `family`, whose UNet
+    /// cross-attention takes `cross_width`-wide text embeddings.
+    pub fn check_family(&self, family: Family, cross_width: usize) -> Result<()> {
+        for f in &self.files {
+            let name = &f.spec.name;
+            if family == Family::Sd15 && f.targets().contains(&Target::TextEncoder2) {
+                bail!(
+                    "LoRA {name} targets SDXL (it changes a second text encoder), but the model is {family}"
+                );
+            }
+            if let Some(w) = f.cross_width()
+                && w != cross_width
+            {
+                bail!(
+                    "LoRA {name} targets {} (its cross-attention takes {w}-wide text embeddings), but the model is {family} ({cross_width}-wide)",
+                    family_of_width(w)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The patch for one component, or `None` when no LoRA has modules for it.
+    pub fn patch(&self, target: Target, unet: Option<&UNetConfig>) -> Option<Arc<dyn WeightPatch>> {
+        let files: Vec<Arc<LoraFile>> = self
+            .files
+            .iter()
+            .filter(|f| f.targets().contains(&target))
+            .cloned()
+            .collect();
+        if files.is_empty() {
+            return None;
+        }
+        Some(Arc::new(ComponentPatch {
+            files,
+            target,
+            unet: unet.cloned(),
+        }))
+    }
+
+    /// Reports what each LoRA matched. Fails when one matched nothing, or, with `strict`,
+    /// when any tensor matched nothing.
+    pub fn finish(&self, strict: bool) -> Result<Vec<LoraReport>> {
+        let mut reports = Vec::new();
+        for f in &self.files {
+            let used = f.used.lock().unwrap();
+            let mut applied = BTreeMap::new();
+            for (t, _) in used.iter() {
+                *applied.entry(t.as_str().to_string()).or_insert(0) += 1;
+            }
+            let mut unmatched: Vec<String> = f
+                .modules
+                .iter()
+                .filter(|(k, _)| !used.contains(*k))
+                .flat_map(|(_, m)| m.tensors().cloned())
+                .collect();
+            unmatched.extend(f.unsupported.iter().cloned());
+            unmatched.sort();
+            let name = &f.spec.name;
+            if used.is_empty() {
+                let shown: Vec<&str> = unmatched.iter().take(3).map(String::as_str).collect();
+                bail!(
+                    "LoRA {name} ({}): none of its {} modules matches a weight of this model ({}, ...)",
+                    f.spec.path.display(),
+                    f.modules.len(),
+                    shown.join(", ")
+                );
+            }
+            if strict && !unmatched.is_empty() {
+                let shown: Vec<&str> = unmatched.iter().take(5).map(String::as_str).collect();
+                bail!(
+                    "LoRA {name}: {} tensor(s) match no weight of this model (--lora-strict): {}{}",
+                    unmatched.len(),
+                    shown.join(", "),
+                    if unmatched.len() > 5 { ", ..." } else { "" }
+                );
+            }
+            reports.push(LoraReport {
+                name: name.clone(),
+                path: f.spec.path.clone(),
+                weight: f.spec.weight,
+                applied,
+                modules: f.modules.len(),
+                unmatched,
+                merge_time: *f.spent.lock().unwrap(),
+            });
+        }
+        Ok(reports)
+    }
+
+    /// `(name, hash)` pairs for A1111's `Lora hashes`: the first 12 hex digits of the sha256
+    /// of the file's tensor data (the "addnet" hash A1111 uses for safetensors), or the
+    /// file's `sshs_model_hash` metadata when it has one.
+    pub fn hashes(&self) -> Result<Vec<(String, String)>> {
+        self.files
+            .iter()
+            .map(|f| {
+                let h = match f.file.metadata().get("sshs_model_hash") {
+                    Some(h) if h.len() >= 12 => h[..12].to_string(),
+                    _ => addnet_hash(&f.file)?[..12].to_string(),
+                };
+                let alias = f.spec.name.replace([':', ','], "");
+                Ok((alias, h))
+            })
+            .collect()
+    }
+}
+
+/// sha256 of a safetensors file's bytes after the header.
+pub fn addnet_hash(file: &WeightFile) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file.path())?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)?;
+    f.seek(SeekFrom::Start(8 + u64::from_le_bytes(n)))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+struct ComponentPatch {
+    files: Vec<Arc<LoraFile>>,
+    target: Target,
+    unet: Option<UNetConfig>,
+}
+
+impl ComponentPatch {
+    /// Every LoRA module key that could name the weight `module` (a dotted path).
+    fn candidates(&self, module: &str) -> Vec<String> {
+        let mut out = Vec::with_capacity(4);
+        let dotted = if self.target == Target::Unet
+            || module.starts_with("text_model.")
+            || module.starts_with("text_projection")
+        {
+            module.to_string()
+        } else {
+            format!("text_model.{module}")
+        };
+        out.push(dotted.replace('.', "_"));
+        if let Some(cfg) = &self.unet
+            && let Some(ldm) = unet_to_ldm(module, cfg)
+        {
+            out.push(ldm.replace('.', "_"));
+        }
+        out.push(dotted);
+        out
+    }
+}
+
+impl WeightPatch for ComponentPatch {
+    fn delta(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(module) = name.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        if shape.len() < 2 {
+            return Ok(None);
+        }
+        let candidates = self.candidates(module);
+        let mut total: Option<Tensor> = None;
+        for f in &self.files {
+            for c in &candidates {
+                let key = (self.target, c.clone());
+                let Some(m) = f.modules.get(&key) else {
+                    continue;
+                };
+                let t0 = std::time::Instant::now();
+                let d = f.delta(self.target, c, m, shape)?;
+                *f.spent.lock().unwrap() += t0.elapsed();
+                f.used.lock().unwrap().insert(key);
+                total = Some(match total {
+                    None => d,
+                    Some(t) => (t + d)?,
+                });
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_every_format() {
+        let k = |s: &str| parse_key(s).map(|(t, k, p, _)| (t, k, p));
+        assert_eq!(
+            k("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"),
+            Some((
+                Target::Unet,
+                "input_blocks_4_1_transformer_blocks_0_attn1_to_q".into(),
+                Part::Down
+            ))
+        );
+        assert_eq!(
+            k("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha")
+                .unwrap()
+                .0,
+            Target::TextEncoder2
+        );
+        assert_eq!(
+            k("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"),
+            Some((
+                Target::Unet,
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".into(),
+                Part::Up
+            ))
+        );
+        assert_eq!(
+            k(
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight"
+            ),
+            Some((
+                Target::Unet,
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0".into(),
+                Part::Down
+            ))
+        );
+        assert_eq!(
+            k("text_encoder.text_model.encoder.layers.1.self_attn.to_k_lora.up.weight"),
+            Some((
+                Target::TextEncoder,
+                "text_model.encoder.layers.1.self_attn.k_proj".into(),
+                Part::Up
+            ))
+        );
+        assert_eq!(
+            k("text_encoder_2.encoder.layers.1.self_attn.q_proj.lora_linear_layer.down.weight"),
+            Some((
+                Target::TextEncoder2,
+                "text_model.encoder.layers.1.self_attn.q_proj".into(),
+                Part::Down
+            ))
+        );
+        assert!(k("lora_unet_x.hada_w1_a").is_none());
+    }
+
+    #[test]
+    fn tags_are_found_and_removed() {
+        let p = "a car <lora:my_car:0.8>, studio <lora:light>";
+        let tags = prompt_tags(p).unwrap();
+        assert_eq!(
+            tags,
+            vec![
+                LoraTag {
+                    name: "my_car".into(),
+                    weight: 0.8
+                },
+                LoraTag {
+                    name: "light".into(),
+                    weight: 1.0
+                }
+            ]
+        );
+        assert_eq!(strip_tags(p), "a car , studio ");
+        assert!(prompt_tags("<lora:x:abc>").is_err());
+        let s = LoraSpec::parse("/a/b/style.safetensors:0.5").unwrap();
+        assert_eq!((s.weight, s.name.as_str()), (0.5, "style"));
+        assert_eq!(LoraSpec::parse("c:/x.safetensors").unwrap().weight, 1.0);
+    }
+}
