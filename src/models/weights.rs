@@ -186,11 +186,6 @@ impl WeightFile {
         self.entries.contains_key(name)
     }
 
-    /// Where the tensor data starts (just after the header).
-    pub fn data_start(&self) -> u64 {
-        self.entries.values().map(|e| e.start).min().unwrap_or(0)
-    }
-
     /// Names of the tensors in the file.
     pub fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
