@@ -18,6 +18,7 @@ use crate::scheduler::Ddim;
 use crate::tkg::{self, ShiftReport, TkgSettings};
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -389,6 +390,11 @@ impl Pipeline {
     /// they are read and, optionally, another VAE.
     pub fn load_with(source: ModelSource, opts: &LoadOptions, adapters: &Adapters) -> Result<Self> {
         let start = Instant::now();
+        ensure!(
+            !(opts.device.is_cpu() && opts.dtype == DType::BF16),
+            "--dtype bf16 is not available on the CPU (candle has no CPU bf16 matmul); use f32 \
+             (the default on the CPU) or f16"
+        );
         let single = match source {
             ModelSource::File { path, .. } => Some(SingleFile::open(path)?),
             ModelSource::Folder(_) => None,
@@ -800,10 +806,9 @@ impl Pipeline {
         control: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let batch = init.dim(0)?;
-        // On the CPU the UNet runs image by image even in a batch: the CPU gains nothing from
-        // batching, and its matmul blocking depends on the row count, so one fused call would
-        // change the last bits of an image with the batch size. TKG_FUSED_CPU_BATCH=1 fuses
-        // anyway (to measure that).
+        // On the CPU the images of a batch run side by side, one UNet call each: gemm's
+        // blocking depends on the row count, so one fused call would change the last bits of
+        // an image with the batch size. TKG_FUSED_CPU_BATCH=1 fuses anyway (to measure that).
         let split_batches = self.device.is_cpu()
             && std::env::var_os("TKG_FUSED_CPU_BATCH").is_none_or(|v| v != "1");
         let scheduler = Ddim::new(&self.scheduler, steps)?;
@@ -917,16 +922,20 @@ impl Pipeline {
             "--guidance must be a non-negative number"
         );
         let cfg = first.guidance > 1.0;
-        let mut conds = Vec::with_capacity(reqs.len());
-        let mut text_times = Vec::with_capacity(reqs.len());
-        let mut inits = Vec::with_capacity(reqs.len());
-        for r in reqs {
+        let encoded = self.per_image(reqs.len(), |i| {
+            let r = &reqs[i];
             let t0 = Instant::now();
             let mut cond = self.encode_prompt(&r.prompt, &r.negative_prompt, cfg)?;
             cond.micro = r.micro;
-            text_times.push(t0.elapsed());
+            Ok((cond, t0.elapsed(), self.initial_latents_with(r, rng)?))
+        })?;
+        let mut conds = Vec::with_capacity(reqs.len());
+        let mut text_times = Vec::with_capacity(reqs.len());
+        let mut inits = Vec::with_capacity(reqs.len());
+        for (cond, time, init) in encoded {
             conds.push(cond);
-            inits.push(self.initial_latents_with(r, rng)?);
+            text_times.push(time);
+            inits.push(init);
         }
         let t1 = Instant::now();
         let cond = stack_conditioning(&conds, cfg)?;
@@ -935,11 +944,15 @@ impl Pipeline {
         let final_latents =
             self.denoise_checked(&init, &cond, first.steps, first.guidance, control)?;
         let denoise = t1.elapsed() / reqs.len() as u32;
-        let mut out = Vec::with_capacity(reqs.len());
-        for (i, ((r, c), (noise, init, shift))) in reqs.iter().zip(conds).zip(inits).enumerate() {
+        let decoded = self.per_image(reqs.len(), |i| {
             let t2 = Instant::now();
             let latents = final_latents.narrow(0, i, 1)?;
             let rgb = self.decode(&latents)?;
+            Ok((latents, rgb, t2.elapsed()))
+        })?;
+        let mut out = Vec::with_capacity(reqs.len());
+        let parts = reqs.iter().zip(conds).zip(inits).zip(decoded);
+        for (i, (((r, c), (noise, init, shift)), (latents, rgb, decode))) in parts.enumerate() {
             out.push(Generated {
                 rgb,
                 width: r.width,
@@ -952,11 +965,25 @@ impl Pipeline {
                 timings: Timings {
                     text: text_times[i],
                     denoise,
-                    decode: t2.elapsed(),
+                    decode,
                 },
             });
         }
         Ok(out)
+    }
+
+    /// `f(0..n)`, side by side on the CPU's cores (each image's arithmetic is the same as
+    /// alone; small models leave cores idle inside one image), in order on other devices.
+    fn per_image<T: Send>(
+        &self,
+        n: usize,
+        f: impl Fn(usize) -> Result<T> + Sync + Send,
+    ) -> Result<Vec<T>> {
+        if self.device.is_cpu() {
+            (0..n).into_par_iter().map(f).collect()
+        } else {
+            (0..n).map(f).collect()
+        }
     }
 }
 
@@ -979,8 +1006,7 @@ impl Pipeline {
                 .collect::<candle_core::Result<_>>()?;
             Ok(Tensor::cat(&parts, 0)?)
         };
-        let mut preds = Vec::with_capacity(batch);
-        for i in 0..batch {
+        let preds = self.per_image(batch, |i| {
             let added_i = match added {
                 Some(a) => Some(AddedCond {
                     text_embeds: rows(&a.text_embeds, i)?,
@@ -988,13 +1014,13 @@ impl Pipeline {
                 }),
                 None => None,
             };
-            preds.push(self.unet.forward(
+            self.unet.forward(
                 &rows(input, i)?,
                 t as f64,
                 &rows(context, i)?,
                 added_i.as_ref(),
-            )?);
-        }
+            )
+        })?;
         // Back to [half 0: images 1..B, half 1: images 1..B].
         let mut parts = Vec::with_capacity(batch * halves);
         for h in 0..halves {

@@ -18,6 +18,7 @@ use crate::pipeline::{Generated, InitNoise, LoadOptions, MicroCond, Pipeline, Re
 use crate::tkg::TkgSettings;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use rayon::prelude::*;
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -428,9 +429,16 @@ pub fn execute(
                 Err(e) => return Err(e),
             };
             let per_image = t0.elapsed() / indices.len() as u32;
-            for ((i, t, req), g) in batch.iter().zip(generated) {
+            // Keyed side by side; a failure surfaces when its image's turn to be written comes.
+            let keyed: Vec<Option<Result<(key::Keyed, Duration)>>> = batch
+                .par_iter()
+                .zip(&generated)
+                .map(|((i, _, _), g)| ctx.key_flags.map(|_| key_image(&ctx, &images[*i], g)))
+                .collect();
+            for (((i, t, req), g), keyed) in batch.iter().zip(generated).zip(keyed) {
                 let img = &images[*i];
-                let rec = finish_image(&ctx, &loaded, img, req, *t, &g, per_image, ui)?;
+                let keyed = keyed.transpose()?;
+                let rec = finish_image(&ctx, &loaded, img, req, *t, &g, keyed, per_image, ui)?;
                 done += 1;
                 if let Some(m) = manifest.as_mut() {
                     m.append(&rec)?;
@@ -637,6 +645,16 @@ pub fn prompt_method_text(prompt: &str, color: &crate::color::KeyColor) -> Strin
 /// Writes one image's files (missing ones only for [`Todo::Complete`]) and returns its
 /// manifest record.
 #[allow(clippy::too_many_arguments)]
+fn key_image(ctx: &RunCtx, img: &ImageJob, g: &Generated) -> Result<(key::Keyed, Duration)> {
+    let tk = Instant::now();
+    let (key_opts, _) = ctx.opts.key.to_options(img.settings.color.clone())?;
+    let keyed = key::key_rgb8(g.width as u32, g.height as u32, &g.rgb, &key_opts)?;
+    Ok((keyed, tk.elapsed()))
+}
+
+/// Writes one image and its keyed outputs (`keyed` is there when keying is on) and returns
+/// its manifest record.
+#[allow(clippy::too_many_arguments)]
 fn finish_image(
     ctx: &RunCtx,
     m: &Loaded,
@@ -644,6 +662,7 @@ fn finish_image(
     req: &Request,
     todo: Todo,
     g: &Generated,
+    keyed: Option<(key::Keyed, Duration)>,
     gen_time: Duration,
     ui: Ui,
 ) -> Result<serde_json::Value> {
@@ -672,11 +691,8 @@ fn finish_image(
     paths.push(img.out.display().to_string());
     let mut key_time = Duration::ZERO;
     let mut key_rec = serde_json::Value::Null;
-    if let Some(flags) = ctx.key_flags {
-        let tk = Instant::now();
-        let (key_opts, _) = opts.key.to_options(img.settings.color.clone())?;
-        let keyed = key::key_rgb8(g.width as u32, g.height as u32, &g.rgb, &key_opts)?;
-        key_time = tk.elapsed();
+    if let (Some(flags), Some((keyed, time))) = (ctx.key_flags, keyed) {
+        key_time = time;
         if let Some(w) = &keyed.screen.warning {
             ui.warn(w);
         }
@@ -752,8 +768,8 @@ fn finish_image(
             "denoise_s": t.denoise.as_secs_f64(),
             "decode_s": t.decode.as_secs_f64(),
             "key_s": key_time.as_secs_f64(),
-            "write_s": (t0.elapsed() - key_time).as_secs_f64(),
-            "total_s": (gen_time + t0.elapsed()).as_secs_f64(),
+            "write_s": t0.elapsed().as_secs_f64(),
+            "total_s": (gen_time + key_time + t0.elapsed()).as_secs_f64(),
         },
         "key": key_rec,
         "finished_unix": std::time::SystemTime::now()

@@ -48,9 +48,6 @@ pub struct BenchArgs {
 
 pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
     // Before anything touches candle: its thread pools are sized once.
-    if let Some(n) = args.threads {
-        bench::set_threads(n)?;
-    }
     let model_args = ModelArgs {
         model: args.model.clone(),
         model_dir: args.model_dir.clone(),

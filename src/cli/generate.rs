@@ -141,7 +141,8 @@ pub struct RunOptions {
     /// Images per job: seeds SEED, SEED+1, ... (as A1111's batch count).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub num_images: u64,
-    /// Images per UNet call (GPU throughput); gives the same pixels as 1.
+    /// Images denoised together: one UNet call per step on a GPU, side by side on the CPU's
+    /// cores. Gives the same pixels as 1.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub batch_size: u64,
     /// Skip images whose files all exist (a rerun does only the remaining work).

@@ -76,6 +76,20 @@ impl Ui {
 /// Parses the command line and runs it.
 pub fn run() -> Result<()> {
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let threads = match &cli.command {
+        Command::Bench(args) => args.threads,
+        _ => None,
+    };
+    crate::bench::set_threads(threads)?;
+    // The command runs on a pool thread: the kernels' parallel loops then start there at once,
+    // instead of handing every small operation to the pool and sleeping on a futex until it
+    // is done (on tiny models that hand-off cost more than the work).
+    let mut result = None;
+    rayon::scope(|_| result = Some(dispatch(&cli)));
+    result.expect("the scope ran the command")
+}
+
+fn dispatch(cli: &Cli) -> Result<()> {
     let ui = Ui {
         quiet: cli.quiet,
         verbose: cli.verbose,
@@ -94,12 +108,26 @@ pub fn run() -> Result<()> {
 
 /// Every failure is one line on stderr: the error and its causes, joined.
 pub fn one_line_error(err: &anyhow::Error) -> String {
-    let text = format!("error: {err:#}");
-    text.split('\n')
-        .map(str::trim)
+    // candle appends a backtrace ("0: frame" lines) to its errors when RUST_BACKTRACE is
+    // set: a cause's text stops there.
+    let is_frame = |l: &str| {
+        let digits = l.bytes().take_while(u8::is_ascii_digit).count();
+        digits > 0 && l[digits..].starts_with(':')
+    };
+    let causes: Vec<String> = err
+        .chain()
+        .map(|c| {
+            c.to_string()
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !is_frame(l))
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    format!("error: {}", causes.join(": "))
 }
 
 /// Exit status for a failure.
@@ -130,4 +158,20 @@ pub fn install_panic_hook() {
             msg.replace('\n', " ")
         );
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line_error;
+
+    #[test]
+    fn one_line_error_drops_backtraces_and_keeps_causes() {
+        let inner =
+            anyhow::anyhow!("unsupported dtype BF16 for op matmul\n   0: candle::bt\n   1: main");
+        let err = inner.context("loading the UNet\nfrom its folder");
+        assert_eq!(
+            one_line_error(&err),
+            "error: loading the UNet from its folder: unsupported dtype BF16 for op matmul"
+        );
+    }
 }

@@ -124,7 +124,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             );
             let mut inv = [0f32; 512];
             for (r, row) in s.chunks_exact_mut(nk).enumerate() {
-                let mx = simd::sum_and_max(row).1;
+                let mx = simd::row_max(row);
                 inv[r] = (1.0 / simd::exp_shifted_sum(row, mx)) as f32;
             }
             // out[m, d] = p[m, nk] · v[nk, d]

@@ -367,6 +367,27 @@ fn im2col_rows(
 ) {
     let n = (oy1 - oy0) * ow;
     let (sh, sw) = (h / up, w / up);
+    // Source column of each output column per kx, usize::MAX in the padding (then `get`
+    // gives None): no division or range test in the copy loops below.
+    let strided = up > 1 || stride != 1;
+    let src_cols: Vec<Vec<usize>> = if strided {
+        (0..kw)
+            .map(|kx| {
+                (0..ow)
+                    .map(|ox| {
+                        let ix = (ox * stride + kx) as isize - padding as isize;
+                        if ix >= 0 && ix < w as isize {
+                            ix as usize / up
+                        } else {
+                            usize::MAX
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for ci in 0..cin {
         let plane = &x[ci * sh * sw..(ci + 1) * sh * sw];
         for ky in 0..kh {
@@ -382,19 +403,13 @@ fn im2col_rows(
                     }
                     let sy = iy as usize / up;
                     let src = &plane[sy * sw..(sy + 1) * sw];
-                    // ix = ox * stride + kx - padding
-                    let shift = kx as isize - padding as isize;
-                    if up > 1 {
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            let ix = (ox * stride) as isize + shift;
-                            *d = if ix >= 0 && ix < w as isize {
-                                src[ix as usize / up]
-                            } else {
-                                0.0
-                            };
+                    if strided {
+                        for (d, &i) in dst.iter_mut().zip(&src_cols[kx]) {
+                            *d = src.get(i).copied().unwrap_or(0.0);
                         }
-                    } else if stride == 1 {
-                        // Valid ox: 0 <= ox + shift < w.
+                    } else {
+                        // ix = ox + shift; valid ox: 0 <= ox + shift < w.
+                        let shift = kx as isize - padding as isize;
                         let lo = (-shift).max(0) as usize;
                         let hi = ((w as isize - shift).min(ow as isize)).max(lo as isize) as usize;
                         dst[..lo].fill(0.0);
@@ -402,15 +417,6 @@ fn im2col_rows(
                             &src[(lo as isize + shift) as usize..(hi as isize + shift) as usize],
                         );
                         dst[hi..].fill(0.0);
-                    } else {
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            let ix = (ox * stride) as isize + shift;
-                            *d = if ix >= 0 && ix < w as isize {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
-                        }
                     }
                 }
             }

@@ -58,8 +58,11 @@ pub fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_55, 88.376_26);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let x = x.max(-87.336_55).min(88.376_26);
+    // The rounded integer sits in the low mantissa bits of `t`: reading it from there keeps
+    // the loop free of float-to-int casts, which do not vectorise.
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -68,7 +71,8 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let e = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    y * f32::from_bits(e << 23)
 }
 
 /// erf(x), Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7, 3e-7 after f32 rounding): the
@@ -165,10 +169,28 @@ pub fn max(x: &[f32]) -> f32 {
 multiversion! {
     /// In place: x <- exp(x - shift); returns the sum of the results.
     pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f64 {
-        for v in x.iter_mut() {
-            *v = exp(*v - shift);
+        // One pass: the sum is taken while the values are still in registers.
+        let mut total = 0f64;
+        for block in x.chunks_mut(1024) {
+            let mut acc = [0f32; 16];
+            let mut chunks = block.chunks_exact_mut(16);
+            for c in &mut chunks {
+                for i in 0..16 {
+                    c[i] = exp(c[i] - shift);
+                    acc[i] += c[i];
+                }
+            }
+            let mut s = 0f32;
+            for v in chunks.into_remainder() {
+                *v = exp(*v - shift);
+                s += *v;
+            }
+            for a in acc {
+                s += a;
+            }
+            total += s as f64;
         }
-        sum(x)
+        total
     }
 }
 
@@ -209,6 +231,13 @@ multiversion! {
     /// (sum, max) of a slice, for tests of the dispatch.
     pub fn sum_and_max(x: &[f32]) -> (f64, f32) {
         (sum(x), max(x))
+    }
+}
+
+multiversion! {
+    /// Maximum of a slice with no NaN.
+    pub fn row_max(x: &[f32]) -> f32 {
+        max(x)
     }
 }
 

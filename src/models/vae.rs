@@ -290,8 +290,19 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap();
-        let scale: f32 = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-        assert!(err <= 1e-4 * scale.max(1.0), "decode max diff {err} (scale {scale})");
+        let scale: f32 = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            err <= 1e-4 * scale.max(1.0),
+            "decode max diff {err} (scale {scale})"
+        );
 
         let img = Tensor::randn(0f32, 0.5, (1, 3, 40, 48), &dev).unwrap();
         let mean = ours.encode(&img).unwrap();
