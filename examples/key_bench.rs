@@ -529,7 +529,7 @@ fn make(sub: &Subject, kind: &str, nominal: [f32; 3], seed: u64) -> Composite {
             }
         }
         "offhue" => {
-            let sign = if seed % 2 == 0 { 1.0 } else { -1.0 };
+            let sign = if seed.is_multiple_of(2) { 1.0 } else { -1.0 };
             let c = rotate_hue(nominal, 14.0 * sign, 0.88);
             screen.iter_mut().for_each(|s| *s = c);
         }

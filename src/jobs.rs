@@ -414,11 +414,15 @@ pub fn validate(s: &Settings, cli: bool) -> Result<(), String> {
             s.mask_sigma
         ));
     }
-    if !s.lora.is_empty() {
-        return Err(format!(
-            "LoRA is not supported yet (lora: {})",
-            s.lora.join(", ")
-        ));
+    for l in &s.lora {
+        let spec = crate::models::lora::LoraSpec::parse(l).map_err(|e| format!("{e:#}"))?;
+        if !spec.path.is_file() {
+            return Err(format!(
+                "{}: {} is not a file",
+                f("lora"),
+                spec.path.display()
+            ));
+        }
     }
     Ok(())
 }

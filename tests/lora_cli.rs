@@ -138,3 +138,111 @@ fn lora_tags_flags_and_metadata() {
     assert!(!png2.exists());
     fs::remove_dir_all(&d).unwrap();
 }
+
+/// Pixels of a PNG (the metadata differs between `generate` and `batch` runs).
+fn pixels(p: &Path) -> Vec<u8> {
+    let dec = png::Decoder::new(std::io::BufReader::new(fs::File::open(p).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let n = reader.next_frame(&mut buf).unwrap().buffer_size();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn batch_jobs_with_different_lora_sets() {
+    let d = scratch("batch");
+    let model = root().join("tests/golden/sd15/a/model");
+    let loras = root().join("tests/golden/lora");
+    let peft = loras.join("sd15_peft.lora.safetensors");
+    let jobs = d.join("jobs.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": "a red car", "seed": 7}),
+        serde_json::json!({"prompt": "a red car", "seed": 7,
+            "lora": format!("{}:0.8", peft.display())}),
+        serde_json::json!({"prompt": "a red car <lora:sd15_kohya.lora:0.7>", "seed": 7}),
+        serde_json::json!({"prompt": "a blue car", "seed": 8}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    fs::write(&jobs, text).unwrap();
+    let common = [
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--no-key",
+    ];
+    let out_t = d.join("b/{index}.png");
+    let mut args = vec![
+        "batch",
+        jobs.to_str().unwrap(),
+        "--lora-dir",
+        loras.to_str().unwrap(),
+        "--out",
+        out_t.to_str().unwrap(),
+    ];
+    args.extend(common);
+    let out = tkg(&d, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Each job as its own `tkg generate` run.
+    let single = |name: &str, prompt: &str, seed: &str, extra: &[&str]| {
+        let p = d.join(format!("{name}.png"));
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            prompt,
+            "--seed",
+            seed,
+            "--out",
+            p.to_str().unwrap(),
+            "--lora-dir",
+            loras.to_str().unwrap(),
+        ];
+        args.extend(common);
+        args.extend(extra);
+        let out = tkg(&d, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pixels(&p)
+    };
+    let lora_arg = format!("{}:0.8", peft.display());
+    let want = [
+        single("plain", "a red car", "7", &[]),
+        single("peft", "a red car", "7", &["--lora", &lora_arg]),
+        single("tag", "a red car <lora:sd15_kohya.lora:0.7>", "7", &[]),
+        single("blue", "a blue car", "8", &[]),
+    ];
+    for (i, w) in want.iter().enumerate() {
+        assert!(
+            pixels(&d.join(format!("b/{i}.png"))) == *w,
+            "job {i} differs from its own generate run"
+        );
+    }
+    assert!(want[0] != want[1] && want[0] != want[2] && want[1] != want[2]);
+    let meta = |i: usize| fs::read(d.join(format!("b/{i}.png"))).unwrap();
+    let has = |i: usize, s: &str| meta(i).windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(!has(0, "Lora hashes") && !has(3, "Lora hashes"));
+    assert!(has(1, "Lora hashes") && has(2, "Lora hashes"));
+
+    // A missing LoRA file is reported with its line before any work starts.
+    fs::write(
+        &jobs,
+        "{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"lora\": \"/nonexistent/x.safetensors\"}\n",
+    )
+    .unwrap();
+    let out = tkg(&d, &args);
+    fails_with(&out, "line 2");
+    assert!(!d.join("b2").exists());
+}

@@ -79,7 +79,8 @@ fn describe(got: &[f32], want: &[f32], h: usize, w: usize) -> String {
     let mut lines = Vec::new();
     for (i, (g, r)) in got.iter().zip(want).enumerate() {
         let d = (g - r).abs();
-        if !(d <= TOL) {
+        // NaN counts as a mismatch.
+        if d.is_nan() || d > TOL {
             let (c, y, x) = (i / (h * w), i / w % h, i % w);
             lines.push(format!(
                 "  [c{c} y{y} x{x}] ours {g:e} ref {r:e} |diff| {d:e}"

@@ -306,12 +306,19 @@ pub fn execute(
     let mut manifest = run.manifest.as_deref().map(Manifest::open).transpose()?;
     jobs::install_interrupt_handler();
 
-    // Run model by model (first-appearance order), images in index order within a model.
+    // Run model by model (first-appearance order), images in index order within a model. A
+    // model is the weights plus the LoRA set merged into them: the job's `lora` list and its
+    // prompt's <lora:...> tags.
     let model_key = |img: &ImageJob| {
+        let tags = crate::models::lora::prompt_tags(&img.settings.prompt)
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_else(|e| e.to_string());
         (
             img.settings.model.clone(),
             img.settings.model_dir.clone(),
             img.settings.clip_skip,
+            img.settings.lora.clone(),
+            tags,
         )
     };
     let mut order: Vec<(usize, Todo)> = Vec::with_capacity(todo.len());
@@ -360,6 +367,7 @@ pub fn execute(
         let pipe = super::generate::load_pipeline(
             &model,
             &opts.extra,
+            &first.lora,
             &prompts,
             &LoadOptions {
                 device: device.clone(),

@@ -347,9 +347,12 @@ pub fn resolve_model_with(
 /// Loads a resolved model with --vae and the LoRAs of --lora plus the `<lora:...>` tags of
 /// `prompts` (every prompt of one load must carry the same tags); reports what each LoRA
 /// matched on stderr.
+/// Loads `model` with the run's `--lora`s, then `job_loras` (a batch job's `lora` list), then
+/// the `<lora:...>` tags of `prompts` (which must all carry the same tags).
 pub fn load_pipeline(
     model: &ResolvedModel,
     extra: &ExtraModelArgs,
+    job_loras: &[String],
     prompts: &[&str],
     opts: &crate::pipeline::LoadOptions,
     ui: Ui,
@@ -359,6 +362,7 @@ pub fn load_pipeline(
     let mut loras = extra
         .lora
         .iter()
+        .chain(job_loras)
         .map(|a| LoraSpec::parse(a))
         .collect::<Result<Vec<_>>>()?;
     let tags = match prompts.first() {

@@ -393,6 +393,7 @@ fn im2col_rows(
         for ky in 0..kh {
             for kx in 0..kw {
                 let r = (ci * kh + ky) * kw + kx;
+                let cols = src_cols.get(kx).map_or(&[][..], Vec::as_slice);
                 let dst_row = &mut col[r * ld..r * ld + n];
                 for oy in oy0..oy1 {
                     let dst = &mut dst_row[(oy - oy0) * ow..(oy - oy0 + 1) * ow];
@@ -404,7 +405,7 @@ fn im2col_rows(
                     let sy = iy as usize / up;
                     let src = &plane[sy * sw..(sy + 1) * sw];
                     if strided {
-                        for (d, &i) in dst.iter_mut().zip(&src_cols[kx]) {
+                        for (d, &i) in dst.iter_mut().zip(cols) {
                             *d = src.get(i).copied().unwrap_or(0.0);
                         }
                     } else {
