@@ -205,12 +205,24 @@ pub fn pick_device(spec: &str) -> Result<Device> {
     Ok(match spec.as_str() {
         "cpu" => Device::Cpu,
         "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0)?
+            // A GPU build says it has CUDA/Metal whether or not this machine has the device:
+            // try it, and fall back to the CPU out loud.
+            let gpu = if candle_core::utils::cuda_is_available() {
+                Some(Device::new_cuda(0).context("no usable CUDA device"))
             } else if candle_core::utils::metal_is_available() {
-                Device::new_metal(0)?
+                Some(Device::new_metal(0).context("no usable Metal device"))
             } else {
-                Device::Cpu
+                None
+            };
+            match gpu {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    let msg = crate::cli::one_line_error(&e);
+                    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+                    eprintln!("warning: {msg}; running on the CPU (--device cpu to say so)");
+                    Device::Cpu
+                }
+                None => Device::Cpu,
             }
         }
         "metal" => Device::new_metal(0).context("cannot open the Metal device")?,
