@@ -4,26 +4,14 @@
 //!
 //!   cargo run --release --example dtype_parity
 
-use candle_core::{DType, Device, Tensor};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use candle_core::{DType, Device};
 use std::path::PathBuf;
 use std::time::Instant;
 use tkg::models::hub::ModelFolder;
 use tkg::pipeline::{LoadOptions, Pipeline};
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let num: f32 = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let den: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-    (num / den).sqrt()
-}
 
 fn main() -> anyhow::Result<()> {
     for variant in ["a", "b"] {
@@ -58,7 +46,7 @@ fn main() -> anyhow::Result<()> {
                     .map(|(&a, &b)| (a as i32 - b as i32).abs())
                     .max()
                     .unwrap_or(0);
-                Ok((rel_l2(&fin, &t["final"]), worst, secs))
+                Ok((common::rel_l2(&fin, &t["final"]), worst, secs))
             })();
             match result {
                 Ok((err, worst, secs)) => println!(

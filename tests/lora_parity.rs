@@ -2,38 +2,13 @@
 //! (tests/golden/lora, made by make_golden.py): a PEFT file and a kohya file (LoCon convs
 //! included) for SD1.5 and SDXL. Bar: final latent relative L2 <= 1e-4.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tkg::models::hub::ModelFolder;
 use tkg::models::lora::LoraSpec;
-use tkg::pipeline::{Adapters, LoadOptions, ModelSource, Pipeline};
-
-fn golden() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-fn opts() -> LoadOptions {
-    LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        clip_skip: None,
-    }
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let num: f32 = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let den: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-    (num / den).sqrt()
-}
+use tkg::pipeline::{Adapters, ModelSource, Pipeline};
 
 fn spec(path: &Path, weight: f32) -> LoraSpec {
     LoraSpec {
@@ -44,10 +19,10 @@ fn spec(path: &Path, weight: f32) -> LoraSpec {
 }
 
 fn load_with(model: &str, loras: Vec<LoraSpec>, strict: bool) -> anyhow::Result<Pipeline> {
-    let folder = ModelFolder::local(&golden().join(model)).unwrap();
+    let folder = ModelFolder::local(&common::golden().join(model)).unwrap();
     Pipeline::load_with(
         ModelSource::Folder(&folder),
-        &opts(),
+        &common::cpu_f32(),
         &Adapters {
             loras,
             lora_strict: strict,
@@ -57,11 +32,14 @@ fn load_with(model: &str, loras: Vec<LoraSpec>, strict: bool) -> anyhow::Result<
 }
 
 fn check(case: &str) {
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden().join("lora/golden.json")).unwrap())
-            .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::golden().join("lora/golden.json")).unwrap(),
+    )
+    .unwrap();
     let c = &doc["cases"][case];
-    let lora = golden().join("lora").join(c["lora"].as_str().unwrap());
+    let lora = common::golden()
+        .join("lora")
+        .join(c["lora"].as_str().unwrap());
     let weight = c["multiplier"].as_f64().unwrap() as f32;
     let pipe = load_with(
         c["model"].as_str().unwrap(),
@@ -79,15 +57,16 @@ fn check(case: &str) {
     assert_eq!(pipe.lora_hashes[0].1.len(), 12);
 
     let settings: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(golden().join(c["settings_from"].as_str().unwrap())).unwrap(),
+        &std::fs::read_to_string(common::golden().join(c["settings_from"].as_str().unwrap()))
+            .unwrap(),
     )
     .unwrap();
     let init_file = c["init_from"].as_str().unwrap().trim_end_matches(" (init)");
-    let init =
-        candle_core::safetensors::load(golden().join(init_file), &Device::Cpu).unwrap()["init"]
-            .clone();
+    let init = candle_core::safetensors::load(common::golden().join(init_file), &Device::Cpu)
+        .unwrap()["init"]
+        .clone();
     let want = candle_core::safetensors::load(
-        golden().join(format!("lora/{case}.golden.safetensors")),
+        common::golden().join(format!("lora/{case}.golden.safetensors")),
         &Device::Cpu,
     )
     .unwrap()["final"]
@@ -105,7 +84,7 @@ fn check(case: &str) {
             &mut |_, _| {},
         )
         .unwrap();
-    let err = rel_l2(&fin, &want);
+    let err = common::rel_l2(&fin, &want);
     eprintln!(
         "{case}: final latent rel L2 {err:.2e} ({})",
         report.summary()
@@ -135,12 +114,12 @@ fn sdxl_kohya_matches_diffusers() {
 
 #[test]
 fn a_lora_for_the_other_family_is_refused() {
-    let xl = golden().join("lora/sdxl_kohya.lora.safetensors");
+    let xl = common::golden().join("lora/sdxl_kohya.lora.safetensors");
     let e = load_with("sd15/a/model", vec![spec(&xl, 1.0)], false)
         .err()
         .unwrap();
     assert!(format!("{e:#}").contains("targets SDXL"), "{e:#}");
-    let sd = golden().join("lora/sd15_peft.lora.safetensors");
+    let sd = common::golden().join("lora/sd15_peft.lora.safetensors");
     let e = load_with("sdxl/a/model", vec![spec(&sd, 1.0)], false)
         .err()
         .unwrap();
@@ -206,7 +185,7 @@ fn unmatched_tensors_are_reported_or_refused() {
 #[test]
 fn two_loras_add_up() {
     // The same file twice at 0.35 each equals it once at 0.7 (the kohya golden's weight).
-    let lora = golden().join("lora/sd15_kohya.lora.safetensors");
+    let lora = common::golden().join("lora/sd15_kohya.lora.safetensors");
     let once = load_with("sd15/a/model", vec![spec(&lora, 0.7)], true).unwrap();
     let twice = load_with(
         "sd15/a/model",
@@ -216,5 +195,5 @@ fn two_loras_add_up() {
     .unwrap();
     let a = once.encode_prompt("a car", "", true).unwrap().context;
     let b = twice.encode_prompt("a car", "", true).unwrap().context;
-    assert!(rel_l2(&b, &a) < 1e-5);
+    assert!(common::rel_l2(&b, &a) < 1e-5);
 }

@@ -2,23 +2,13 @@
 //! (LDM names) by tests/golden/single_file/make_manifest.py load to exactly what their
 //! diffusers folders load to, for SD1.5 and SDXL.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tkg::models::hub::ModelFolder;
-use tkg::pipeline::{Adapters, InitNoise, LoadOptions, ModelSource, Pipeline, Request, VaeSource};
-
-fn golden() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-fn opts() -> LoadOptions {
-    LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        clip_skip: None,
-    }
-}
+use tkg::pipeline::{Adapters, InitNoise, ModelSource, Pipeline, Request, VaeSource};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tkg-single-file-{}-{name}", std::process::id()));
@@ -29,11 +19,13 @@ fn tmp(name: &str) -> PathBuf {
 /// Builds the single file of `family` from its manifest, plus `extra` tensors.
 fn build(family: &str, out: &Path, extra: Vec<(&str, Tensor)>) -> PathBuf {
     let doc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(golden().join(format!("single_file/{family}.manifest.json")))
-            .unwrap(),
+        &std::fs::read_to_string(
+            common::golden().join(format!("single_file/{family}.manifest.json")),
+        )
+        .unwrap(),
     )
     .unwrap();
-    let folder = golden().join(doc["model"].as_str().unwrap());
+    let folder = common::golden().join(doc["model"].as_str().unwrap());
     let mut files: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
     let mut ckpt: HashMap<String, Tensor> = HashMap::new();
     for e in doc["entries"].as_array().unwrap() {
@@ -77,7 +69,7 @@ fn folder_of(family: &str) -> ModelFolder {
     } else {
         "sdxl/a/model"
     };
-    ModelFolder::local(&golden().join(sub)).unwrap()
+    ModelFolder::local(&common::golden().join(sub)).unwrap()
 }
 
 fn generate(p: &Pipeline) -> (Tensor, Vec<u8>) {
@@ -123,12 +115,12 @@ fn check(family: &str) {
     ];
     let file = build(family, &dir, junk);
     let folder = folder_of(family);
-    let from_folder = Pipeline::load(&folder, &opts()).unwrap();
+    let from_folder = Pipeline::load(&folder, &common::cpu_f32()).unwrap();
     let source = ModelSource::File {
         path: &file,
         config: Some(&folder),
     };
-    let from_file = Pipeline::load_with(source, &opts(), &Adapters::default()).unwrap();
+    let from_file = Pipeline::load_with(source, &common::cpu_f32(), &Adapters::default()).unwrap();
     assert_eq!(from_file.family, from_folder.family);
     assert_eq!(
         from_file.unet_weights, file,
@@ -143,7 +135,7 @@ fn check(family: &str) {
         .join("vae/diffusion_pytorch_model.safetensors");
     let with_vae = Pipeline::load_with(
         source,
-        &opts(),
+        &common::cpu_f32(),
         &Adapters {
             vae: Some(VaeSource::File(vae_file)),
             ..Default::default()
@@ -153,7 +145,7 @@ fn check(family: &str) {
     same(&from_folder, &with_vae);
     let folder_with_file_vae = Pipeline::load_with(
         ModelSource::Folder(&folder),
-        &opts(),
+        &common::cpu_f32(),
         &Adapters {
             vae: Some(VaeSource::File(file.clone())),
             ..Default::default()
@@ -169,7 +161,7 @@ fn check(family: &str) {
             path: &file,
             config: None,
         },
-        &opts(),
+        &common::cpu_f32(),
         &Adapters::default(),
     )
     .err()
@@ -191,7 +183,7 @@ fn check(family: &str) {
             path: &odd_file,
             config: Some(&folder),
         },
-        &opts(),
+        &common::cpu_f32(),
         &Adapters::default(),
     )
     .err()
@@ -220,7 +212,7 @@ fn pickles_and_other_files_are_refused() {
         path: &ckpt,
         config: None,
     };
-    let e = Pipeline::load_with(src, &opts(), &Adapters::default())
+    let e = Pipeline::load_with(src, &common::cpu_f32(), &Adapters::default())
         .err()
         .unwrap();
     let msg = format!("{e:#}");
@@ -229,12 +221,12 @@ fn pickles_and_other_files_are_refused() {
         "{msg}"
     );
 
-    let lora = golden().join("lora/sd15_kohya.lora.safetensors");
+    let lora = common::golden().join("lora/sd15_kohya.lora.safetensors");
     let src = ModelSource::File {
         path: &lora,
         config: None,
     };
-    let e = Pipeline::load_with(src, &opts(), &Adapters::default())
+    let e = Pipeline::load_with(src, &common::cpu_f32(), &Adapters::default())
         .err()
         .unwrap();
     assert!(format!("{e:#}").contains("--lora"), "{e:#}");

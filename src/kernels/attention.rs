@@ -164,20 +164,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::kernels::testing::{self, max_diff};
 
+    /// Values in [-2, 2).
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 4.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        testing::rand(shape, seed).affine(4.0, 0.0).unwrap()
     }
 
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Tensor {
@@ -212,16 +203,7 @@ mod tests {
             let v = rand(&[b, nk, heads * d], 3);
             let want = reference(&q, &k, &v, heads);
             let got = attention(&q, &k, &v, heads).unwrap();
-            let diff: f32 = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff: f32 = max_diff(&got, &want);
             assert!(diff < 1e-5, "max diff {diff}");
         }
     }
@@ -241,16 +223,7 @@ mod tests {
             heads,
         );
         let got = attention(&q, &k, &v, heads).unwrap();
-        let diff: f32 = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_diff(&got, &want);
         assert!(diff < 1e-5, "max diff {diff}");
     }
 }

@@ -243,6 +243,7 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::max_diff;
     use crate::models::weights::RandomWeights;
     use candle_core::{DType, Device};
     use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
@@ -280,16 +281,7 @@ mod tests {
         let got = ours.decode(&z).unwrap();
         let want = theirs.decode(&(&z / cfg.scaling_factor).unwrap()).unwrap();
         assert_eq!(got.dims(), &[1, 3, 40, 48]);
-        let err: f32 = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err: f32 = max_diff(&got, &want);
         let scale: f32 = want
             .abs()
             .unwrap()

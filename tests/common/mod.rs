@@ -1,7 +1,23 @@
-//! Helpers shared by the parity tests.
+//! Helpers shared by the parity tests (and examples/dtype_parity.rs).
 #![allow(dead_code)]
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+use tkg::pipeline::LoadOptions;
+
+/// The committed golden files.
+pub fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Load options for the reference runs: f32 on the CPU, no clip skip.
+pub fn cpu_f32() -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        clip_skip: None,
+    }
+}
 
 /// ||a - b|| / ||b||.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
