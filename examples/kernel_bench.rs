@@ -19,6 +19,11 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// More runs for tiny shapes, whose times are in microseconds.
+fn reps(flops: f64) -> usize {
+    if flops < 1e8 { 300 } else { 3 }
+}
+
 fn report(name: &str, flops: f64, secs: f64) {
     println!(
         "{name:<58} {:>9.2} ms {:>8.1} GFLOP/s",
@@ -85,6 +90,9 @@ fn main() -> anyhow::Result<()> {
         (1, 512, 512, 64),
         (1, 256, 256, 128),
         (1, 128, 128, 256),
+        // tiny-sd15's lowest levels (conv_small)
+        (2, 64, 64, 4),
+        (2, 32, 32, 8),
     ] {
         let name = format!("conv3x3 b{b} {cin}->{cout} {hw}x{hw}");
         if !run(&name) {
@@ -94,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         let w = Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
         let flops = 2.0 * (b * cin * cout * 9 * hw * hw) as f64;
-        let s = best(3, || {
+        let s = best(reps(flops), || {
             kernels::conv::conv2d(&x, &w, Some(&bias), None, 1, 1).unwrap();
         });
         report(&format!("{name} tkg"), flops, s);
@@ -118,6 +126,9 @@ fn main() -> anyhow::Result<()> {
         (2, 1024, 1024, 8, 80),
         (2, 4096, 77, 8, 40),
         (1, 4096, 4096, 1, 512),
+        // tiny-sd15 at 64x64
+        (2, 64, 77, 4, 8),
+        (2, 64, 64, 4, 8),
     ] {
         let name = format!("attention b{b} {n}x{nk} h{heads} d{d}");
         if !run(&name) {
@@ -128,7 +139,7 @@ fn main() -> anyhow::Result<()> {
         let k = Tensor::randn(0f32, 1.0, (b, nk, c), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (b, nk, c), &dev)?;
         let flops = 4.0 * (b * heads * n * nk * d) as f64;
-        let s = best(3, || {
+        let s = best(reps(flops), || {
             kernels::attention::attention(&q, &k, &v, heads).unwrap();
         });
         report(&format!("{name} tkg"), flops, s);

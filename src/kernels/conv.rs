@@ -280,6 +280,21 @@ fn conv_small(
     col.par_chunks_mut(kh * kw * ld)
         .enumerate()
         .for_each(|(ci, rows)| {
+            if stride == 1 {
+                let mut padded = Vec::new();
+                for bi in 0..b {
+                    let x = &xs[(bi * cin + ci) * sh * sw..(bi * cin + ci + 1) * sh * sw];
+                    pad_plane(x, (sh, sw, up), padding, &mut padded);
+                    let wp = sw * up + 2 * padding;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let dst = &mut rows[(ky * kw + kx) * ld + bi * plane..][..plane];
+                            copy_windows(dst, &padded[ky * wp + kx..], ow, wp);
+                        }
+                    }
+                }
+                return;
+            }
             for bi in 0..b {
                 let x = &xs[(bi * cin + ci) * sh * sw..(bi * cin + ci + 1) * sh * sw];
                 im2col_rows(
@@ -345,6 +360,52 @@ fn conv_small(
             }
         }
     });
+}
+
+/// `padded` = the plane `x` ([sh, sw], upsampled `up` times) with `padding` zeros around it.
+fn pad_plane(
+    x: &[f32],
+    (sh, sw, up): (usize, usize, usize),
+    padding: usize,
+    padded: &mut Vec<f32>,
+) {
+    let (h, w) = (sh * up, sw * up);
+    let wp = w + 2 * padding;
+    padded.clear();
+    padded.resize((h + 2 * padding) * wp, 0.0);
+    for y in 0..h {
+        let src = &x[(y / up) * sw..][..sw];
+        let dst = &mut padded[(y + padding) * wp + padding..][..w];
+        if up == 1 {
+            dst.copy_from_slice(src);
+        } else {
+            for (xi, d) in dst.iter_mut().enumerate() {
+                *d = src[xi / up];
+            }
+        }
+    }
+}
+
+/// `dst` [rows, ow] = the windows `src[r·wp ..][..ow]`: one im2col row of a stride-1
+/// convolution read from a padded plane. Small widths get fixed-size copies (a call to
+/// `memcpy` per 4 or 8 values would cost more than the copy).
+fn copy_windows(dst: &mut [f32], src: &[f32], ow: usize, wp: usize) {
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32], wp: usize) {
+        for (r, d) in dst.chunks_exact_mut(N).enumerate() {
+            let d: &mut [f32; N] = d.try_into().expect("chunk of N");
+            *d = src[r * wp..][..N].try_into().expect("window of N");
+        }
+    }
+    match ow {
+        4 => fixed::<4>(dst, src, wp),
+        8 => fixed::<8>(dst, src, wp),
+        16 => fixed::<16>(dst, src, wp),
+        _ => {
+            for (r, d) in dst.chunks_exact_mut(ow).enumerate() {
+                d.copy_from_slice(&src[r * wp..][..ow]);
+            }
+        }
+    }
 }
 
 /// Fills `col` ([Cin·kh·kw, (oy1-oy0)·ow], rows `ld` apart) with the input patches of output

@@ -22,45 +22,40 @@ struct Input {
     cs: usize,
 }
 
-/// Fills `out` with `residual + bias` (or `bias`); returns whether anything was written.
+/// Fills `out` (rows of `n`) with `residual + bias` (or `bias`); returns whether anything was
+/// written. The bias runs along each row, or with `bias_per_row` is one value per row (the
+/// channel of a map [B, N, H·W]).
 fn init_out(
     out: &mut [f32],
     n: usize,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     bias_per_row: bool,
-    plane: usize,
 ) -> bool {
-    match (bias, residual) {
-        (None, None) => false,
-        (b, r) => {
-            out.par_chunks_mut(BLOCK * n)
-                .enumerate()
-                .for_each(|(blk, dst)| {
-                    let off = blk * BLOCK * n;
-                    if let Some(r) = r {
-                        dst.copy_from_slice(&r[off..off + dst.len()]);
-                    }
-                    if let Some(b) = b {
-                        for (i, v) in dst.iter_mut().enumerate() {
-                            let idx = off + i;
-                            // bias per output feature: the last axis, or the channel of a map.
-                            let f = if bias_per_row {
-                                (idx / plane) % b.len()
-                            } else {
-                                idx % n
-                            };
-                            if r.is_some() {
-                                *v += b[f];
-                            } else {
-                                *v = b[f];
-                            }
-                        }
-                    }
-                });
-            true
-        }
+    if bias.is_none() && residual.is_none() {
+        return false;
     }
+    out.par_chunks_mut(BLOCK * n)
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            let off = blk * BLOCK * n;
+            if let Some(r) = residual {
+                dst.copy_from_slice(&r[off..off + dst.len()]);
+            }
+            let Some(b) = bias else { return };
+            for (i, row) in dst.chunks_exact_mut(n).enumerate() {
+                match (bias_per_row, residual.is_some()) {
+                    (true, true) => {
+                        let v = b[(blk * BLOCK + i) % b.len()];
+                        row.iter_mut().for_each(|x| *x += v);
+                    }
+                    (true, false) => row.fill(b[(blk * BLOCK + i) % b.len()]),
+                    (false, true) => row.iter_mut().zip(b).for_each(|(x, v)| *x += v),
+                    (false, false) => row.copy_from_slice(b),
+                }
+            }
+        });
+    true
 }
 
 /// Splits an output of `items` x [tokens, features] into parallel single-threaded gemm tasks
@@ -175,7 +170,6 @@ fn tokens_out(
         bv.as_ref().map(|v| v.slice()),
         rv.as_ref().map(|v| v.slice()),
         false,
-        0,
     );
     let dst = SendPtr(out.as_mut_ptr());
     for_grid(items, rows, n, |item, r0, m, c0, nc| {
@@ -242,7 +236,6 @@ pub fn linear_to_map(
         bv.as_ref().map(|v| v.slice()),
         rv.as_ref().map(|v| v.slice()),
         true,
-        hw,
     );
     let dst = SendPtr(out.as_mut_ptr());
     let (ts, ws) = (

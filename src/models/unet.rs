@@ -1,16 +1,17 @@
-//! The conditional UNet (diffusers `UNet2DConditionModel`), assembled from candle's UNet blocks
-//! from a diffusers `config.json`.
+//! The conditional UNet (diffusers `UNet2DConditionModel`), assembled from a diffusers
+//! `config.json` out of our blocks ([`super::blocks`]), which run on the fused CPU kernels.
 //!
 //! candle's own top level does not read configs and has no "text_time" addition embedding, so
-//! the top level lives here; the down/mid/up blocks are candle-transformers'.
+//! the top level lives here; only the timestep embedding is candle-transformers'.
 
 use super::blocks::{
-    Downsample, ResnetBlock, ResnetSettings, Transformer2D, TransformerSettings, Upsample,
+    Conv, Downsample, Norm, ResnetBlock, ResnetSettings, Transformer2D, TransformerSettings,
+    Upsample,
 };
 use super::config::UNetConfig;
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 /// One level on the way down: resnets, optional spatial transformers, optional downsampler.
@@ -55,15 +56,15 @@ pub struct AddedCond {
 
 #[derive(Debug)]
 pub struct UNet {
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     text_time: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownLevel>,
     mid_block: MidBlock,
     up_blocks: Vec<UpLevel>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_norm_out: Norm,
+    conv_out: Conv,
     center_input_sample: bool,
     pub config: UNetConfig,
 }
@@ -76,11 +77,7 @@ impl UNet {
         let time_dim = ch0 * 4;
         let layers = cfg.layers();
         let cross_dim = cfg.cross_dim();
-        let conv3 = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = candle_nn::conv2d(cfg.in_channels, ch0, 3, conv3, vb.pp("conv_in"))?;
+        let conv_in = Conv::load(vb.pp("conv_in"), cfg.in_channels, ch0, 3, 1, 1)?;
         let time_proj = Timesteps::new(ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_dim)?;
 
@@ -231,13 +228,13 @@ impl UNet {
             });
         }
 
-        let conv_norm_out = candle_nn::group_norm(
+        let conv_norm_out = Norm::load(
+            vb.pp("conv_norm_out"),
             cfg.norm_num_groups,
             ch0,
             cfg.norm_eps,
-            vb.pp("conv_norm_out"),
         )?;
-        let conv_out = candle_nn::conv2d(ch0, cfg.out_channels, 3, conv3, vb.pp("conv_out"))?;
+        let conv_out = Conv::load(vb.pp("conv_out"), ch0, cfg.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -353,7 +350,7 @@ impl UNet {
             }
             trace(&format!("up{i}"), &xs);
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        Ok(self.conv_out.forward(&xs)?)
+        let xs = self.conv_norm_out.forward(&xs, true)?;
+        self.conv_out.forward(&xs)
     }
 }
