@@ -974,13 +974,21 @@ impl Pipeline {
 
     /// `f(0..n)`, side by side on the CPU's cores (each image's arithmetic is the same as
     /// alone; small models leave cores idle inside one image), in order on other devices.
+    /// With at least one image per core, each image's kernels run in order on its core.
     fn per_image<T: Send>(
         &self,
         n: usize,
         f: impl Fn(usize) -> Result<T> + Sync + Send,
     ) -> Result<Vec<T>> {
         if self.device.is_cpu() {
-            (0..n).into_par_iter().map(f).collect()
+            if n >= rayon::current_num_threads() {
+                (0..n)
+                    .into_par_iter()
+                    .map(|i| crate::kernels::in_order(|| f(i)))
+                    .collect()
+            } else {
+                (0..n).into_par_iter().map(f).collect()
+            }
         } else {
             (0..n).map(f).collect()
         }

@@ -12,7 +12,6 @@ use super::{SendPtr, tensor, threads, uninit_vec};
 use anyhow::{Result, bail, ensure};
 use candle_core::{DType, Storage, StorageRef, Tensor};
 use gemm::{Parallelism, gemm};
-use rayon::prelude::*;
 
 /// Scores per task, in floats (1 MiB).
 const BLOCK_FLOATS: usize = 1 << 18;
@@ -154,9 +153,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             }
         }
     };
-    (0..tasks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |s, t| run(t, s));
+    super::for_each_task_with(tasks, Vec::new, |s, t| run(t, s));
     drop((qr, kr, vr));
     tensor(out, (b, nq, c))
 }

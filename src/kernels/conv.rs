@@ -9,11 +9,13 @@
 //! The output starts as `residual + bias` (either optional; the bias may differ per batch item,
 //! which is how a resnet's timestep embedding is fused in), and the gemm accumulates onto it.
 
-use super::{F32View, SendPtr, tensor, threads, uninit_vec};
+use super::{
+    F32View, SendPtr, for_each_chunk, for_each_task, for_each_task_with, gemm_parallelism, tensor,
+    threads, uninit_vec,
+};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 use gemm::{Parallelism, gemm};
-use rayon::prelude::*;
 
 /// Bytes of one im2col tile; the tile's rows are chosen to stay near this.
 const TILE_BYTES: usize = 2 << 20;
@@ -127,7 +129,7 @@ fn conv2d_impl(
         let bias_v = bias.as_ref().map(F32View::new).transpose()?;
         let bias_s = bias_v.as_ref().map(|v| v.slice());
         let has_residual = residual.is_some();
-        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+        for_each_chunk(&mut out, plane, |i, dst| {
             let (bi, co) = (i / cout, i % cout);
             let bv = match bias_s {
                 Some(s) if bias_per_item => s[bi * cout + co],
@@ -186,10 +188,10 @@ fn conv2d_impl(
     let tiles = oh.div_ceil(rows);
     let tasks = b * tiles;
     let parallel_tasks = tasks >= 2 * nthreads;
-    let par = if parallel_tasks || nthreads == 1 {
+    let par = if parallel_tasks {
         Parallelism::None
     } else {
-        Parallelism::Rayon(nthreads)
+        gemm_parallelism(nthreads)
     };
 
     let run = |task: usize, col: &mut Vec<f32>| {
@@ -245,9 +247,7 @@ fn conv2d_impl(
         }
     };
     if parallel_tasks {
-        (0..tasks)
-            .into_par_iter()
-            .for_each_init(Vec::new, |col, task| run(task, col));
+        for_each_task_with(tasks, Vec::new, |col, task| run(task, col));
     } else {
         let mut col = Vec::new();
         for task in 0..tasks {
@@ -277,46 +277,44 @@ fn conv_small(
     let ld = b * plane;
     let k = cin * kh * kw;
     let mut col = uninit_vec(k * ld);
-    col.par_chunks_mut(kh * kw * ld)
-        .enumerate()
-        .for_each(|(ci, rows)| {
-            if stride == 1 {
-                let mut padded = Vec::new();
-                for bi in 0..b {
-                    let x = &xs[(bi * cin + ci) * sh * sw..(bi * cin + ci + 1) * sh * sw];
-                    pad_plane(x, (sh, sw, up), padding, &mut padded);
-                    let wp = sw * up + 2 * padding;
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            let dst = &mut rows[(ky * kw + kx) * ld + bi * plane..][..plane];
-                            copy_windows(dst, &padded[ky * wp + kx..], ow, wp);
-                        }
-                    }
-                }
-                return;
-            }
+    for_each_chunk(&mut col, kh * kw * ld, |ci, rows| {
+        if stride == 1 {
+            let mut padded = Vec::new();
             for bi in 0..b {
                 let x = &xs[(bi * cin + ci) * sh * sw..(bi * cin + ci + 1) * sh * sw];
-                im2col_rows(
-                    x,
-                    &mut rows[bi * plane..],
-                    ld,
-                    1,
-                    (sh * up, sw * up, up),
-                    kh,
-                    kw,
-                    stride,
-                    padding,
-                    0,
-                    oh,
-                    ow,
-                );
+                pad_plane(x, (sh, sw, up), padding, &mut padded);
+                let wp = sw * up + 2 * padding;
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let dst = &mut rows[(ky * kw + kx) * ld + bi * plane..][..plane];
+                        copy_windows(dst, &padded[ky * wp + kx..], ow, wp);
+                    }
+                }
             }
-        });
+            return;
+        }
+        for bi in 0..b {
+            let x = &xs[(bi * cin + ci) * sh * sw..(bi * cin + ci + 1) * sh * sw];
+            im2col_rows(
+                x,
+                &mut rows[bi * plane..],
+                ld,
+                1,
+                (sh * up, sw * up, up),
+                kh,
+                kw,
+                stride,
+                padding,
+                0,
+                oh,
+                ow,
+            );
+        }
+    });
     let want = 3 * threads();
     let chunk = cout.div_ceil(want).next_multiple_of(16).min(cout);
     let col = &col;
-    (0..cout.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    for_each_task(cout.div_ceil(chunk), |c| {
         let c0 = c * chunk;
         let m = chunk.min(cout - c0);
         let mut tmp = uninit_vec(m * ld);

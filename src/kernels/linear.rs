@@ -2,11 +2,10 @@
 //! two layout changes around a spatial transformer: a feature map [B, C, H, W] read as tokens
 //! [B, H·W, C] (proj_in) and tokens written back as a map (proj_out), without a transpose copy.
 
-use super::{F32View, SendPtr, tensor, threads, uninit_vec};
+use super::{F32View, SendPtr, for_each_chunk, for_each_task, tensor, threads, uninit_vec};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 use gemm::{Parallelism, gemm};
-use rayon::prelude::*;
 
 /// Rows (or columns) of output per task.
 const BLOCK: usize = 128;
@@ -35,26 +34,24 @@ fn init_out(
     if bias.is_none() && residual.is_none() {
         return false;
     }
-    out.par_chunks_mut(BLOCK * n)
-        .enumerate()
-        .for_each(|(blk, dst)| {
-            let off = blk * BLOCK * n;
-            if let Some(r) = residual {
-                dst.copy_from_slice(&r[off..off + dst.len()]);
-            }
-            let Some(b) = bias else { return };
-            for (i, row) in dst.chunks_exact_mut(n).enumerate() {
-                match (bias_per_row, residual.is_some()) {
-                    (true, true) => {
-                        let v = b[(blk * BLOCK + i) % b.len()];
-                        row.iter_mut().for_each(|x| *x += v);
-                    }
-                    (true, false) => row.fill(b[(blk * BLOCK + i) % b.len()]),
-                    (false, true) => row.iter_mut().zip(b).for_each(|(x, v)| *x += v),
-                    (false, false) => row.copy_from_slice(b),
+    for_each_chunk(out, BLOCK * n, |blk, dst| {
+        let off = blk * BLOCK * n;
+        if let Some(r) = residual {
+            dst.copy_from_slice(&r[off..off + dst.len()]);
+        }
+        let Some(b) = bias else { return };
+        for (i, row) in dst.chunks_exact_mut(n).enumerate() {
+            match (bias_per_row, residual.is_some()) {
+                (true, true) => {
+                    let v = b[(blk * BLOCK + i) % b.len()];
+                    row.iter_mut().for_each(|x| *x += v);
                 }
+                (true, false) => row.fill(b[(blk * BLOCK + i) % b.len()]),
+                (false, true) => row.iter_mut().zip(b).for_each(|(x, v)| *x += v),
+                (false, false) => row.copy_from_slice(b),
             }
-        });
+        }
+    });
     true
 }
 
@@ -80,7 +77,7 @@ fn for_grid(
     };
     let (nt, nf) = (tokens.div_ceil(tb), features.div_ceil(fb));
     let tasks = items * nt * nf;
-    (0..tasks).into_par_iter().for_each(|t| {
+    for_each_task(tasks, |t| {
         let (item, rest) = (t / (nt * nf), t % (nt * nf));
         let (ti, fi) = (rest / nf, rest % nf);
         let (t0, f0) = (ti * tb, fi * fb);
@@ -286,9 +283,13 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let hv = F32View::new(&h)?;
     let hs = hv.slice();
     let mut out = uninit_vec(hs.len() / 2);
-    out.par_chunks_mut(inner)
-        .zip(hs.par_chunks(two_i))
-        .for_each(|(o, row)| super::simd::geglu(&row[..inner], &row[inner..], o));
+    // Rows in blocks, so small tensors do not become one task per row.
+    for_each_chunk(&mut out, BLOCK * inner, |blk, o| {
+        let rows = &hs[blk * BLOCK * two_i..][..o.len() * 2];
+        for (o, row) in o.chunks_exact_mut(inner).zip(rows.chunks_exact(two_i)) {
+            super::simd::geglu(&row[..inner], &row[inner..], o);
+        }
+    });
     drop(hv);
     tensor(out, dims)
 }

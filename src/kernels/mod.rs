@@ -117,6 +117,77 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+thread_local! {
+    static IN_ORDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the kernels' tasks executed in order on the calling thread: for work that
+/// already runs one item per core (the images of a CPU batch), where splitting each kernel
+/// over the pool again only adds overhead. The tasks are the same as in parallel (their
+/// partition depends on [`threads`], not on this), so the results are bit-identical.
+pub fn in_order<R>(f: impl FnOnce() -> R) -> R {
+    let before = IN_ORDER.with(|c| c.replace(true));
+    let r = f();
+    IN_ORDER.with(|c| c.set(before));
+    r
+}
+
+fn is_in_order() -> bool {
+    IN_ORDER.with(|c| c.get())
+}
+
+/// `f(i)` for every i in 0..n, over rayon's pool (in order inside [`in_order`]).
+pub(crate) fn for_each_task(n: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    if is_in_order() {
+        (0..n).for_each(f);
+    } else {
+        (0..n).into_par_iter().for_each(f);
+    }
+}
+
+/// [`for_each_task`] with scratch state `init()` per worker.
+pub(crate) fn for_each_task_with<S>(
+    n: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, usize) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if is_in_order() {
+        let mut s = init();
+        (0..n).for_each(|i| f(&mut s, i));
+    } else {
+        (0..n).into_par_iter().for_each_init(init, f);
+    }
+}
+
+/// `f(i, chunk)` for the consecutive `len`-long chunks of `data` (the last may be shorter),
+/// over rayon's pool (in order inside [`in_order`]).
+pub(crate) fn for_each_chunk<T: Send>(
+    data: &mut [T],
+    len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    if is_in_order() {
+        data.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        data.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Parallelism for a `gemm` call that is the only task: the pool, or none inside
+/// [`in_order`] (the gemm crate's split does not change its arithmetic).
+pub(crate) fn gemm_parallelism(nthreads: usize) -> gemm::Parallelism {
+    if nthreads == 1 || is_in_order() {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(nthreads)
+    }
+}
+
 /// Per-kernel wall-clock totals, collected when `TKG_PROFILE=1` (for `tkg bench -v`).
 pub mod profile {
     use std::collections::BTreeMap;
@@ -193,5 +264,74 @@ pub(crate) mod testing {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::rand;
+    use super::*;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    /// Every kernel gives the same bits in order as over the pool (the batch relies on it).
+    #[test]
+    fn in_order_is_bit_identical() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let runs: Vec<Box<dyn Fn() -> Tensor + Sync>> = vec![
+                // conv_small, tiled im2col (strided), Winograd (upsampled, and with a bias)
+                Box::new(|| {
+                    let x = rand(&[2, 8, 6, 6], 1);
+                    conv::conv2d(&x, &rand(&[40, 8, 3, 3], 2), None, None, 1, 1).unwrap()
+                }),
+                Box::new(|| {
+                    let x = rand(&[2, 5, 70, 70], 3);
+                    conv::conv2d(&x, &rand(&[6, 5, 3, 3], 4), None, None, 2, 1).unwrap()
+                }),
+                Box::new(|| {
+                    let x = rand(&[1, 5, 30, 30], 5);
+                    conv::conv2d_upsample2x(&x, &rand(&[6, 5, 3, 3], 6), None, 1).unwrap()
+                }),
+                Box::new(|| {
+                    let x = rand(&[2, 16, 40, 40], 7);
+                    let b = rand(&[20], 8);
+                    conv::conv2d(&x, &rand(&[20, 16, 3, 3], 9), Some(&b), None, 1, 1).unwrap()
+                }),
+                // few tasks: one gemm split by the gemm crate itself
+                Box::new(|| {
+                    let x = rand(&[1, 8, 3, 700], 20);
+                    conv::conv2d(&x, &rand(&[300, 8, 1, 1], 21), None, None, 1, 0).unwrap()
+                }),
+                Box::new(|| {
+                    let x = rand(&[2, 300, 24], 10);
+                    let b = rand(&[70], 11);
+                    linear::linear(&x, &rand(&[70, 24], 12), Some(&b), None).unwrap()
+                }),
+                Box::new(|| linear::geglu(&rand(&[3, 200, 64], 13)).unwrap()),
+                Box::new(|| {
+                    let (g, b) = (rand(&[32], 14), rand(&[32], 15));
+                    norm::group_norm(&rand(&[2, 32, 9, 9], 16), 8, &g, &b, 1e-5, true).unwrap()
+                }),
+                Box::new(|| {
+                    let (q, k) = (rand(&[2, 300, 32], 17), rand(&[2, 77, 32], 18));
+                    attention::attention(&q, &k, &rand(&[2, 77, 32], 19), 4).unwrap()
+                }),
+            ];
+            for (i, run) in runs.iter().enumerate() {
+                assert_eq!(bits(&run()), bits(&in_order(run)), "kernel {i}");
+            }
+        });
     }
 }

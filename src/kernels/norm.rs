@@ -5,7 +5,6 @@ use super::simd;
 use super::{F32View, tensor, uninit_vec};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
-use rayon::prelude::*;
 
 /// `silu?(group_norm(x) * gamma + beta)` over x: [B, C, ...] (diffusers/torch `GroupNorm`,
 /// biased variance).
@@ -37,30 +36,28 @@ pub fn group_norm(
     ensure!(gs.len() == c && bs.len() == c, "group_norm: affine size");
     let group_len = cpg * spatial;
     let mut out = uninit_vec(xs.len());
-    out.par_chunks_mut(group_len)
-        .zip(xs.par_chunks(group_len))
-        .enumerate()
-        .for_each(|(i, (dst, src))| {
-            let g = i % groups;
-            let n = src.len() as f64;
-            let total = simd::row_sum(src);
-            let mean = total / n;
-            let var = simd::sq_dev(src, mean as f32) / n;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for j in 0..cpg {
-                let ch = g * cpg + j;
-                let scale = rstd * gs[ch] as f64;
-                let shift = bs[ch] as f64 - mean * scale;
-                let r = j * spatial..(j + 1) * spatial;
-                simd::affine_to(
-                    &src[r.clone()],
-                    &mut dst[r],
-                    scale as f32,
-                    shift as f32,
-                    silu,
-                );
-            }
-        });
+    super::for_each_chunk(&mut out, group_len, |i, dst| {
+        let src = &xs[i * group_len..][..group_len];
+        let g = i % groups;
+        let n = src.len() as f64;
+        let total = simd::row_sum(src);
+        let mean = total / n;
+        let var = simd::sq_dev(src, mean as f32) / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for j in 0..cpg {
+            let ch = g * cpg + j;
+            let scale = rstd * gs[ch] as f64;
+            let shift = bs[ch] as f64 - mean * scale;
+            let r = j * spatial..(j + 1) * spatial;
+            simd::affine_to(
+                &src[r.clone()],
+                &mut dst[r],
+                scale as f32,
+                shift as f32,
+                silu,
+            );
+        }
+    });
     let _ = b;
     drop(xv);
     tensor(out, dims)

@@ -9,9 +9,8 @@
 //!
 //! Tiles are processed in blocks so a block's transformed input and products stay in cache.
 
-use super::{SendPtr, threads};
+use super::{SendPtr, for_each_task, threads};
 use gemm::{Parallelism, gemm};
-use rayon::prelude::*;
 
 /// Tiles (2x2 output blocks) per task.
 const BLOCK_TILES: usize = 192;
@@ -21,7 +20,7 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let n = cout * cin;
     let mut u = vec![0f32; 16 * n];
     let up = SendPtr(u.as_mut_ptr());
-    (0..cout).into_par_iter().for_each(|co| {
+    for_each_task(cout, |co| {
         for ci in 0..cin {
             let g = &w[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
             // t = G·g (4x3), G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]]
@@ -107,7 +106,7 @@ pub(super) fn conv3x3(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let item_in = cin * sh * sw;
     let item_out = cout * oh * ow;
-    (0..blocks).into_par_iter().for_each(|task| {
+    for_each_task(blocks, |task| {
         let (item, blk) = (task / (nby * nbx), task % (nby * nbx));
         let (by, bx) = (blk / nbx, blk % nbx);
         let block = Block {
@@ -128,7 +127,7 @@ pub(super) fn conv3x3(
         input_transform(&input, &mut v, block);
         let v = &v;
         let u = &u;
-        (0..chunks).into_par_iter().for_each(|c| {
+        for_each_task(chunks, |c| {
             let c0 = c * chunk;
             let mc = chunk.min(cout - c0);
             let mut m = vec![0f32; 16 * mc * n];
