@@ -333,7 +333,7 @@ pub fn execute(
         order.extend(todo.iter().filter(|(i, _)| model_key(&images[*i]) == *k));
     }
 
-    let device = pick_device(&opts.model.device)?;
+    let device = pick_device(&opts.model.device, ui)?;
     let dtype = pick_dtype(opts.model.dtype, &device);
     let ctx = RunCtx {
         opts,

@@ -55,7 +55,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         device: args.device.clone(),
         dtype: args.dtype,
     };
-    let device = pick_device(&args.device)?;
+    let device = pick_device(&args.device, ui)?;
     let dtype = pick_dtype(args.dtype, &device);
     let model = resolve_model(&model_args, ui)?;
     let settings = BenchSettings {

@@ -200,7 +200,7 @@ fn parse_pair(s: &str) -> Result<(usize, usize), String> {
 }
 
 /// Picks the compute device.
-pub fn pick_device(spec: &str) -> Result<Device> {
+pub fn pick_device(spec: &str, ui: Ui) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     Ok(match spec.as_str() {
         "cpu" => Device::Cpu,
@@ -219,7 +219,9 @@ pub fn pick_device(spec: &str) -> Result<Device> {
                 Some(Err(e)) => {
                     let msg = crate::cli::one_line_error(&e);
                     let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
-                    eprintln!("warning: {msg}; running on the CPU (--device cpu to say so)");
+                    ui.warn(format!(
+                        "{msg}; running on the CPU (--device cpu to say so)"
+                    ));
                     Device::Cpu
                 }
                 None => Device::Cpu,
