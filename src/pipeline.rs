@@ -981,14 +981,17 @@ impl Pipeline {
         f: impl Fn(usize) -> Result<T> + Sync + Send,
     ) -> Result<Vec<T>> {
         if self.device.is_cpu() {
-            if n >= rayon::current_num_threads() {
-                (0..n)
-                    .into_par_iter()
-                    .map(|i| crate::kernels::in_order(|| f(i)))
-                    .collect()
-            } else {
-                (0..n).into_par_iter().map(f).collect()
-            }
+            let core_each = n >= rayon::current_num_threads();
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    if core_each {
+                        crate::kernels::in_order(|| f(i))
+                    } else {
+                        f(i)
+                    }
+                })
+                .collect()
         } else {
             (0..n).map(f).collect()
         }

@@ -252,11 +252,9 @@ pub(crate) mod testing {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// Largest absolute difference between two tensors of the same shape.
-    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+    /// Largest absolute value of a tensor.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -264,6 +262,11 @@ pub(crate) mod testing {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// Largest absolute difference between two tensors of the same shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
     }
 }
 

@@ -243,7 +243,7 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::max_diff;
+    use crate::kernels::testing::{max_abs, max_diff};
     use crate::models::weights::RandomWeights;
     use candle_core::{DType, Device};
     use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
@@ -282,15 +282,7 @@ mod tests {
         let want = theirs.decode(&(&z / cfg.scaling_factor).unwrap()).unwrap();
         assert_eq!(got.dims(), &[1, 3, 40, 48]);
         let err: f32 = max_diff(&got, &want);
-        let scale: f32 = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let scale = max_abs(&want);
         assert!(
             err <= 1e-4 * scale.max(1.0),
             "decode max diff {err} (scale {scale})"
