@@ -200,25 +200,21 @@ impl BenchReport {
             "{} {}x{} {} threads={} steps={}\n",
             self.model, self.width, self.height, self.dtype, self.threads, self.steps
         );
-        let steps: Vec<String> = self
-            .unet_steps_s
-            .iter()
-            .map(|v| format!("{v:.2}"))
-            .collect();
+        let steps: Vec<String> = self.unet_steps_s.iter().map(|&v| duration(v)).collect();
         let rows = [
-            ("model load", format!("{:.2} s", self.load_s)),
-            ("text encoding", format!("{:.3} s", self.text_s)),
+            ("model load", duration(self.load_s)),
+            ("text encoding", duration(self.text_s)),
             (
                 "UNet step, CFG (batch 2)",
                 format!(
-                    "{:.2} s median, {:.2} s min [{}]",
-                    self.unet_step_s,
-                    self.unet_step_min_s,
+                    "{} median, {} min [{}]",
+                    duration(self.unet_step_s),
+                    duration(self.unet_step_min_s),
                     steps.join(", ")
                 ),
             ),
-            ("VAE decode", format!("{:.2} s", self.vae_decode_s)),
-            ("total", format!("{:.2} s", self.total_s)),
+            ("VAE decode", duration(self.vae_decode_s)),
+            ("total", duration(self.total_s)),
             (
                 "RSS after load",
                 format!("{:.0} MiB", self.rss_after_load_mib),
@@ -232,9 +228,29 @@ impl BenchReport {
     }
 }
 
+/// Seconds for people: three significant figures in s or ms, so a tiny model's millisecond
+/// steps do not print as 0.00 s.
+pub fn duration(seconds: f64) -> String {
+    let ms = seconds * 1e3;
+    match seconds {
+        s if s >= 1.0 => format!("{s:.2} s"),
+        _ if ms >= 100.0 => format!("{ms:.0} ms"),
+        _ if ms >= 10.0 => format!("{ms:.1} ms"),
+        _ => format!("{ms:.2} ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_keep_three_figures() {
+        assert_eq!(duration(12.346), "12.35 s");
+        assert_eq!(duration(0.2346), "235 ms");
+        assert_eq!(duration(0.02346), "23.5 ms");
+        assert_eq!(duration(0.002346), "2.35 ms");
+    }
 
     #[test]
     fn median_of_odd_and_even() {

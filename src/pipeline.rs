@@ -806,11 +806,6 @@ impl Pipeline {
         control: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let batch = init.dim(0)?;
-        // On the CPU the images of a batch run side by side, one UNet call each: gemm's
-        // blocking depends on the row count, so one fused call would change the last bits of
-        // an image with the batch size. TKG_FUSED_CPU_BATCH=1 fuses anyway (to measure that).
-        let split_batches = self.device.is_cpu()
-            && std::env::var_os("TKG_FUSED_CPU_BATCH").is_none_or(|v| v != "1");
         let scheduler = Ddim::new(&self.scheduler, steps)?;
         let cfg = guidance > 1.0;
         let mut latents =
@@ -825,12 +820,9 @@ impl Pipeline {
             } else {
                 latents.clone()
             };
-            let pred = if batch > 1 && split_batches {
-                self.unet_per_image(&input, t, &context, added.as_ref(), batch, cfg)?
-            } else {
-                self.unet
-                    .forward(&input, t as f64, &context, added.as_ref())?
-            };
+            let pred = self
+                .unet
+                .forward(&input, t as f64, &context, added.as_ref())?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, batch)?;
                 let text = pred.narrow(0, batch, batch)?;
@@ -860,6 +852,20 @@ impl Pipeline {
         req: &Request,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
+        self.generate_with(req, RngKind::TorchCpu, &mut |i, n| {
+            progress(i, n);
+            Ok(())
+        })
+    }
+
+    /// [`Self::generate`] with a chosen noise generator; `control` runs after every step and
+    /// an error from it stops the loop.
+    pub fn generate_with(
+        &self,
+        req: &Request,
+        rng: RngKind,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Generated> {
         self.check_size(req.width, req.height)?;
         ensure!(req.steps > 0, "--steps must be at least 1");
         ensure!(
@@ -870,8 +876,8 @@ impl Pipeline {
         let mut cond = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
         cond.micro = req.micro;
         let t1 = Instant::now();
-        let (noise, init, shift) = self.initial_latents(req)?;
-        let final_latents = self.denoise(&init, &cond, req.steps, req.guidance, progress)?;
+        let (noise, init, shift) = self.initial_latents_with(req, rng)?;
+        let final_latents = self.denoise_checked(&init, &cond, req.steps, req.guidance, control)?;
         let t2 = Instant::now();
         let rgb = self.decode(&final_latents)?;
         let t3 = Instant::now();
@@ -894,15 +900,20 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Makes several images in one denoising loop (B images per UNet call). Every request
-    /// must share size, steps, guidance and SDXL micro-conditioning. Each image's prompt
-    /// encoding, noise, TKG init and VAE decode are computed on their own, so an image is the
-    /// same alone or in a batch.
+    /// Makes several images. Every request must share size, steps, guidance and SDXL
+    /// micro-conditioning. `control` gets the batch's mean step after each step; an error
+    /// from it stops every image.
+    ///
+    /// On the CPU each image runs [`Self::generate_with`] on a core of its own, so its bits
+    /// are those of the image alone: one fused UNet call would change gemm's blocking and so
+    /// the last bits (`TKG_FUSED_CPU_BATCH=1` fuses anyway, to measure that). Elsewhere the B
+    /// images share one UNet call per step; each image's prompt encoding, noise, TKG init and
+    /// VAE decode are still computed on their own.
     pub fn generate_batch(
         &self,
         reqs: &[Request],
         rng: RngKind,
-        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+        control: &mut (dyn FnMut(usize, usize) -> Result<()> + Send),
     ) -> Result<Vec<Generated>> {
         let first = reqs.first().context("an empty batch")?;
         for r in reqs {
@@ -921,6 +932,14 @@ impl Pipeline {
             first.guidance.is_finite() && first.guidance >= 0.0,
             "--guidance must be a non-negative number"
         );
+        let fused_cpu = std::env::var_os("TKG_FUSED_CPU_BATCH").is_some_and(|v| v == "1");
+        if reqs.len() == 1 || (self.device.is_cpu() && !fused_cpu) {
+            let gate = StepGate::new(reqs.len(), control);
+            let made = self.per_image(reqs.len(), |i| {
+                self.generate_with(&reqs[i], rng, &mut |step, steps| gate.step(i, step, steps))
+            });
+            return gate.result(made);
+        }
         let cfg = first.guidance > 1.0;
         let encoded = self.per_image(reqs.len(), |i| {
             let r = &reqs[i];
@@ -998,48 +1017,73 @@ impl Pipeline {
     }
 }
 
-impl Pipeline {
-    /// One UNet call per image of a batch laid out as [`Self::denoise_checked`] takes it;
-    /// returns the predictions in the same layout.
-    fn unet_per_image(
-        &self,
-        input: &Tensor,
-        t: usize,
-        context: &Tensor,
-        added: Option<&AddedCond>,
-        batch: usize,
-        cfg: bool,
-    ) -> Result<Tensor> {
-        let halves = if cfg { 2 } else { 1 };
-        let rows = |x: &Tensor, i: usize| -> Result<Tensor> {
-            let parts: Vec<Tensor> = (0..halves)
-                .map(|h| x.narrow(0, h * batch + i, 1))
-                .collect::<candle_core::Result<_>>()?;
-            Ok(Tensor::cat(&parts, 0)?)
-        };
-        let preds = self.per_image(batch, |i| {
-            let added_i = match added {
-                Some(a) => Some(AddedCond {
-                    text_embeds: rows(&a.text_embeds, i)?,
-                    time_ids: rows(&a.time_ids, i)?,
-                }),
-                None => None,
-            };
-            self.unet.forward(
-                &rows(input, i)?,
-                t as f64,
-                &rows(context, i)?,
-                added_i.as_ref(),
-            )
-        })?;
-        // Back to [half 0: images 1..B, half 1: images 1..B].
-        let mut parts = Vec::with_capacity(batch * halves);
-        for h in 0..halves {
-            for p in &preds {
-                parts.push(p.narrow(0, h, 1)?);
+/// Shares one step callback between the images of a batch running side by side: it sees
+/// the mean step of the batch, and its first error stops every image.
+struct StepGate<'a> {
+    state: std::sync::Mutex<GateState<'a>>,
+}
+
+struct GateState<'a> {
+    done: Vec<usize>,
+    reported: usize,
+    control: &'a mut (dyn FnMut(usize, usize) -> Result<()> + Send),
+    stopped: Option<anyhow::Error>,
+}
+
+/// What the other images of a stopped batch return; [`StepGate::result`] swaps it for the
+/// callback's own error.
+#[derive(Debug)]
+struct BatchStopped;
+
+impl std::fmt::Display for BatchStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the batch was stopped")
+    }
+}
+
+impl std::error::Error for BatchStopped {}
+
+impl<'a> StepGate<'a> {
+    fn new(images: usize, control: &'a mut (dyn FnMut(usize, usize) -> Result<()> + Send)) -> Self {
+        Self {
+            state: std::sync::Mutex::new(GateState {
+                done: vec![0; images],
+                reported: 0,
+                control,
+                stopped: None,
+            }),
+        }
+    }
+
+    /// Image `image` finished `step` of `steps`.
+    fn step(&self, image: usize, step: usize, steps: usize) -> Result<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.stopped.is_some() {
+            return Err(BatchStopped.into());
+        }
+        s.done[image] = step;
+        let mean = s.done.iter().sum::<usize>() / s.done.len();
+        if mean > s.reported {
+            s.reported = mean;
+            if let Err(e) = (s.control)(mean, steps) {
+                s.stopped = Some(e);
+                return Err(BatchStopped.into());
             }
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        Ok(())
+    }
+
+    /// The batch's outcome: the callback's error when it stopped the batch.
+    fn result<T>(self, made: Result<T>) -> Result<T> {
+        let stopped = self
+            .state
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .stopped;
+        match (made, stopped) {
+            (Err(_), Some(e)) => Err(e),
+            (made, _) => made,
+        }
     }
 }
 
@@ -1080,4 +1124,31 @@ pub fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_gate_reports_the_mean_step_and_stops_every_image() {
+        let mut seen = Vec::new();
+        let mut control = |i: usize, n: usize| -> Result<()> {
+            seen.push((i, n));
+            if i == 2 {
+                bail!("interrupted");
+            }
+            Ok(())
+        };
+        let gate = StepGate::new(2, &mut control);
+        gate.step(0, 1, 4).unwrap();
+        gate.step(0, 2, 4).unwrap();
+        gate.step(1, 1, 4).unwrap(); // mean 1
+        gate.step(1, 2, 4).unwrap_err(); // mean 2: the callback stops the batch
+        let other = gate.step(0, 3, 4).unwrap_err();
+        assert!(other.is::<BatchStopped>());
+        let err = gate.result::<()>(Err(other)).unwrap_err();
+        assert_eq!(err.to_string(), "interrupted");
+        assert_eq!(seen, [(1, 4), (2, 4)]);
+    }
 }

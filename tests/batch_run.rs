@@ -253,31 +253,33 @@ fn sharded_interrupted_resumed_run_equals_one_batched_run() {
 #[test]
 fn batch_size_four_gives_the_pixels_of_batch_size_one() {
     let d = scratch("bs");
-    let run = |bs: &str, out: &str| {
-        ok(tkg(
-            &d,
-            &[
-                "generate",
-                "--model",
-                "tiny-sd15",
-                "--prompt",
-                "a blue vase",
-                "--seed",
-                "5",
-                "--steps",
-                "5",
-                "--num-images",
-                "6",
-                "--batch-size",
-                bs,
-                "--no-key",
-                "--out",
-                out,
-            ],
-        )
+    let run_env = |bs: &str, out: &str, fused: bool| {
+        let mut c = tkg(&d, &[]);
+        if fused {
+            c.env("TKG_FUSED_CPU_BATCH", "1");
+        }
+        ok(c.args([
+            "generate",
+            "--model",
+            "tiny-sd15",
+            "--prompt",
+            "a blue vase",
+            "--seed",
+            "5",
+            "--steps",
+            "5",
+            "--num-images",
+            "6",
+            "--batch-size",
+            bs,
+            "--no-key",
+            "--out",
+            out,
+        ])
         .output()
         .unwrap())
     };
+    let run = |bs: &str, out: &str| run_env(bs, out, false);
     let one = run("1", "b1-{seed}.png");
     let four = run("4", "b4-{seed}.png");
     assert_eq!(String::from_utf8_lossy(&one.stdout).lines().count(), 6);
@@ -291,6 +293,17 @@ fn batch_size_four_gives_the_pixels_of_batch_size_one() {
         distinct.insert(png_pixels(&a));
     }
     assert_eq!(distinct.len(), 6, "each seed gives its own image");
+    // The shared-UNet batch GPUs use, forced on the CPU: the same images up to rounding.
+    run_env("4", "f4-{seed}.png", true);
+    for seed in 5..11 {
+        let a = png_pixels(&std::fs::read(d.join(format!("b1-{seed}.png"))).unwrap());
+        let f = png_pixels(&std::fs::read(d.join(format!("f4-{seed}.png"))).unwrap());
+        let worst = a.iter().zip(&f).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        assert!(
+            worst <= 2,
+            "seed {seed}: fused batch differs by {worst} levels"
+        );
+    }
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -437,22 +437,40 @@ pub fn execute(
                 Err(e) => return Err(e),
             };
             let per_image = t0.elapsed() / indices.len() as u32;
-            // Keyed side by side; a failure surfaces when its image's turn to be written comes.
-            let keyed: Vec<Option<Result<(key::Keyed, Duration)>>> = batch
+            // Keyed and written side by side; reported in job order, every finished image
+            // before the first failure.
+            let finished: Vec<Result<Finished>> = batch
                 .par_iter()
                 .zip(&generated)
-                .map(|((i, _, _), g)| ctx.key_flags.map(|_| key_image(&ctx, &images[*i], g)))
+                .map(|((i, t, req), g)| {
+                    let img = &images[*i];
+                    let keyed = ctx.key_flags.map(|_| key_image(&ctx, img, g)).transpose()?;
+                    finish_image(&ctx, &loaded, img, req, *t, g, keyed, per_image)
+                })
                 .collect();
-            for (((i, t, req), g), keyed) in batch.iter().zip(generated).zip(keyed) {
+            let mut failed = None;
+            for ((i, _, _), f) in batch.iter().zip(finished) {
+                let f = match f {
+                    Ok(f) => f,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        continue;
+                    }
+                };
                 let img = &images[*i];
-                let keyed = keyed.transpose()?;
-                let rec = finish_image(&ctx, &loaded, img, req, *t, &g, keyed, per_image, ui)?;
+                for w in &f.warnings {
+                    ui.warn(w);
+                }
+                for p in &f.written {
+                    println!("{}", p.display());
+                }
+                ui.detail(&f.detail);
                 done += 1;
                 if let Some(m) = manifest.as_mut() {
-                    m.append(&rec)?;
+                    m.append(&f.record)?;
                 }
                 rep.event(json!({"event": "image", "index": i, "seed": img.seed,
-                    "paths": rec["paths"], "seconds": rec["timings"]["total_s"],
+                    "paths": f.record["paths"], "seconds": f.record["timings"]["total_s"],
                     "done": done, "todo": todo.len()}));
                 if todo.len() > 1 {
                     rep.line(format!(
@@ -462,6 +480,9 @@ pub fn execute(
                         img.seed
                     ));
                 }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
             if jobs::interrupted() {
                 rep.event(json!({"event": "interrupted", "written": done, "abandoned": []}));
@@ -660,8 +681,18 @@ fn key_image(ctx: &RunCtx, img: &ImageJob, g: &Generated) -> Result<(key::Keyed,
     Ok((keyed, tk.elapsed()))
 }
 
-/// Writes one image and its keyed outputs (`keyed` is there when keying is on) and returns
-/// its manifest record.
+/// One image written: what to report, in job order, on the main thread.
+struct Finished {
+    /// The manifest record.
+    record: serde_json::Value,
+    /// Files written by this run (stdout lists them).
+    written: Vec<PathBuf>,
+    warnings: Vec<String>,
+    /// The timings line for -v.
+    detail: String,
+}
+
+/// Writes one image and its keyed outputs (`keyed` is there when keying is on).
 #[allow(clippy::too_many_arguments)]
 fn finish_image(
     ctx: &RunCtx,
@@ -672,13 +703,15 @@ fn finish_image(
     g: &Generated,
     keyed: Option<(key::Keyed, Duration)>,
     gen_time: Duration,
-    ui: Ui,
-) -> Result<serde_json::Value> {
+) -> Result<Finished> {
     let opts = ctx.opts;
     let t0 = Instant::now();
-    for w in &g.warnings {
-        ui.warn(format!("image {}: {w}", img.index));
-    }
+    let mut warnings: Vec<String> = g
+        .warnings
+        .iter()
+        .map(|w| format!("image {}: {w}", img.index))
+        .collect();
+    let mut written = Vec::new();
     let params = m.parameters(img, req);
     let text = vec![("parameters".to_string(), params.to_string())];
     let overwrite = opts.overwrite;
@@ -694,25 +727,21 @@ fn finish_image(
             },
             overwrite,
         )?;
-        println!("{}", img.out.display());
+        written.push(img.out.clone());
     }
     paths.push(img.out.display().to_string());
     let mut key_time = Duration::ZERO;
     let mut key_rec = serde_json::Value::Null;
     if let (Some(flags), Some((keyed, time))) = (ctx.key_flags, keyed) {
         key_time = time;
-        if let Some(w) = &keyed.screen.warning {
-            ui.warn(w);
-        }
+        warnings.extend(keyed.screen.warning.clone());
         let want = key::output_paths(&img.out, flags);
         let all_there = want.iter().all(|p| p.exists());
         if !(todo == Todo::Complete && all_there) {
             // Completing a half-written image: the files that exist are rewritten with the
             // same bytes (generation is deterministic), atomically.
             let ow = overwrite || todo == Todo::Complete;
-            for p in key::write_outputs(&img.out, &keyed, flags, &text, ow)? {
-                println!("{}", p.display());
-            }
+            written.extend(key::write_outputs(&img.out, &keyed, flags, &text, ow)?);
         }
         paths.extend(want.iter().map(|p| p.display().to_string()));
         let s = keyed.screen.rgb.map(|v| v.round().clamp(0.0, 255.0) as u8);
@@ -729,21 +758,21 @@ fn finish_image(
     if let Some(p) = &img.save_latents {
         if !(todo == Todo::Complete && p.exists()) {
             save_latents(p, g, overwrite)?;
-            println!("{}", p.display());
+            written.push(p.clone());
         }
         paths.push(p.display().to_string());
     }
     let s = &img.settings;
     let t = &g.timings;
-    ui.detail(format!(
+    let detail = format!(
         "text {:.2}s, denoise {:.2}s, decode {:.2}s, key {:.2}s",
         t.text.as_secs_f64(),
         t.denoise.as_secs_f64(),
         t.decode.as_secs_f64(),
         key_time.as_secs_f64()
-    ));
+    );
     let command = super::info::command_for(&params, &img.out).unwrap_or_default();
-    Ok(json!({
+    let record = json!({
         "index": img.index,
         "line": img.line,
         "image": img.image,
@@ -784,7 +813,13 @@ fn finish_image(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
-    }))
+    });
+    Ok(Finished {
+        record,
+        written,
+        warnings,
+        detail,
+    })
 }
 
 /// Progress on stderr: an indicatif bar, plain lines, NDJSON events, or nothing.
@@ -859,8 +894,8 @@ impl Reporter {
                 }
             }
             ProgressMode::Plain if i == n || i.is_multiple_of((n / 10).max(1)) => {
-                let secs = self.start.elapsed().as_secs_f64() / i as f64;
-                eprintln!("step {i}/{n} ({secs:.2} s/it)");
+                let per = crate::bench::duration(self.start.elapsed().as_secs_f64() / i as f64);
+                eprintln!("step {i}/{n} ({per}/it)");
             }
             _ => {}
         }
