@@ -901,8 +901,9 @@ impl Pipeline {
 
 impl Pipeline {
     /// Makes several images. Every request must share size, steps, guidance and SDXL
-    /// micro-conditioning. `control` gets the batch's mean step after each step; an error
-    /// from it stops every image.
+    /// micro-conditioning. `control` gets the batch's mean step (rounded down) after each
+    /// image's step, so the same value can come more than once; an error from it stops every
+    /// image.
     ///
     /// On the CPU each image runs [`Self::generate_with`] on a core of its own, so its bits
     /// are those of the image alone: one fused UNet call would change gemm's blocking and so
@@ -1017,15 +1018,15 @@ impl Pipeline {
     }
 }
 
-/// Shares one step callback between the images of a batch running side by side: it sees
-/// the mean step of the batch, and its first error stops every image.
+/// Shares one step callback between the images of a batch running side by side: it runs
+/// after every image's step (so an interrupt is seen within one step) with the batch's mean
+/// step, and its first error stops every image.
 struct StepGate<'a> {
     state: std::sync::Mutex<GateState<'a>>,
 }
 
 struct GateState<'a> {
     done: Vec<usize>,
-    reported: usize,
     control: &'a mut (dyn FnMut(usize, usize) -> Result<()> + Send),
     stopped: Option<anyhow::Error>,
 }
@@ -1048,7 +1049,6 @@ impl<'a> StepGate<'a> {
         Self {
             state: std::sync::Mutex::new(GateState {
                 done: vec![0; images],
-                reported: 0,
                 control,
                 stopped: None,
             }),
@@ -1063,12 +1063,9 @@ impl<'a> StepGate<'a> {
         }
         s.done[image] = step;
         let mean = s.done.iter().sum::<usize>() / s.done.len();
-        if mean > s.reported {
-            s.reported = mean;
-            if let Err(e) = (s.control)(mean, steps) {
-                s.stopped = Some(e);
-                return Err(BatchStopped.into());
-            }
+        if let Err(e) = (s.control)(mean, steps) {
+            s.stopped = Some(e);
+            return Err(BatchStopped.into());
         }
         Ok(())
     }
@@ -1143,12 +1140,12 @@ mod tests {
         let gate = StepGate::new(2, &mut control);
         gate.step(0, 1, 4).unwrap();
         gate.step(0, 2, 4).unwrap();
-        gate.step(1, 1, 4).unwrap(); // mean 1
+        gate.step(1, 1, 4).unwrap();
         gate.step(1, 2, 4).unwrap_err(); // mean 2: the callback stops the batch
         let other = gate.step(0, 3, 4).unwrap_err();
         assert!(other.is::<BatchStopped>());
         let err = gate.result::<()>(Err(other)).unwrap_err();
         assert_eq!(err.to_string(), "interrupted");
-        assert_eq!(seen, [(1, 4), (2, 4)]);
+        assert_eq!(seen, [(0, 4), (1, 4), (1, 4), (2, 4)]);
     }
 }

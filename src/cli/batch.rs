@@ -827,6 +827,8 @@ struct Reporter {
     mode: ProgressMode,
     bar: Option<indicatif::ProgressBar>,
     start: Instant,
+    /// The batch's last reported step (the pipeline repeats a step while images catch up).
+    last_step: std::sync::atomic::AtomicUsize,
 }
 
 impl Reporter {
@@ -841,6 +843,7 @@ impl Reporter {
             mode,
             bar: None,
             start: Instant::now(),
+            last_step: 0.into(),
         }
     }
 
@@ -864,6 +867,7 @@ impl Reporter {
 
     fn start_batch(&mut self, indices: &[usize], steps: usize, done: usize, total: usize) {
         self.start = Instant::now();
+        self.last_step = 0.into();
         self.event(json!({"event": "batch", "indices": indices, "steps": steps,
             "done": done, "todo": total}));
         if self.mode == ProgressMode::Bar {
@@ -882,6 +886,10 @@ impl Reporter {
     }
 
     fn step(&self, indices: &[usize], i: usize, n: usize) {
+        use std::sync::atomic::Ordering;
+        if self.last_step.fetch_max(i, Ordering::Relaxed) >= i {
+            return;
+        }
         match self.mode {
             ProgressMode::Json => eprintln!(
                 "{}",
