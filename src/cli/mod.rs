@@ -80,7 +80,7 @@ pub fn run() -> Result<()> {
         Command::Bench(args) => args.threads,
         _ => None,
     };
-    crate::bench::set_threads(threads)?;
+    crate::kernels::set_threads(threads)?;
     // The command runs on a pool thread: the kernels' parallel loops then start there at once,
     // instead of handing every small operation to the pool and sleeping on a futex until it
     // is done (on tiny models that hand-off cost more than the work).

@@ -112,6 +112,35 @@ pub(crate) fn uninit_vec(len: usize) -> Vec<f32> {
     v
 }
 
+/// Sets how many threads candle and rayon use (`None`: `RAYON_NUM_THREADS`, else candle's
+/// choice, the physical cores) and builds rayon's global pool. Call it once at start-up,
+/// before any tensor work: rayon sizes its pool once, candle's element-wise pool reads
+/// `CANDLE_NUM_THREADS` once, and candle's matmul reads `RAYON_NUM_THREADS` on every call
+/// (when unset it works out the core count from /proc/cpuinfo each time, which on small
+/// models costs more than the matmul).
+pub fn set_threads(n: Option<usize>) -> Result<()> {
+    anyhow::ensure!(n != Some(0), "--threads must be at least 1");
+    let n = match n {
+        Some(n) => n,
+        None => candle_core::utils::get_num_threads(),
+    };
+    // SAFETY: called at start-up from the main thread, before any other thread exists that
+    // could read the environment.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
+    }
+    // The global pool runs candle's convolutions and tkg's own kernels. Big stacks: the
+    // whole command runs on a pool thread (see `cli::run`).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .stack_size(64 << 20)
+        .build_global();
+    Ok(())
+}
+
 /// The number of threads the kernels split work over.
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
