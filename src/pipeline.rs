@@ -650,6 +650,17 @@ impl Pipeline {
         self.vae.downscale_factor()
     }
 
+    /// Checks a request's size, steps and guidance before any work.
+    fn check_request(&self, req: &Request) -> Result<()> {
+        self.check_size(req.width, req.height)?;
+        ensure!(req.steps > 0, "--steps must be at least 1");
+        ensure!(
+            req.guidance.is_finite() && req.guidance >= 0.0,
+            "--guidance must be a non-negative number"
+        );
+        Ok(())
+    }
+
     /// Checks a size before any work: it must be a positive multiple of what the UNet needs.
     pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let f = self.vae_factor();
@@ -866,12 +877,7 @@ impl Pipeline {
         rng: RngKind,
         control: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Generated> {
-        self.check_size(req.width, req.height)?;
-        ensure!(req.steps > 0, "--steps must be at least 1");
-        ensure!(
-            req.guidance.is_finite() && req.guidance >= 0.0,
-            "--guidance must be a non-negative number"
-        );
+        self.check_request(req)?;
         let t0 = Instant::now();
         let mut cond = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
         cond.micro = req.micro;
@@ -927,12 +933,7 @@ impl Pipeline {
                 "internal error: a batch mixes sizes, steps, guidance or micro-conditioning"
             );
         }
-        self.check_size(first.width, first.height)?;
-        ensure!(first.steps > 0, "--steps must be at least 1");
-        ensure!(
-            first.guidance.is_finite() && first.guidance >= 0.0,
-            "--guidance must be a non-negative number"
-        );
+        self.check_request(first)?;
         let fused_cpu = std::env::var_os("TKG_FUSED_CPU_BATCH").is_some_and(|v| v == "1");
         if reqs.len() == 1 || (self.device.is_cpu() && !fused_cpu) {
             let gate = StepGate::new(reqs.len(), control);
