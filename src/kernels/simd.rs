@@ -49,29 +49,40 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// [`exp`]'s input range: below it gives ~1e-38 instead of 0, above it e^88.37.
+const EXP_MIN: f32 = -87.336_55;
+const EXP_MAX: f32 = 88.376_26;
+/// ln 2 split in two, so n·ln 2 is subtracted without rounding away r's low bits.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+const ROUND: f32 = 12_582_912.0;
+/// Cephes' polynomial for (e^r - 1 - r) / r², highest degree first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// e^x, Cephes' single-precision polynomial (about 1 ulp on the range that matters here).
 /// Inputs below -87.3 give ~1e-38 instead of 0; inputs above 88.37 give e^88.37.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
     // max/min rather than clamp: clamp's NaN checks keep the loop from vectorising.
     #[allow(clippy::manual_clamp)]
-    let x = x.max(-87.336_55).min(88.376_26);
+    let x = x.max(EXP_MIN).min(EXP_MAX);
     // The rounded integer sits in the low mantissa bits of `t`: reading it from there keeps
     // the loop free of float-to-int casts, which do not vectorise.
-    let t = x * LOG2E + ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
-    let r = x - n * C1 - n * C2;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = p * r * r + r + 1.0;
     let e = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
     y * f32::from_bits(e << 23)
@@ -198,24 +209,19 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
+        use super::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, ROUND};
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.336_55)),
-            _mm256_set1_ps(88.376_26),
+            _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN)),
+            _mm256_set1_ps(EXP_MAX),
         );
-        let round = _mm256_set1_ps(12_582_912.0);
+        let round = _mm256_set1_ps(ROUND);
         let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), round);
         let n = _mm256_sub_ps(t, round);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let y = _mm256_fmadd_ps(
             _mm256_mul_ps(p, r),
@@ -223,7 +229,7 @@ mod x86 {
             _mm256_add_ps(r, _mm256_set1_ps(1.0)),
         );
         // 2^n from the integer sitting in t's low mantissa bits.
-        let bias = _mm256_set1_epi32(127 - 12_582_912f32.to_bits() as i32);
+        let bias = _mm256_set1_epi32(127 - ROUND.to_bits() as i32);
         let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), bias), 23);
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
     }
