@@ -140,18 +140,18 @@ fn unmatched_tensors_are_reported_or_refused() {
     let dir = std::env::temp_dir().join(format!("tkg-lora-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
-    // One real module of the SD1.5 model (32 channels), one that matches nothing.
+    // One real module of the SD1.5 model (16 channels), one that matches nothing.
     let file = dir.join("partial.safetensors");
     save(
         &file,
         vec![
             (
                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
-                z(&[2, 32]),
+                z(&[2, 16]),
             ),
             (
                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
-                z(&[32, 2]),
+                z(&[16, 2]),
             ),
             ("lora_unet_nowhere_to_q.lora_down.weight", z(&[2, 32])),
             ("lora_unet_nowhere_to_q.lora_up.weight", z(&[32, 2])),

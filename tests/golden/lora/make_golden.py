@@ -5,7 +5,7 @@ SDXL golden models (tests/golden/sd15/a/model, tests/golden/sdxl/a/model).
 For each family this writes, next to this file:
   <family>_peft.lora.safetensors   a PEFT LoRA saved by diffusers' save_lora_weights, with its
                                    lora_adapter_metadata (lora_alpha != r, so scale != 1)
-  <family>_kohya.lora.safetensors  a kohya-ss file written by hand: lora_down / lora_up / alpha,
+  <family>_kohya.lora.safetensors  a kohya-ss file written by hand (float16): lora_down / lora_up / alpha,
                                    lora_unet_ (SD1: diffusers paths; SDXL: LDM paths),
                                    lora_te_ (SD1) / lora_te1_ + lora_te2_ (SDXL), LoCon 3x3 convs
   <family>_<format>.golden.safetensors   `final`: the pipeline's final latents with the LoRA fused
@@ -39,6 +39,7 @@ FAMILIES = {
                  json=os.path.join(GOLDEN, "sdxl", "a", "golden_neg.json")),
 }
 MULTIPLIER = {"peft": 1.0, "kohya": 0.7}
+KOHYA_DTYPE = torch.float16
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj", "conv_shortcut"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -230,14 +231,17 @@ def make_kohya(family, path):
             else:
                 out_f, in_f, kernel = m.out_features, m.in_features, 0
             down, up = lora_pair(gen, out_f, in_f, kernel)
+            # Stored as float16, as kohya-ss files usually are (save_precision fp16); the PEFT file
+            # stays float32. Both loaders upcast, so the expected delta uses the float16 values.
+            down, up = down.to(KOHYA_DTYPE), up.to(KOHYA_DTYPE)
             # One alpha for all modules: diffusers 0.42 maps per-module alphas of kohya files
             # through PEFT's alpha_pattern and gets some modules wrong (checked: the fused
             # weights differ), so the parity file keeps alpha uniform (but != rank).
             alpha = float(RANK / 2)
             tensors[key + ".lora_down.weight"] = down.contiguous()
             tensors[key + ".lora_up.weight"] = up.contiguous()
-            tensors[key + ".alpha"] = torch.tensor(alpha)
-            expect[(comp, name)] = (alpha / RANK) * delta(down, up)
+            tensors[key + ".alpha"] = torch.tensor(alpha, dtype=KOHYA_DTYPE)
+            expect[(comp, name)] = (alpha / RANK) * delta(down.float(), up.float())
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(RANK)})
     sort_metadata(path)
     return expect
@@ -315,6 +319,7 @@ def main():
                 "init_from": os.path.relpath(FAMILIES[family]["golden"], GOLDEN) + " (init)",
                 "lora": os.path.basename(lora),
                 "multiplier": MULTIPLIER[fmt],
+                "lora_dtype": str(KOHYA_DTYPE if fmt == "kohya" else torch.float32).replace("torch.", ""),
                 "modules": checked,
                 "final_rel_l2_vs_base": rel,
             }

@@ -92,10 +92,11 @@ VARIANTS = {
         width=64, height=64,
         prompt="a red vintage car, studio photo",
         negative_prompt="",
-        unet=dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        # channels (16, 32) / (16, 32): half of the first version's (32, 64), to keep tests/golden small
+        unet=dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=2,
                   cross_attention_dim=32, norm_num_groups=8, sample_size=32, in_channels=4, out_channels=4),
-        vae=dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                  latent_channels=4, in_channels=3, out_channels=3, scaling_factor=0.18215, sample_size=64),
         text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -110,12 +111,14 @@ VARIANTS = {
         width=64, height=48,
         prompt="A watch; close-up, 35mm!",
         negative_prompt="blurry, low quality",
-        unet=dict(block_out_channels=(32, 64, 64), down_block_types=("CrossAttnDownBlock2D",) * 3,
+        # channels (8, 16, 16) / VAE (8, 16, 16) instead of the first version's (32, 64, 64) / (16, 32, 32), to keep
+        # tests/golden small (groups 4, as 8 groups of 8 channels would be 1 channel each); head dims 4, 4, 2
+        unet=dict(block_out_channels=(8, 16, 16), down_block_types=("CrossAttnDownBlock2D",) * 3,
                   up_block_types=("CrossAttnUpBlock2D",) * 3, layers_per_block=2, attention_head_dim=(2, 4, 8),
-                  use_linear_projection=True, cross_attention_dim=48, norm_num_groups=8, sample_size=16,
+                  use_linear_projection=True, cross_attention_dim=48, norm_num_groups=4, sample_size=16,
                   in_channels=4, out_channels=4),
-        vae=dict(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                 up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
+        vae=dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                 up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4,
                  latent_channels=4, in_channels=3, out_channels=3, scaling_factor=0.18215, sample_size=64),
         text=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
                   hidden_act="gelu", projection_dim=48),
@@ -127,7 +130,44 @@ VARIANTS = {
 
 STEPS = 50
 GUIDANCE = 7.5
+# The weight files store float16 (half the bytes of float32). The models are rounded to float16 values in memory
+# before they are saved, and the goldens come from the pipeline loaded back in float32, so both sides compute in
+# float32 on exactly the stored values.
+STORE_DTYPE = torch.float16
 TKG = dict(color="green", channels=[1, 2], signs=[1, 1], target_shift=0.07, sigma=0.5, center=[0.0, 0.0])
+
+
+def round_to_store_dtype(*models):
+    """Rounds every float32 parameter to a STORE_DTYPE value (kept in float32)."""
+    with torch.no_grad():
+        for m in models:
+            for p in m.parameters():
+                if p.dtype == torch.float32:
+                    p.copy_(p.to(STORE_DTYPE).to(torch.float32))
+
+
+def store_weights(model_dir: str):
+    """Rewrites every .safetensors file under model_dir with its float32 tensors as STORE_DTYPE (exact after
+    round_to_store_dtype; checked), keeping the other tensors (int64 position_ids) and the file's metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    for root, dirs, files in os.walk(model_dir):
+        dirs.sort()
+        for fn in sorted(files):
+            if not fn.endswith(".safetensors"):
+                continue
+            path = os.path.join(root, fn)
+            with safe_open(path, "pt") as fh:
+                meta = fh.metadata()
+            sd = load_file(path)
+            out = {}
+            for k, v in sd.items():
+                if v.dtype == torch.float32:
+                    h = v.to(STORE_DTYPE)
+                    assert torch.equal(h.to(torch.float32), v), f"{path}: {k} is not rounded to {STORE_DTYPE}"
+                    v = h
+                out[k] = v
+            save_file(out, path, metadata=meta)
 
 
 def build_and_save(name: str, cfg: dict, model_dir: str, tok_src: str, tok_info: dict):
@@ -141,6 +181,7 @@ def build_and_save(name: str, cfg: dict, model_dir: str, tok_src: str, tok_info:
     text_encoder = CLIPTextModel(text_cfg).eval()
     unet = UNet2DConditionModel(**cfg["unet"]).eval()
     vae = AutoencoderKL(**cfg["vae"]).eval()
+    round_to_store_dtype(text_encoder, unet, vae)
     scheduler = DDIMScheduler(**cfg["sched"])
     tokenizer = CLIPTokenizer.from_pretrained(tok_src, model_max_length=77, pad_token="<|endoftext|>")
     assert len(tokenizer) == tok_info["vocab_size"], len(tokenizer)
@@ -182,6 +223,7 @@ def build_and_save(name: str, cfg: dict, model_dir: str, tok_src: str, tok_info:
         sd = {"text_model." + k: v for k, v in sd.items()}
         sd["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
         save_file(dict(sorted(sd.items())), te_path, metadata={"format": "pt"})
+    store_weights(model_dir)
     return pipe
 
 
@@ -228,6 +270,7 @@ def make_variant(name: str, cfg: dict, tkg, ref, prov, tok_src, tok_info):
         a_sd, b_sd = getattr(pipe_mem, comp).state_dict(), getattr(pipe, comp).state_dict()
         assert a_sd.keys() == b_sd.keys(), comp
         assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd), comp
+        assert all(v.dtype in (torch.float32, torch.int64) for v in b_sd.values()), comp
     del pipe_mem
 
     # the tokenizer loaded back from disk must agree with the one that was built
@@ -375,6 +418,7 @@ def make_variant(name: str, cfg: dict, tkg, ref, prov, tok_src, tok_info):
                               if cfg["legacy_text_encoder_keys"] else
                               "transformers-5 layout: no 'text_model.' prefix (embeddings.*, encoder.*, final_layer_norm.*)"),
         "model_seed": cfg["model_seed"],
+        "weights_dtype": "float16 in the files (the int64 position_ids stay int64); loaded and run in float32",
         "model_dir": "model",
         "model_bytes": dir_size(model_dir),
         "model_files": {os.path.relpath(os.path.join(r, fn), model_dir): os.path.getsize(os.path.join(r, fn))

@@ -53,14 +53,14 @@ VARIANTS = {
         prompt="a cozy cabin in snowy woods, golden hour",
         negative_prompt="blurry, low quality, watermark",
         micro=dict(),  # diffusers defaults: original_size = target_size = (H, W), crops (0, 0)
-        # channels are half of the brief's (32, 64) to keep the folder under ~4 MB (that gave 9 MB)
-        unet=dict(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        # channels (16, 24): the brief's (32, 64) gave a 9 MB folder; (16, 32) was the first version
+        unet=dict(block_out_channels=(16, 24), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
                   transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
                   cross_attention_dim=80, norm_num_groups=8, sample_size=32, in_channels=4, out_channels=4,
                   addition_embed_type="text_time", addition_time_embed_dim=8,
                   projection_class_embeddings_input_dim=6 * 8 + 16),
-        vae=dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        vae=dict(block_out_channels=(16, 24), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                  latent_channels=4, in_channels=3, out_channels=3, scaling_factor=0.13025, force_upcast=True,
                  sample_size=64),
@@ -80,8 +80,8 @@ VARIANTS = {
         prompt="A watch; close-up, 35mm!",
         negative_prompt="ugly, deformed",
         micro=dict(original_size=(96, 128), crops_coords_top_left=(4, 8)),  # target_size: default (H, W)
-        # channels are half of the brief's (16, 32, 64) to keep the folder under ~4 MB
-        unet=dict(block_out_channels=(8, 16, 32),
+        # channels (8, 16, 16): the brief asked for (16, 32, 64); (8, 16, 32) was the first version
+        unet=dict(block_out_channels=(8, 16, 16),
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
                   transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), use_linear_projection=True,
@@ -127,7 +127,7 @@ def _added(content):
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
 
-def build_and_save(name, cfg, model_dir, tok_src, tok_info):
+def build_and_save(name, cfg, model_dir, tok_src, tok_info, sd15):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -151,6 +151,7 @@ def build_and_save(name, cfg, model_dir, tok_src, tok_info):
     for i, (cname, m) in enumerate((("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2),
                                     ("unet", unet), ("vae", vae))):
         perturbed[cname] = perturb_constant_tensors(m, 1000 * cfg["model_seed"] + i)
+    sd15.round_to_store_dtype(text_encoder, text_encoder_2, unet, vae)
     scheduler = DDIMScheduler(**SDXL_SCHED)
     tokenizer = CLIPTokenizer.from_pretrained(tok_src, model_max_length=77, pad_token="<|endoftext|>")
     tokenizer_2 = CLIPTokenizer.from_pretrained(tok_src, model_max_length=77, pad_token="!")
@@ -189,6 +190,7 @@ def build_and_save(name, cfg, model_dir, tok_src, tok_info):
                   for k, v in sd.items()}
             sd["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
             save_file(dict(sorted(sd.items())), p, metadata={"format": "pt"})
+    sd15.store_weights(model_dir)  # float16 files, as in sd15
     return pipe, perturbed
 
 
@@ -203,7 +205,7 @@ def make_variant(name, cfg, tkg, sd15, ref, prov, tok_src, tok_info):
     vdir = os.path.join(HERE, name)
     model_dir = os.path.join(vdir, "model")
     os.makedirs(vdir, exist_ok=True)
-    pipe_mem, perturbed = build_and_save(name, cfg, model_dir, tok_src, tok_info)
+    pipe_mem, perturbed = build_and_save(name, cfg, model_dir, tok_src, tok_info, sd15)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -214,6 +216,7 @@ def make_variant(name, cfg, tkg, sd15, ref, prov, tok_src, tok_info):
         a_sd, b_sd = getattr(pipe_mem, comp).state_dict(), getattr(pipe, comp).state_dict()
         assert a_sd.keys() == b_sd.keys(), comp
         assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd), comp
+        assert all(v.dtype in (torch.float32, torch.int64) for v in b_sd.values()), comp
     assert tok.pad_token == "<|endoftext|>" and tok2.pad_token == "!" and tok2.pad_token_id == 0
     for s in (cfg["prompt"], cfg["negative_prompt"], "", "  Hello   WORLD\té ü's it'll 2024 -- x!?", "a " * 100):
         for t_disk, t_mem in ((tok, pipe_mem.tokenizer), (tok2, pipe_mem.tokenizer_2)):
@@ -434,6 +437,7 @@ def make_variant(name, cfg, tkg, sd15, ref, prov, tok_src, tok_info):
                                 for sub in ("tokenizer", "tokenizer_2")},
             "perturbed_parameters": {k: len(v) for k, v in perturbed.items()},
             "model_seed": cfg["model_seed"],
+            "weights_dtype": "float16 in the files (the int64 position_ids stay int64); loaded and run in float32",
             "model_dir": "model",
             "model_bytes": sd15.dir_size(model_dir),
             "model_files": {os.path.relpath(os.path.join(r, fn), model_dir): os.path.getsize(os.path.join(r, fn))
