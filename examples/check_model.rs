@@ -23,6 +23,7 @@ fn main() -> Result<()> {
         device: Device::Cpu,
         dtype: DType::F32,
         clip_skip: None,
+        fp16_files: true,
     };
     let pipe = Pipeline::load(&ModelFolder::local(&dir)?, &opts)?;
     println!(

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
                 device: Device::Cpu,
                 dtype,
                 clip_skip: None,
+                fp16_files: true,
             };
             let result = (|| -> anyhow::Result<(f32, i32, f64)> {
                 let pipe = Pipeline::load(&folder, &opts)?;

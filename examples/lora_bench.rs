@@ -107,6 +107,7 @@ fn main() -> Result<()> {
         device: Device::Cpu,
         dtype: DType::F32,
         clip_skip: None,
+        fp16_files: true,
     };
     let adapters = Adapters {
         loras: vec![LoraSpec {

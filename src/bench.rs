@@ -108,13 +108,13 @@ pub fn run(
         &LoadOptions {
             device: s.device.clone(),
             dtype: s.dtype,
-            clip_skip: None,
+            ..LoadOptions::cpu_f32()
         },
     )
     .with_context(|| format!("loading {model_name}"))?;
     let load_s = start.elapsed().as_secs_f64();
     let rss_after_load_mib = proc_status_mib("VmRSS");
-    pipe.check_size(s.width, s.height)?;
+    pipe.check_size(crate::settings::Size::new(s.width, s.height))?;
 
     progress("encoding the prompts");
     let t = Instant::now();

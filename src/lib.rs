@@ -4,11 +4,16 @@
 //! prompt → [`models::tokenizer`] → [`models::clip`] → conditioning → [`tkg`] initial noise →
 //! [`pipeline`] denoise loop ([`models::unet`] + CFG + [`scheduler`]) → [`models::vae`] decode →
 //! [`key`] → [`output`] writers.
+//!
+//! [`run`] plans and runs jobs over that pipeline: [`settings::Settings`] per image (changed
+//! by [`settings::SettingsPatch`]es from flags or job lines), [`run::RunConfig`] per run, and
+//! [`run::Events`] to hear progress. [`metadata`] writes and reads what an image records.
+//! The library prints nothing and reads no environment variables but the Hugging Face ones
+//! ([`models::hub`]).
 
 pub mod bench;
-pub mod cli;
 pub mod color;
-pub mod jobs;
+pub mod family;
 pub mod kernels;
 pub mod key;
 pub mod metadata;
@@ -16,5 +21,7 @@ pub mod models;
 pub mod output;
 pub mod pipeline;
 pub mod rng;
+pub mod run;
 pub mod scheduler;
+pub mod settings;
 pub mod tkg;

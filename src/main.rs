@@ -1,12 +1,14 @@
+mod cli;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    tkg::cli::install_panic_hook();
-    match tkg::cli::run() {
+    cli::install_panic_hook();
+    match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{}", tkg::cli::one_line_error(&err));
-            ExitCode::from(tkg::cli::exit_code(&err))
+            eprintln!("{}", cli::one_line_error(&err));
+            ExitCode::from(cli::exit_code(&err))
         }
     }
 }

@@ -1,6 +1,14 @@
-//! The AUTOMATIC1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs.
+//! What an image records about how it was made, in one place: the AUTOMATIC1111
+//! `parameters` text (prompt, negative prompt, then `Key: value` pairs), the [`Recipe`] it
+//! is written from and read back into, the `tkg generate` command that makes the image
+//! again, and the manifest record.
 
+use crate::color::KeyColor;
+use crate::rng::RngKind;
+use crate::settings::{Method, Offset, Size, prompt_suffix};
+use anyhow::{Context, Result, bail};
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// Generation settings in A1111's format.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -143,6 +151,362 @@ fn parse_pairs(line: &str) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
+/// Numbers as people write them: 7.5, 0.07, 50.
+pub fn fmt_num(v: f64) -> String {
+    let s = format!("{v}");
+    if s.contains('e') {
+        format!("{v:.6}")
+    } else {
+        s
+    }
+}
+
+/// How an image was made, as its `parameters` record it: what [`Recipe::to_parameters`]
+/// writes, [`Recipe::from_parameters`] reads back (also from A1111's own images), and
+/// [`Recipe::command`] turns into the `tkg generate` command that makes the image again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    /// The user's prompt; `--method prompt` records it with the words the method adds.
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// The registry name, or the folder's name with `model_dir`.
+    pub model: String,
+    pub model_dir: Option<String>,
+    pub model_hash: Option<String>,
+    /// A1111's `Lora hashes`: `name: hash, ...`.
+    pub lora_hashes: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub size: Size,
+    pub clip_skip: Option<usize>,
+    pub rng: RngKind,
+    /// SDXL micro-conditioning, recorded only where it is not the default.
+    pub original_size: Option<Size>,
+    pub crop_top_left: Option<Offset>,
+    pub target_size: Option<Size>,
+    pub method: Method,
+    pub color: Option<KeyColor>,
+    /// TKG-DM's settings (only with `Method::Tkg`).
+    pub shift: Option<f64>,
+    pub mask_sigma: Option<f64>,
+    pub centers: Vec<(f64, f64)>,
+}
+
+/// `car.png` → `car-repro.png`: a name that does not clobber the original.
+pub fn repro_name(image: &Path) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    PathBuf::from(format!("{stem}-repro.png"))
+}
+
+/// Quotes a word for POSIX shells.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./,:=+@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+impl Recipe {
+    /// The A1111 `parameters` of the image.
+    pub fn to_parameters(&self) -> Parameters {
+        let green = KeyColor::green();
+        let color = self.color.as_ref().unwrap_or(&green);
+        let mut p = Parameters::new(
+            &self.method.prompt_text(&self.prompt, color),
+            &self.negative_prompt,
+        );
+        p.push("Steps", self.steps.to_string());
+        p.push("Sampler", "DDIM".into());
+        p.push("CFG scale", fmt_num(self.guidance));
+        p.push("Seed", self.seed.to_string());
+        p.push("Size", self.size.to_string());
+        if let Some(h) = &self.model_hash {
+            p.push("Model hash", h.clone());
+        }
+        if let Some(h) = &self.lora_hashes {
+            p.push("Lora hashes", h.clone());
+        }
+        p.push("Model", self.model.clone());
+        if let Some(n) = self.clip_skip {
+            p.push("Clip skip", n.to_string());
+        }
+        // A1111's names: "CPU" is torch's CPU generator, "NV" its reimplementation of the
+        // CUDA generator (A1111 leaves the key out for its default, the GPU itself).
+        p.push(
+            "RNG",
+            match self.rng {
+                RngKind::TorchCpu => "CPU".into(),
+                RngKind::TorchCuda => "NV".into(),
+            },
+        );
+        if let Some(s) = self.original_size {
+            p.push("TKG original size", s.to_string());
+        }
+        if let Some(o) = self.crop_top_left {
+            p.push("TKG crop top left", o.to_string());
+        }
+        if let Some(s) = self.target_size {
+            p.push("TKG target size", s.to_string());
+        }
+        if let Some(d) = &self.model_dir {
+            p.push("TKG model dir", d.clone());
+        }
+        p.push("TKG method", self.method.name().into());
+        if let Some(c) = &self.color {
+            p.push("TKG color", c.to_string());
+        }
+        if self.method == Method::Tkg {
+            if let Some(v) = self.shift {
+                p.push("TKG shift", fmt_num(v));
+            }
+            if let Some(v) = self.mask_sigma {
+                p.push("TKG sigma", fmt_num(v));
+            }
+            if !self.centers.is_empty() {
+                let c: Vec<String> = self
+                    .centers
+                    .iter()
+                    .map(|(x, y)| format!("{},{}", fmt_num(*x), fmt_num(*y)))
+                    .collect();
+                p.push("TKG center", c.join(";"));
+            }
+        }
+        p.push("Version", format!("tkg {}", env!("CARGO_PKG_VERSION")));
+        p
+    }
+
+    /// Reads `parameters` back (tkg's own, or A1111's for the settings tkg has).
+    pub fn from_parameters(p: &Parameters) -> Result<Self> {
+        let get = |k: &str| p.get(k);
+        let num = |k: &str, v: &str| -> Result<f64> {
+            v.trim()
+                .parse::<f64>()
+                .with_context(|| format!("{k} '{v}' is not a number"))
+        };
+        let count = |k: &str, v: &str| -> Result<usize> {
+            v.trim()
+                .parse::<usize>()
+                .with_context(|| format!("{k} '{v}' is not a number"))
+        };
+        fn text<T>(k: &str, r: Result<T, String>) -> Result<T> {
+            r.map_err(|e| anyhow::anyhow!("{k}: {e}"))
+        }
+        let method = get("TKG method").unwrap_or("plain");
+        let method =
+            Method::parse(method).map_err(|_| anyhow::anyhow!("unknown TKG method '{method}'"))?;
+        let color = get("TKG color")
+            .map(|c| KeyColor::parse(c).map_err(|e| anyhow::anyhow!("TKG color: {e}")))
+            .transpose()?;
+        // `--method prompt` stores the prompt it used; give back the user's.
+        let prompt = if method == Method::Prompt {
+            let suffix = prompt_suffix(color.as_ref().unwrap_or(&KeyColor::green()));
+            p.prompt
+                .strip_suffix(&suffix)
+                .with_context(|| format!("the prompt does not end in '{suffix}'"))?
+                .to_string()
+        } else {
+            p.prompt.clone()
+        };
+        let model_dir = get("TKG model dir").map(str::to_string);
+        let model = match (&model_dir, get("Model")) {
+            (_, Some(m)) => m.to_string(),
+            (Some(d), None) => crate::settings::dir_model_name(Path::new(d)),
+            (None, None) => bail!("no Model"),
+        };
+        if let Some(s) = get("Sampler")
+            && s != "DDIM"
+        {
+            bail!("sampler '{s}' is not one tkg has (DDIM)");
+        }
+        let seed = get("Seed").context("no Seed")?;
+        let seed = seed
+            .parse::<u64>()
+            .with_context(|| format!("Seed '{seed}' is not a number"))?;
+        let size = get("Size").context("no Size")?;
+        let size = Size::parse(size).map_err(|_| anyhow::anyhow!("Size '{size}' is not WxH"))?;
+        let rng = match get("RNG") {
+            Some("CPU") => RngKind::TorchCpu,
+            Some("NV") | Some("GPU") | None => RngKind::TorchCuda,
+            Some(o) => bail!("RNG '{o}' is not one tkg has"),
+        };
+        let tkg = method == Method::Tkg;
+        Ok(Self {
+            prompt,
+            negative_prompt: p.negative_prompt.clone(),
+            model,
+            model_dir,
+            model_hash: get("Model hash").map(str::to_string),
+            lora_hashes: get("Lora hashes").map(str::to_string),
+            seed,
+            steps: count("Steps", get("Steps").context("no Steps")?)?,
+            guidance: num("CFG scale", get("CFG scale").context("no CFG scale")?)?,
+            size,
+            clip_skip: get("Clip skip")
+                .map(|v| count("Clip skip", v))
+                .transpose()?,
+            rng,
+            original_size: get("TKG original size")
+                .map(|v| text("TKG original size", Size::parse(v)))
+                .transpose()?,
+            crop_top_left: get("TKG crop top left")
+                .map(|v| text("TKG crop top left", Offset::parse(v)))
+                .transpose()?,
+            target_size: get("TKG target size")
+                .map(|v| text("TKG target size", Size::parse(v)))
+                .transpose()?,
+            method,
+            color,
+            shift: get("TKG shift")
+                .filter(|_| tkg)
+                .map(|v| num("TKG shift", v))
+                .transpose()?,
+            mask_sigma: get("TKG sigma")
+                .filter(|_| tkg)
+                .map(|v| num("TKG sigma", v))
+                .transpose()?,
+            centers: match get("TKG center").filter(|_| tkg) {
+                Some(v) => v
+                    .split(';')
+                    .filter(|c| !c.is_empty())
+                    .map(|c| text("TKG center", crate::settings::parse_center(c)))
+                    .collect::<Result<_>>()?,
+                None => Vec::new(),
+            },
+        })
+    }
+
+    /// The `tkg generate` command that makes this image again, writing `out`.
+    pub fn command(&self, out: &Path) -> String {
+        let mut args: Vec<String> = vec!["tkg".into(), "generate".into()];
+        let mut push = |flag: &str, v: &str| {
+            if v.starts_with('-') {
+                // "--subject-center -0.5,0" would read as a flag.
+                args.push(shell_quote(&format!("{flag}={v}")));
+            } else {
+                args.push(flag.to_string());
+                args.push(shell_quote(v));
+            }
+        };
+        push("--prompt", &self.prompt);
+        if !self.negative_prompt.is_empty() {
+            push("--negative-prompt", &self.negative_prompt);
+        }
+        match &self.model_dir {
+            Some(d) => push("--model-dir", d),
+            None => push("--model", &self.model),
+        }
+        push("--seed", &self.seed.to_string());
+        push("--steps", &self.steps.to_string());
+        push("--guidance", &fmt_num(self.guidance));
+        push("--width", &self.size.width.to_string());
+        push("--height", &self.size.height.to_string());
+        if let Some(c) = self.clip_skip {
+            push("--clip-skip", &c.to_string());
+        }
+        push("--rng", self.rng.name());
+        if let Some(v) = self.original_size {
+            push("--original-size", &v.to_string());
+        }
+        if let Some(v) = self.crop_top_left {
+            push("--crop-top-left", &v.to_string());
+        }
+        if let Some(v) = self.target_size {
+            push("--target-size", &v.to_string());
+        }
+        push("--method", self.method.name());
+        if let Some(c) = &self.color {
+            push("--color", &c.to_string());
+        }
+        if self.method == Method::Tkg {
+            if let Some(v) = self.shift {
+                push("--shift", &fmt_num(v));
+            }
+            if let Some(v) = self.mask_sigma {
+                push("--mask-sigma", &fmt_num(v));
+            }
+            for (x, y) in &self.centers {
+                push(
+                    "--subject-center",
+                    &format!("{},{}", fmt_num(*x), fmt_num(*y)),
+                );
+            }
+        }
+        push("--out", &out.display().to_string());
+        args.join(" ")
+    }
+}
+/// What a manifest line says about one finished image.
+#[derive(Debug, Clone)]
+pub struct ManifestRecord<'a> {
+    pub index: usize,
+    pub line: usize,
+    pub image: usize,
+    pub shard: String,
+    pub path: &'a Path,
+    /// Every file of the image (written now or before).
+    pub paths: &'a [String],
+    pub settings: &'a crate::settings::Settings,
+    pub recipe: &'a Recipe,
+    pub parameters: &'a Parameters,
+    pub batch_size: usize,
+    pub tkg_deltas: Option<[f32; 4]>,
+    /// Seconds per stage.
+    pub timings: serde_json::Value,
+    /// The keyer's findings (null without keying).
+    pub key: serde_json::Value,
+}
+
+impl ManifestRecord<'_> {
+    /// The JSON line (keys sorted, as serde_json writes maps).
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = self.settings;
+        let r = self.recipe;
+        serde_json::json!({
+            "index": self.index,
+            "line": self.line,
+            "image": self.image,
+            "shard": self.shard,
+            "path": self.path.display().to_string(),
+            "paths": self.paths,
+            "seed": r.seed,
+            "prompt": s.prompt,
+            "negative_prompt": s.negative_prompt,
+            "model": r.model,
+            "model_hash": r.model_hash,
+            "model_dir": r.model_dir,
+            "color": s.color.to_string(),
+            "method": s.method.name(),
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "width": r.size.width,
+            "height": r.size.height,
+            "shift": r.shift,
+            "mask_sigma": s.mask_sigma,
+            "subject_center": s.centers(),
+            "clip_skip": s.clip_skip,
+            "rng": s.rng.name(),
+            "batch_size": self.batch_size,
+            "tkg_deltas": self.tkg_deltas,
+            "parameters": self.parameters.to_string(),
+            "command": r.command(self.path),
+            "timings": self.timings,
+            "key": self.key,
+            "finished_unix": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +554,95 @@ mod tests {
         let p = Parameters::parse("just a prompt, with a comma").unwrap();
         assert_eq!(p.prompt, "just a prompt, with a comma");
         assert!(p.entries.is_empty());
+    }
+
+    fn recipe() -> Recipe {
+        Recipe {
+            prompt: "a car, red".into(),
+            negative_prompt: "blurry".into(),
+            model: "tiny-sdxl".into(),
+            model_dir: None,
+            model_hash: Some("0123456789".into()),
+            lora_hashes: None,
+            seed: 42,
+            steps: 20,
+            guidance: 7.5,
+            size: Size::new(64, 48),
+            clip_skip: Some(2),
+            rng: RngKind::TorchCpu,
+            original_size: Some(Size::new(128, 96)),
+            crop_top_left: Some(Offset { top: 4, left: 8 }),
+            target_size: None,
+            method: Method::Tkg,
+            color: Some(KeyColor::parse("#3050ff").unwrap()),
+            shift: Some(0.11),
+            mask_sigma: Some(0.5),
+            centers: vec![(-0.5, 0.0), (0.25, 0.5)],
+        }
+    }
+
+    #[test]
+    fn recipes_round_trip_through_parameters() {
+        let r = recipe();
+        let text = r.to_parameters().to_string();
+        let back = Recipe::from_parameters(&Parameters::parse(&text).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let p = Recipe {
+            method: Method::Prompt,
+            shift: None,
+            mask_sigma: None,
+            centers: vec![],
+            ..r.clone()
+        };
+        let params = p.to_parameters();
+        assert!(
+            params.prompt.ends_with("solid #3050ff background"),
+            "{}",
+            params.prompt
+        );
+        assert_eq!(Recipe::from_parameters(&params).unwrap(), p);
+    }
+
+    #[test]
+    fn the_command_names_every_setting() {
+        let c = recipe().command(Path::new("o.png"));
+        assert_eq!(
+            c,
+            "tkg generate --prompt 'a car, red' --negative-prompt blurry --model tiny-sdxl \
+             --seed 42 --steps 20 --guidance 7.5 --width 64 --height 48 --clip-skip 2 \
+             --rng torch-cpu --original-size 128x96 --crop-top-left 4,8 --method tkg \
+             --color '#3050ff' --shift 0.11 --mask-sigma 0.5 --subject-center=-0.5,0 \
+             --subject-center 0.25,0.5 --out o.png"
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("a"), "a");
+        assert_eq!(shell_quote("a car"), "'a car'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        // '#' starts a comment in a shell.
+        assert_eq!(shell_quote("#3050ff"), "'#3050ff'");
+    }
+
+    #[test]
+    fn a1111_gpu_seed_maps_to_torch_cuda() {
+        let p = Parameters::parse(
+            "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 5, Size: 512x512, Model: sd15",
+        )
+        .unwrap();
+        let c = Recipe::from_parameters(&p)
+            .unwrap()
+            .command(Path::new("o.png"));
+        assert!(
+            c.contains("--rng torch-cuda") && c.contains("--seed 5") && c.contains("--guidance 7 "),
+            "{c}"
+        );
+        let p = Parameters::parse(
+            "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Model: x",
+        )
+        .unwrap();
+        assert!(Recipe::from_parameters(&p).is_err());
     }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::{max_abs, max_u8_diff, rel_l2};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,11 +27,7 @@ fn load(family: &str, variant: &str, stem: &str) -> Golden {
         .join(family)
         .join(variant);
     let folder = ModelFolder::local(&dir.join("model")).unwrap();
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        clip_skip: None,
-    };
+    let opts = LoadOptions::cpu_f32();
     let pipe = Pipeline::load(&folder, &opts).unwrap();
     let t = candle_core::safetensors::load(dir.join(format!("{stem}.safetensors")), &Device::Cpu)
         .unwrap();
@@ -51,15 +47,21 @@ fn green(g: &Golden) -> TkgSettings {
 }
 
 fn micro(m: &serde_json::Value) -> tkg::pipeline::MicroCond {
+    // diffusers writes (height, width) and (top, left).
     let pair = |k: &str| {
         let v = m[k].as_array().unwrap();
         let n = |i: usize| v[i].as_u64().unwrap() as usize;
         (n(0), n(1))
     };
+    let size = |k: &str| {
+        let (height, width) = pair(k);
+        tkg::settings::Size { width, height }
+    };
+    let (top, left) = pair("crops_coords_top_left");
     tkg::pipeline::MicroCond {
-        original_size: pair("original_size"),
-        crop_top_left: pair("crops_coords_top_left"),
-        target_size: pair("target_size"),
+        original_size: size("original_size"),
+        crop_top_left: tkg::settings::Offset { top, left },
+        target_size: size("target_size"),
     }
 }
 

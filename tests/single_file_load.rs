@@ -76,8 +76,7 @@ fn generate(p: &Pipeline) -> (Tensor, Vec<u8>) {
     let req = Request {
         prompt: "a red vintage car, studio photo".into(),
         negative_prompt: "blurry".into(),
-        width: 64,
-        height: 64,
+        size: tkg::settings::Size::new(64, 64),
         steps: 4,
         guidance: 7.5,
         seed: 42,

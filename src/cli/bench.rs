@@ -2,11 +2,13 @@
 //! peak memory, as a table and optionally JSON.
 
 use super::Ui;
-use super::generate::{DTypeArg, ModelArgs, pick_device, pick_dtype, resolve_model};
-use crate::bench::{self, BenchSettings};
+use super::args::DTypeArg;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
+use tkg::bench::{self, BenchSettings};
+use tkg::run::{RunConfig, device, model};
+use tkg::settings::{ModelChoice, Settings, SettingsPatch};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -47,17 +49,29 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
-    // Before anything touches candle: its thread pools are sized once.
-    let model_args = ModelArgs {
-        model: args.model.clone(),
-        model_dir: args.model_dir.clone(),
-        models_file: args.models_file.clone(),
-        device: args.device.clone(),
-        dtype: args.dtype,
+    let (device, warning) = device::pick(&args.device)?;
+    if let Some(w) = warning {
+        ui.warn(w);
+    }
+    let dtype = args
+        .dtype
+        .map(DTypeArg::dtype)
+        .unwrap_or_else(|| device::default_dtype(&device));
+    let choice = match &args.model_dir {
+        Some(d) => ModelChoice::Dir(d.clone()),
+        None => ModelChoice::Named(args.model.clone()),
     };
-    let device = pick_device(&args.device, ui)?;
-    let dtype = pick_dtype(args.dtype, &device);
-    let model = resolve_model(&model_args, ui)?;
+    let settings = SettingsPatch {
+        model: Some(choice),
+        ..SettingsPatch::default()
+    }
+    .apply(&Settings::default());
+    let cfg = RunConfig {
+        registry_file: super::args::registry_file(args.models_file.as_deref()),
+        download_progress: !ui.quiet,
+        ..RunConfig::default()
+    };
+    let model = model::resolve(&settings, &cfg, &|m| ui.info(m))?;
     let settings = BenchSettings {
         width: args.width,
         height: args.height,
@@ -70,7 +84,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
     };
     let report = bench::run(&model.name, &model.folder, &settings, &mut |s| ui.detail(s))?;
     print!("{}", report.table());
-    let prof = crate::kernels::profile::take();
+    let prof = tkg::kernels::profile::take();
     if !prof.is_empty() {
         println!("kernel time (TKG_PROFILE=1), whole run:");
         for (name, d, n) in prof {

@@ -1,5 +1,7 @@
-//! The command line: a thin layer of clap over the library.
+//! The command line: clap flags turned once into the library's settings, progress on
+//! stderr, and the process itself (threads, signals, exit codes).
 
+mod args;
 mod batch;
 mod bench;
 mod completions;
@@ -7,9 +9,13 @@ mod generate;
 mod info;
 mod key;
 mod models;
+mod progress;
+mod runtime;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use tkg::run::{JobFile, Plan, RunConfig, Runner};
+use tkg::settings::Settings;
 
 /// Chroma-key image generation with Stable Diffusion (TKG-DM), and keying.
 #[derive(Debug, Parser)]
@@ -80,7 +86,7 @@ pub fn run() -> Result<()> {
         Command::Bench(args) => args.threads,
         _ => None,
     };
-    crate::kernels::set_threads(threads)?;
+    runtime::start(threads)?;
     // The command runs on a pool thread: the kernels' parallel loops then start there at once,
     // instead of handing every small operation to the pool and sleeping on a futex until it
     // is done (on tiny models that hand-off cost more than the work).
@@ -104,6 +110,53 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Command::Completions(args) => completions::completions(args, ui),
         Command::Man(args) => completions::man(args, ui),
     }
+}
+
+/// Plans `jobs` over `base`, then prints the plan (`--dry-run`) or runs it with progress
+/// on stderr and Ctrl-C as the cancel flag.
+pub fn run_jobs(
+    jobs: &JobFile,
+    base: &Settings,
+    base_seed: u64,
+    cfg: &RunConfig,
+    run: &args::RunOptions,
+    ui: Ui,
+) -> Result<()> {
+    let date = tkg::run::template::today_utc();
+    let plan = Plan::new(jobs, base, base_seed, &date, cfg)?;
+    let reporter = progress::Reporter::new(ui, run.progress);
+    let runner = Runner {
+        config: cfg,
+        events: &reporter,
+        cancel: &runtime::CANCEL,
+    };
+    if run.dry_run {
+        runner.plan_event(&plan, true);
+        for &(i, t) in &plan.selected {
+            let img = &plan.images[i];
+            println!(
+                "{}\t{}\t{}\t{}",
+                img.index,
+                img.seed,
+                img.out.display(),
+                t.name()
+            );
+        }
+        ui.info(format!(
+            "{}: {} image(s) in all; shard {}: {} selected, {} to make, {} already done \
+             (dry run: nothing generated)",
+            plan.label,
+            plan.images.len(),
+            plan.shard,
+            plan.selected.len(),
+            plan.todo().len(),
+            plan.skipped()
+        ));
+        return Ok(());
+    }
+    runtime::install_interrupt_handler();
+    runner.run(&plan)?;
+    Ok(())
 }
 
 /// Every failure is one line on stderr: the error and its causes, joined.
@@ -133,7 +186,7 @@ pub fn one_line_error(err: &anyhow::Error) -> String {
 /// Exit status for a failure.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     // 130 = 128 + SIGINT, as shells report an interrupted command.
-    if err.is::<crate::jobs::Interrupted>() {
+    if err.is::<tkg::run::Interrupted>() {
         130
     } else {
         1

@@ -1,11 +1,11 @@
 //! `tkg models`: list the registry, materialise built-in models.
 
 use super::Ui;
-use crate::models::builtin;
-use crate::models::registry::Registry;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
+use tkg::models::builtin;
+use tkg::models::registry::Registry;
 
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
@@ -33,7 +33,7 @@ pub enum ModelsCommand {
 pub fn run(args: &ModelsArgs, ui: Ui) -> Result<()> {
     match &args.command {
         ModelsCommand::List { models_file } => {
-            let reg = Registry::load(models_file.as_deref())?;
+            let reg = Registry::load(super::args::registry_file(models_file.as_deref()).as_ref())?;
             println!("{:<20} {:<6} {:<8} SOURCE", "NAME", "FAMILY", "CACHED");
             for e in reg.entries() {
                 println!(

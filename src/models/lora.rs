@@ -18,9 +18,9 @@
 //! to the weight as it is read ([`WeightPatch`]), so no second copy of the model exists.
 
 use super::config::UNetConfig;
-use super::registry::Family;
 use super::single_file::unet_to_ldm;
 use super::weights::{WeightFile, WeightPatch};
+use crate::family::Family;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
 use serde_json::Value;

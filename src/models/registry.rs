@@ -6,7 +6,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
@@ -19,39 +18,7 @@ pub const BUILTIN_MODELS_TOML: &str = include_str!("../../models.toml");
 /// Names of the models tkg materialises itself (`builtin = true`).
 pub const BUILTIN_NAMES: &[&str] = &["tiny-sd15", "tiny-sdxl", "random-sd15", "random-sdxl"];
 
-/// Which architecture a model's weights are for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Sd15,
-    Sdxl,
-}
-
-impl Family {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Sd15 => "sd15",
-            Family::Sdxl => "sdxl",
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Family {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "sd15" => Ok(Family::Sd15),
-            "sdxl" => Ok(Family::Sdxl),
-            _ => bail!("unknown model family `{s}` (expected sd15 or sdxl)"),
-        }
-    }
-}
+pub use crate::family::Family;
 
 /// What an entry holds: a whole pipeline, or only a VAE (usable as another entry's `vae`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
@@ -207,24 +174,20 @@ impl Registry {
         Ok(r)
     }
 
-    /// The built-in registry with the user's file merged over it. The user file is
-    /// `user_file` if given, else `$TKG_MODELS` if set, else `$XDG_CONFIG_HOME/tkg/models.toml`
-    /// (or `~/.config/tkg/models.toml`) when that exists.
-    pub fn load(user_file: Option<&Path>) -> Result<Self> {
+    /// The built-in registry with `user` merged over it (see [`default_user_file`] for the
+    /// usual choice).
+    pub fn load(user: Option<&UserFile>) -> Result<Self> {
         let mut r = Self::builtin()?;
-        let path = match user_file {
-            Some(p) => Some(p.to_path_buf()),
-            None => default_user_file(),
-        };
-        if let Some(p) = path {
-            r.merge_file(&p)?;
+        if let Some(u) = user {
+            r.merge_file(&u.path, u.home.as_deref())?;
         }
         Ok(r)
     }
 
     /// Merge a user file over the registry: entries with the same name replace existing ones.
     /// Relative `dir`/`file` paths resolve against the file's folder.
-    pub fn merge_file(&mut self, path: &Path) -> Result<()> {
+    /// `home` is what a leading `~/` in a path means.
+    pub fn merge_file(&mut self, path: &Path, home: Option<&Path>) -> Result<()> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model registry file {}", path.display()))?;
         let base = path
@@ -238,14 +201,19 @@ impl Registry {
             })
             .unwrap_or(Path::new("."));
         let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-        self.merge_str(&text, path, Some(&base))?;
+        self.merge_str(&text, path, Some((&base, home)))?;
         self.validate()
             .with_context(|| format!("in model registry file {}", path.display()))
     }
 
-    /// Merge registry text; `origin` names it in errors, `base` resolves relative paths
-    /// (`None`: the built-in file, whose entries get no origin).
-    fn merge_str(&mut self, text: &str, origin: &Path, base: Option<&Path>) -> Result<()> {
+    /// Merge registry text; `origin` names it in errors, `base` resolves relative paths and
+    /// `~/` (`None`: the built-in file, whose entries get no origin).
+    fn merge_str(
+        &mut self,
+        text: &str,
+        origin: &Path,
+        base: Option<(&Path, Option<&Path>)>,
+    ) -> Result<()> {
         let raw: RawFile = toml::from_str(text)
             .with_context(|| format!("cannot parse model registry file {}", origin.display()))?;
         // Keep the file's order whatever map type toml uses (it may sort keys).
@@ -366,7 +334,11 @@ fn looks_like_repo_id(s: &str) -> bool {
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
-fn parse_entry(name: &str, value: toml::Value, base: Option<&Path>) -> Result<ModelEntry> {
+fn parse_entry(
+    name: &str,
+    value: toml::Value,
+    base: Option<(&Path, Option<&Path>)>,
+) -> Result<ModelEntry> {
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '/') {
         bail!("model names must be non-empty, without spaces or '/'");
     }
@@ -449,28 +421,44 @@ fn parse_entry(name: &str, value: toml::Value, base: Option<&Path>) -> Result<Mo
     })
 }
 
-fn resolve_path(p: &str, base: Option<&Path>) -> PathBuf {
+fn resolve_path(p: &str, base: Option<(&Path, Option<&Path>)>) -> PathBuf {
     if let Some(rest) = p.strip_prefix("~/")
-        && let Some(home) = std::env::var_os("HOME")
+        && let Some((_, Some(home))) = base
     {
-        return PathBuf::from(home).join(rest);
+        return home.join(rest);
     }
     let path = PathBuf::from(p);
     match base {
-        Some(b) if path.is_relative() => b.join(path),
+        Some((b, _)) if path.is_relative() => b.join(path),
         _ => path,
     }
 }
 
-/// The user's registry file when none is given explicitly: `$TKG_MODELS` if set (it need not
+/// A user's registry file, and the home folder its `~/` paths mean.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserFile {
+    pub path: PathBuf,
+    pub home: Option<PathBuf>,
+}
+
+/// The user's registry file: `explicit` if given, else `$TKG_MODELS` if set (it need not
 /// exist; reading it then fails loudly), else `$XDG_CONFIG_HOME/tkg/models.toml` or
-/// `~/.config/tkg/models.toml` if it exists.
-pub fn default_user_file() -> Option<PathBuf> {
-    user_file_from(
-        std::env::var_os("TKG_MODELS").map(PathBuf::from),
-        std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from),
-        std::env::var_os("HOME").map(PathBuf::from),
-    )
+/// `~/.config/tkg/models.toml` if it exists. `env` looks variables up (the CLI passes
+/// `std::env::var`; the library reads no environment itself).
+pub fn default_user_file(
+    explicit: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<UserFile> {
+    let home = env("HOME").map(PathBuf::from);
+    let path = match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => user_file_from(
+            env("TKG_MODELS").map(PathBuf::from),
+            env("XDG_CONFIG_HOME").map(PathBuf::from),
+            home.clone(),
+        ),
+    }?;
+    Some(UserFile { path, home })
 }
 
 fn user_file_from(
@@ -660,7 +648,7 @@ mod tests {
             "#,
         );
         let mut r = Registry::builtin().unwrap();
-        r.merge_file(&file).unwrap();
+        r.merge_file(&file, None).unwrap();
         let base = std::fs::canonicalize(&cfg).unwrap();
 
         let sd15 = r.get("sd15").unwrap();
@@ -712,7 +700,11 @@ mod tests {
         );
 
         // Registry::load with an explicit file does the same merge.
-        let r2 = Registry::load(Some(&file)).unwrap();
+        let r2 = Registry::load(Some(&UserFile {
+            path: file.clone(),
+            home: None,
+        }))
+        .unwrap();
         assert_eq!(r2.get("sd15").unwrap(), sd15);
     }
 
@@ -724,13 +716,27 @@ mod tests {
             "models.toml",
             "[models.good]\nfamily = \"sd15\"\ndir = \"x\"\n\n[models.bad]\nfamily = \"sd15\"\nhub = \"a/b\"\nwidht = 512\n",
         );
-        let err = format!("{:#}", Registry::load(Some(&file)).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Registry::load(Some(&UserFile {
+                path: file.clone(),
+                home: None
+            }))
+            .unwrap_err()
+        );
         assert!(err.contains(&file.display().to_string()), "{err}");
         assert!(err.contains("[models.bad]"), "{err}");
         assert!(err.contains("widht"), "{err}");
 
         let file2 = write(&t.0, "top.toml", "[model.x]\nfamily = \"sd15\"\n");
-        let err = format!("{:#}", Registry::load(Some(&file2)).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Registry::load(Some(&UserFile {
+                path: file2.clone(),
+                home: None
+            }))
+            .unwrap_err()
+        );
         assert!(err.contains("top.toml") && err.contains("model"), "{err}");
     }
 
@@ -763,7 +769,14 @@ mod tests {
             ),
         ] {
             let file = write(&t.0, "m.toml", &format!("[models.x]\n{text}"));
-            let err = format!("{:#}", Registry::load(Some(&file)).unwrap_err());
+            let err = format!(
+                "{:#}",
+                Registry::load(Some(&UserFile {
+                    path: file.clone(),
+                    home: None
+                }))
+                .unwrap_err()
+            );
             assert!(err.contains("[models.x]"), "{text}: {err}");
             assert!(err.contains(needle), "{text}: {err}");
         }
@@ -773,7 +786,11 @@ mod tests {
             "ok.toml",
             "[models.tiny-sd15]\nfamily = \"sd15\"\nbuiltin = true\ndescription = \"mine\"\n",
         );
-        let r = Registry::load(Some(&file)).unwrap();
+        let r = Registry::load(Some(&UserFile {
+            path: file.clone(),
+            home: None,
+        }))
+        .unwrap();
         assert_eq!(r.get("tiny-sd15").unwrap().description, "mine");
     }
 
@@ -781,7 +798,14 @@ mod tests {
     fn missing_user_file_is_an_error() {
         let t = TempDir::new("missing");
         let p = t.0.join("nope.toml");
-        let err = format!("{:#}", Registry::load(Some(&p)).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Registry::load(Some(&UserFile {
+                path: p.clone(),
+                home: None
+            }))
+            .unwrap_err()
+        );
         assert!(err.contains("nope.toml"), "{err}");
     }
 
@@ -828,7 +852,11 @@ mod tests {
             "m.toml",
             "[models.here]\nfamily = \"sd15\"\ndir = \"model\"\n[models.gone]\nfamily = \"sd15\"\ndir = \"missing\"\n[models.f]\nfamily = \"sd15\"\nfile = \"missing.safetensors\"\n",
         );
-        let r = Registry::load(Some(&file)).unwrap();
+        let r = Registry::load(Some(&UserFile {
+            path: file.clone(),
+            home: None,
+        }))
+        .unwrap();
         assert!(r.get("here").unwrap().is_cached());
         assert!(r.get("here").unwrap().folder().is_ok());
         assert!(!r.get("gone").unwrap().is_cached());

@@ -13,8 +13,8 @@
 //! `conditioner.embedders.1.model.` SDXL's OpenCLIP bigG.
 
 use super::config::UNetConfig;
-use super::registry::Family;
 use super::weights::{TensorSource, WeightFile};
+use crate::family::Family;
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 use std::path::Path;

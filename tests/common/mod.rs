@@ -1,7 +1,7 @@
 //! Helpers shared by the parity tests (and examples/dtype_parity.rs).
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::path::PathBuf;
 use tkg::pipeline::LoadOptions;
 
@@ -12,11 +12,7 @@ pub fn golden() -> PathBuf {
 
 /// Load options for the reference runs: f32 on the CPU, no clip skip.
 pub fn cpu_f32() -> LoadOptions {
-    LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        clip_skip: None,
-    }
+    LoadOptions::cpu_f32()
 }
 
 /// ||a - b|| / ||b||.

@@ -1,0 +1,354 @@
+//! Text-to-image with classifier-free guidance and DDIM, as diffusers' StableDiffusionPipeline
+//! computes it. One loop serves every model family; families differ only in conditioning
+//! ([`conditioning`]). Loading is [`load`]; several images at once is [`batch`].
+
+mod batch;
+mod conditioning;
+mod load;
+
+pub use batch::stack_conditioning;
+pub use load::{Adapters, ModelSource, VaeSource, detect_family};
+
+use crate::models::config::SchedulerConfig;
+use crate::models::lora::LoraReport;
+use crate::models::unet::UNet;
+use crate::models::vae::{self, Vae};
+use crate::rng::RngKind;
+use crate::scheduler::Ddim;
+use crate::settings::{Offset, Size};
+use crate::tkg::{self, ShiftReport, TkgSettings};
+use anyhow::{Result, bail, ensure};
+use candle_core::{DType, Device, Tensor};
+use conditioning::Conditioner;
+use std::time::{Duration, Instant};
+
+pub use crate::family::Family;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// A1111's "clip skip": use hidden_states[-n] (then the final norm) for SD1.x.
+    pub clip_skip: Option<usize>,
+    /// Prefer `*.fp16.safetensors` weight files when the dtype is f16 (a folder's f32 files
+    /// are the fallback either way).
+    pub fp16_files: bool,
+}
+
+impl LoadOptions {
+    /// f32 on the CPU, as tests and benchmarks load models.
+    pub fn cpu_f32() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            clip_skip: None,
+            fp16_files: true,
+        }
+    }
+}
+
+/// SDXL's micro-conditioning, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MicroCond {
+    pub original_size: Size,
+    pub crop_top_left: Offset,
+    pub target_size: Size,
+}
+
+impl MicroCond {
+    /// diffusers' defaults: original = target = the image size, no crop.
+    pub fn for_size(size: Size) -> Self {
+        Self {
+            original_size: size,
+            crop_top_left: Offset::default(),
+            target_size: size,
+        }
+    }
+}
+
+/// What the denoiser is conditioned on, for [negative, positive] (CFG) or [positive].
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// [rows, tokens, dim]
+    pub context: Tensor,
+    /// [rows, dim]: the pooled text embedding (SDXL).
+    pub pooled: Option<Tensor>,
+    /// SDXL size conditioning; `None` means [`MicroCond::for_size`] of the image.
+    pub micro: Option<MicroCond>,
+    /// Human-readable notes, e.g. a truncated prompt.
+    pub warnings: Vec<String>,
+}
+
+/// Where the initial latents come from.
+#[derive(Debug, Clone)]
+pub enum InitNoise {
+    /// TKG-DM: mean-shifted background noise blended by a Gaussian mask.
+    Tkg(TkgSettings),
+    /// Plain N(0, I).
+    Plain,
+}
+
+/// One image to make.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub size: Size,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub init: InitNoise,
+    /// SDXL size conditioning (ignored by SD1.x); `None` for diffusers' defaults.
+    pub micro: Option<MicroCond>,
+}
+
+impl Request {
+    /// What images must share to be denoised in one batch.
+    pub fn shape_key(&self) -> (Size, usize, f64, Option<MicroCond>) {
+        (self.size, self.steps, self.guidance, self.micro)
+    }
+}
+
+/// Time spent per stage.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+}
+
+/// One generated image and what led to it.
+#[derive(Debug)]
+pub struct Generated {
+    /// RGB8, row-major.
+    pub rgb: Vec<u8>,
+    pub size: Size,
+    /// The raw N(0, 1) draw, f32.
+    pub noise: Tensor,
+    /// The initial latents after TKG-DM, f32.
+    pub init: Tensor,
+    /// The last latents before the VAE, f32.
+    pub final_latents: Tensor,
+    pub shift: Option<ShiftReport>,
+    pub warnings: Vec<String>,
+    pub timings: Timings,
+}
+
+/// A loaded model: text encoder(s), UNet, VAE and scheduler config.
+pub struct Pipeline {
+    pub family: Family,
+    conditioner: Conditioner,
+    pub unet: UNet,
+    pub vae: Vae,
+    /// The VAE runs in f32 when its config asks to be upcast (SDXL's overflows in f16).
+    pub vae_dtype: DType,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+    /// The file the `Model hash` is computed over: the UNet weights of a folder, or the
+    /// single-file checkpoint.
+    pub unet_weights: std::path::PathBuf,
+    /// What each LoRA matched (empty without LoRAs).
+    pub lora_reports: Vec<LoraReport>,
+    /// `(name, hash)` per LoRA, for A1111's `Lora hashes` (see [`Self::lora_hashes_text`]).
+    pub lora_hashes: Vec<(String, String)>,
+    pub load_time: Duration,
+}
+
+impl Pipeline {
+    /// A1111's `Model hash`: the first 10 hex digits of the sha256 of
+    /// [`Self::unet_weights`] (the single file, for a single-file checkpoint); cached.
+    pub fn model_hash(&self) -> Result<String> {
+        crate::models::hub::file_sha256_short(&self.unet_weights)
+    }
+
+    /// A1111's `Lora hashes` value: `name: hash, name: hash` (empty without LoRAs).
+    pub fn lora_hashes_text(&self) -> String {
+        self.lora_hashes
+            .iter()
+            .map(|(n, h)| format!("{n}: {h}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Image-to-latent factor of the VAE.
+    pub fn vae_factor(&self) -> usize {
+        self.vae.downscale_factor()
+    }
+
+    /// Checks a request's size, steps and guidance before any work.
+    pub(super) fn check_request(&self, req: &Request) -> Result<()> {
+        self.check_size(req.size)?;
+        ensure!(req.steps > 0, "--steps must be at least 1");
+        ensure!(
+            req.guidance.is_finite() && req.guidance >= 0.0,
+            "--guidance must be a non-negative number"
+        );
+        Ok(())
+    }
+
+    /// Checks a size before any work: it must be a positive multiple of what the UNet needs.
+    pub fn check_size(&self, size: Size) -> Result<()> {
+        let Size { width, height } = size;
+        let f = self.vae_factor();
+        ensure!(
+            width > 0 && height > 0 && width.is_multiple_of(f) && height.is_multiple_of(f),
+            "--width and --height must be positive multiples of {f} (the VAE's factor); got {width}x{height}"
+        );
+        Ok(())
+    }
+
+    /// Draws the noise for `seed` and shapes the initial latents.
+    pub fn initial_latents(&self, req: &Request) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
+        self.initial_latents_with(req, RngKind::TorchCpu)
+    }
+
+    /// [`Self::initial_latents`] with a chosen noise generator.
+    pub fn initial_latents_with(
+        &self,
+        req: &Request,
+        rng: RngKind,
+    ) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
+        let f = self.vae_factor();
+        let (h, w) = (req.size.height / f, req.size.width / f);
+        let c = self.unet.config.in_channels;
+        let noise = crate::rng::randn(rng, req.seed, c * h * w);
+        let noise = Tensor::from_vec(noise, (1, c, h, w), &Device::Cpu)?;
+        let (init, report) = match &req.init {
+            InitNoise::Plain => (noise.clone(), None),
+            InitNoise::Tkg(settings) => {
+                let (init, mut reports) = tkg::apply(&noise, settings)?;
+                (init, reports.pop())
+            }
+        };
+        Ok((noise, init, report))
+    }
+
+    /// Runs the DDIM loop from `init` (f32) and returns the final latents (f32).
+    pub fn denoise(
+        &self,
+        init: &Tensor,
+        cond: &Conditioning,
+        steps: usize,
+        guidance: f64,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        self.denoise_checked(init, cond, steps, guidance, &mut |i, n| {
+            progress(i, n);
+            Ok(())
+        })
+    }
+
+    /// [`Self::denoise`] for a batch: `init` is [B, C, h, w] and `cond` has rows
+    /// [negative 1..B, positive 1..B] with CFG (else [positive 1..B]), as
+    /// [`stack_conditioning`] makes them. `control` runs after every step; an error from it
+    /// (e.g. an interrupt) stops the loop.
+    pub fn denoise_checked(
+        &self,
+        init: &Tensor,
+        cond: &Conditioning,
+        steps: usize,
+        guidance: f64,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let batch = init.dim(0)?;
+        let scheduler = Ddim::new(&self.scheduler, steps)?;
+        let cfg = guidance > 1.0;
+        let mut latents =
+            (init.to_device(&self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
+        let context = cond.context.to_dtype(self.dtype)?;
+        let (_, _, lh, lw) = init.dims4()?;
+        let added = self.added_cond(cond, (lh, lw))?;
+        let total = scheduler.timesteps().len();
+        for (i, &t) in scheduler.timesteps().iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let pred = self
+                .unet
+                .forward(&input, t as f64, &context, added.as_ref())?;
+            let pred = if cfg {
+                let uncond = pred.narrow(0, 0, batch)?;
+                let text = pred.narrow(0, batch, batch)?;
+                (&uncond + ((text - &uncond)? * guidance)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, t, &latents)?;
+            check_finite(&latents, &format!("latents after denoising step {}", i + 1))?;
+            control(i + 1, total)?;
+        }
+        Ok(latents.to_dtype(DType::F32)?)
+    }
+
+    /// Decodes final latents into RGB8 pixels.
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
+        let image = self
+            .vae
+            .decode(&latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?)?;
+        check_finite(&image, "decoded image (VAE output)")?;
+        vae::to_rgb8(&image.squeeze(0)?)
+    }
+
+    /// Makes one image.
+    pub fn generate(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        self.generate_with(req, RngKind::TorchCpu, &mut |i, n| {
+            progress(i, n);
+            Ok(())
+        })
+    }
+
+    /// [`Self::generate`] with a chosen noise generator; `control` runs after every step and
+    /// an error from it stops the loop.
+    pub fn generate_with(
+        &self,
+        req: &Request,
+        rng: RngKind,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Generated> {
+        self.check_request(req)?;
+        let t0 = Instant::now();
+        let mut cond = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
+        cond.micro = req.micro;
+        let t1 = Instant::now();
+        let (noise, init, shift) = self.initial_latents_with(req, rng)?;
+        let final_latents = self.denoise_checked(&init, &cond, req.steps, req.guidance, control)?;
+        let t2 = Instant::now();
+        let rgb = self.decode(&final_latents)?;
+        let t3 = Instant::now();
+        Ok(Generated {
+            rgb,
+            size: req.size,
+            noise,
+            init,
+            final_latents,
+            shift,
+            warnings: cond.warnings,
+            timings: Timings {
+                text: t1 - t0,
+                denoise: t2 - t1,
+                decode: t3 - t2,
+            },
+        })
+    }
+}
+
+/// A NaN or Inf is an error that names the stage, never a black image.
+pub fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
+    let s: f32 = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?;
+    if !s.is_finite() {
+        // The sum can overflow on huge but finite values; look closer before failing.
+        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+            bail!("{bad} in the {stage}: the computation diverged (try --dtype f32)");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! From settings plus a loaded model's defaults to what the pipeline is asked for
+//! ([`Request`]) and what the image records ([`Recipe`]).
+
+use super::model::ModelDefaults;
+use super::plan::ImageJob;
+use crate::family::Family;
+use crate::metadata::Recipe;
+use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request};
+use crate::settings::{Method, Offset, Settings, Size};
+use crate::tkg::TkgSettings;
+use anyhow::Result;
+
+/// A loaded model and what is known about it.
+pub struct LoadedModel {
+    pub pipe: Pipeline,
+    pub name: String,
+    /// A1111's `Model hash`, when the weights could be read for it.
+    pub hash: Option<String>,
+    pub defaults: ModelDefaults,
+}
+
+impl LoadedModel {
+    /// The setting, else the registry's size, else the UNet's `sample_size` x the VAE
+    /// factor (as diffusers does), else the family's.
+    pub fn size(&self, s: &Settings) -> Size {
+        let d = self
+            .pipe
+            .unet
+            .config
+            .sample_size
+            .map(|n| n * self.pipe.vae_factor())
+            .unwrap_or_else(|| self.pipe.family.spec().default_size);
+        Size::new(
+            s.width.or(self.defaults.width).unwrap_or(d),
+            s.height.or(self.defaults.height).unwrap_or(d),
+        )
+    }
+
+    /// The setting, else the registry's, else the family's.
+    pub fn shift(&self, s: &Settings) -> f64 {
+        s.shift
+            .or(self.defaults.tkg_shift)
+            .unwrap_or(self.pipe.family.spec().tkg_shift)
+    }
+
+    pub fn request(&self, img: &ImageJob) -> Result<Request> {
+        let s = &img.settings;
+        let size = self.size(s);
+        self.pipe.check_size(size)?;
+        let init = match s.method {
+            Method::Tkg => InitNoise::Tkg(TkgSettings {
+                signs: s.color.channel_signs(self.pipe.family.spec().latent_rgb),
+                target_shift: self.shift(s),
+                sigma: s.mask_sigma,
+                centers: s.centers(),
+            }),
+            Method::Prompt | Method::Plain => InitNoise::Plain,
+        };
+        Ok(Request {
+            prompt: s.method.prompt_text(&s.prompt, &s.color),
+            negative_prompt: s.negative_prompt.clone(),
+            size,
+            steps: s.steps,
+            guidance: s.guidance,
+            seed: img.seed,
+            init,
+            micro: Some(MicroCond {
+                original_size: s.original_size.unwrap_or(size),
+                crop_top_left: s.crop_top_left.unwrap_or_default(),
+                target_size: s.target_size.unwrap_or(size),
+            }),
+        })
+    }
+
+    /// What the image records about how it was made.
+    pub fn recipe(&self, img: &ImageJob, req: &Request) -> Recipe {
+        let s = &img.settings;
+        let tkg = s.method == Method::Tkg;
+        // SDXL's micro-conditioning, where it is not the default; SD1.x has none.
+        let micro = req.micro.filter(|_| self.pipe.family == Family::Sdxl);
+        let size = req.size;
+        let lora_hashes = self.pipe.lora_hashes_text();
+        Recipe {
+            prompt: s.prompt.clone(),
+            negative_prompt: s.negative_prompt.clone(),
+            model: self.name.clone(),
+            model_dir: s.model_dir.as_ref().map(|d| d.display().to_string()),
+            model_hash: self.hash.clone(),
+            lora_hashes: (!lora_hashes.is_empty()).then_some(lora_hashes),
+            seed: img.seed,
+            steps: s.steps,
+            guidance: s.guidance,
+            size,
+            clip_skip: s.clip_skip,
+            rng: s.rng,
+            original_size: micro.map(|m| m.original_size).filter(|v| *v != size),
+            crop_top_left: micro
+                .map(|m| m.crop_top_left)
+                .filter(|v| *v != Offset::default()),
+            target_size: micro.map(|m| m.target_size).filter(|v| *v != size),
+            method: s.method,
+            color: Some(s.color.clone()),
+            shift: tkg.then(|| self.shift(s)),
+            mask_sigma: tkg.then_some(s.mask_sigma),
+            centers: if tkg { s.centers() } else { Vec::new() },
+        }
+    }
+}

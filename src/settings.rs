@@ -1,0 +1,618 @@
+//! Per-image settings: one [`Settings`] type, and one way to change it, a [`SettingsPatch`].
+//! Command-line flags and JSONL job lines are both patches, applied with
+//! [`SettingsPatch::apply`]; [`Settings::validate`] returns field errors that each caller
+//! words with its own names (`--steps` on the command line, `steps` in a job file).
+
+use crate::color::KeyColor;
+use crate::rng::RngKind;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// An image size in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Size {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Size {
+    pub fn new(width: usize, height: usize) -> Self {
+        Self { width, height }
+    }
+
+    /// "WIDTHxHEIGHT".
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (w, h) = s
+            .split_once(['x', 'X'])
+            .ok_or_else(|| format!("'{s}' is not WIDTHxHEIGHT"))?;
+        let n = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{v}' is not a size"))
+        };
+        Ok(Self::new(n(w)?, n(h)?))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// A crop offset in pixels (SDXL's `crops_coords_top_left`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Offset {
+    pub top: usize,
+    pub left: usize,
+}
+
+impl Offset {
+    /// "TOP,LEFT".
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once(',')
+            .ok_or_else(|| format!("'{s}' is not TOP,LEFT"))?;
+        let n = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{v}' is not a number"))
+        };
+        Ok(Self {
+            top: n(a)?,
+            left: n(b)?,
+        })
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.top, self.left)
+    }
+}
+
+/// How to get a flat background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// TKG-DM: shifted initial noise (the default).
+    #[default]
+    Tkg,
+    /// Baseline: plain noise, " isolated on a solid <colour> background" appended to the prompt.
+    Prompt,
+    /// Neither: plain text-to-image.
+    Plain,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Tkg => "tkg",
+            Method::Prompt => "prompt",
+            Method::Plain => "plain",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tkg" => Ok(Method::Tkg),
+            "prompt" => Ok(Method::Prompt),
+            "plain" => Ok(Method::Plain),
+            o => Err(format!("unknown method '{o}': use tkg, prompt or plain")),
+        }
+    }
+
+    /// The prompt this method sends to the text encoder.
+    pub fn prompt_text(self, prompt: &str, color: &KeyColor) -> String {
+        match self {
+            Method::Prompt => format!("{prompt}{}", prompt_suffix(color)),
+            Method::Tkg | Method::Plain => prompt.to_string(),
+        }
+    }
+}
+
+/// What `--method prompt` appends to the prompt.
+pub fn prompt_suffix(color: &KeyColor) -> String {
+    format!(" isolated on a solid {} background", color.prompt_words())
+}
+
+/// "X,Y" in [-1, 1].
+pub fn parse_center(s: &str) -> Result<(f64, f64), String> {
+    let (x, y) = s
+        .split_once(',')
+        .ok_or_else(|| format!("'{s}' is not X,Y"))?;
+    let p = |v: &str| -> Result<f64, String> {
+        let f: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{v}' is not a number"))?;
+        check_center(f)
+    };
+    Ok((p(x)?, p(y)?))
+}
+
+fn check_center(f: f64) -> Result<f64, String> {
+    if !(-1.0..=1.0).contains(&f) {
+        return Err(format!("subject centre {f} is outside [-1, 1]"));
+    }
+    Ok(f)
+}
+
+/// Every per-image setting. Run-wide options (device, shards, keying, ...) are
+/// [`crate::run::RunConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    /// A registry model name, or the folder's name with `model_dir`.
+    pub model: String,
+    pub model_dir: Option<PathBuf>,
+    /// LoRAs for this job, `FILE[:WEIGHT]`, on top of the run's.
+    pub lora: Vec<String>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    #[serde(serialize_with = "as_text")]
+    pub color: KeyColor,
+    /// The first image's seed; `None` = the run's base seed plus the image index.
+    pub seed: Option<u64>,
+    pub num_images: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// `None`: the model's.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub method: Method,
+    /// `None`: the model's, else the family's.
+    pub shift: Option<f64>,
+    pub mask_sigma: f64,
+    pub subject_center: Vec<(f64, f64)>,
+    pub clip_skip: Option<usize>,
+    #[serde(serialize_with = "as_text")]
+    pub rng: RngKind,
+    /// SDXL micro-conditioning; `None`: the image size, no crop.
+    pub original_size: Option<Size>,
+    pub crop_top_left: Option<Offset>,
+    pub target_size: Option<Size>,
+    /// The output template.
+    pub out: String,
+    /// A template for the latents file, if wanted.
+    pub save_latents: Option<String>,
+}
+
+fn as_text<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl Default for Settings {
+    /// The defaults of `tkg generate`: DDIM 50 steps, guidance 7.5, TKG-DM on green.
+    fn default() -> Self {
+        Self {
+            model: "sd15".into(),
+            model_dir: None,
+            lora: Vec::new(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            color: KeyColor::green(),
+            seed: None,
+            num_images: 1,
+            steps: 50,
+            guidance: 7.5,
+            width: None,
+            height: None,
+            method: Method::Tkg,
+            shift: None,
+            mask_sigma: 0.5,
+            subject_center: Vec::new(),
+            clip_skip: None,
+            rng: RngKind::TorchCpu,
+            original_size: None,
+            crop_top_left: None,
+            target_size: None,
+            out: "tkg-{seed}.png".into(),
+            save_latents: None,
+        }
+    }
+}
+
+/// Where a model comes from, as a patch names it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelChoice {
+    /// A registry name.
+    Named(String),
+    /// A diffusers folder.
+    Dir(PathBuf),
+}
+
+/// Changes to [`Settings`]: every field that is `Some` replaces the setting.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SettingsPatch {
+    pub model: Option<ModelChoice>,
+    pub lora: Option<Vec<String>>,
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub color: Option<KeyColor>,
+    pub seed: Option<u64>,
+    pub num_images: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub method: Option<Method>,
+    pub shift: Option<f64>,
+    pub mask_sigma: Option<f64>,
+    pub subject_center: Option<Vec<(f64, f64)>>,
+    pub clip_skip: Option<usize>,
+    pub rng: Option<RngKind>,
+    pub original_size: Option<Size>,
+    pub crop_top_left: Option<Offset>,
+    pub target_size: Option<Size>,
+    pub out: Option<String>,
+    pub save_latents: Option<String>,
+}
+
+/// The name a `--model-dir` model goes by: the folder's name.
+pub fn dir_model_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+impl SettingsPatch {
+    /// `base` with this patch's fields replaced.
+    pub fn apply(&self, base: &Settings) -> Settings {
+        let mut s = base.clone();
+        fn set<T: Clone>(to: &mut T, from: &Option<T>) {
+            if let Some(v) = from {
+                *to = v.clone();
+            }
+        }
+        fn set_opt<T: Clone>(to: &mut Option<T>, from: &Option<T>) {
+            if from.is_some() {
+                *to = from.clone();
+            }
+        }
+        match &self.model {
+            Some(ModelChoice::Named(m)) => {
+                s.model = m.clone();
+                s.model_dir = None;
+            }
+            Some(ModelChoice::Dir(d)) => {
+                s.model = dir_model_name(d);
+                s.model_dir = Some(d.clone());
+            }
+            None => {}
+        }
+        set(&mut s.lora, &self.lora);
+        set(&mut s.prompt, &self.prompt);
+        set(&mut s.negative_prompt, &self.negative_prompt);
+        set(&mut s.color, &self.color);
+        set_opt(&mut s.seed, &self.seed);
+        set(&mut s.num_images, &self.num_images);
+        set(&mut s.steps, &self.steps);
+        set(&mut s.guidance, &self.guidance);
+        set_opt(&mut s.width, &self.width);
+        set_opt(&mut s.height, &self.height);
+        set(&mut s.method, &self.method);
+        set_opt(&mut s.shift, &self.shift);
+        set(&mut s.mask_sigma, &self.mask_sigma);
+        set(&mut s.subject_center, &self.subject_center);
+        set_opt(&mut s.clip_skip, &self.clip_skip);
+        set(&mut s.rng, &self.rng);
+        set_opt(&mut s.original_size, &self.original_size);
+        set_opt(&mut s.crop_top_left, &self.crop_top_left);
+        set_opt(&mut s.target_size, &self.target_size);
+        set(&mut s.out, &self.out);
+        set_opt(&mut s.save_latents, &self.save_latents);
+        s
+    }
+
+    /// Parses one JSONL job line. Values are checked here, so an error names its field
+    /// (`color: cannot parse colour ...`).
+    pub fn from_json(line: &str) -> Result<Self, String> {
+        let raw: RawPatch = serde_json::from_str(line).map_err(|e| {
+            // serde counts lines and columns within the one line.
+            let msg = e.to_string();
+            match msg.rsplit_once(" at line 1 column ") {
+                Some((m, col)) => format!("{m} (column {col})"),
+                None => msg,
+            }
+        })?;
+        raw.into_patch()
+    }
+}
+
+/// A centre given as "X,Y" or [X, Y].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum CenterValue {
+    Text(String),
+    Pair([f64; 2]),
+}
+
+/// One value or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A job line as JSON has it, before its values are parsed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPatch {
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    color: Option<String>,
+    seed: Option<u64>,
+    num_images: Option<usize>,
+    steps: Option<usize>,
+    #[serde(alias = "cfg_scale")]
+    guidance: Option<f64>,
+    width: Option<usize>,
+    height: Option<usize>,
+    method: Option<String>,
+    shift: Option<f64>,
+    mask_sigma: Option<f64>,
+    subject_center: Option<OneOrMany<CenterValue>>,
+    clip_skip: Option<usize>,
+    model: Option<String>,
+    model_dir: Option<PathBuf>,
+    lora: Option<OneOrMany<String>>,
+    out: Option<String>,
+    rng: Option<String>,
+    original_size: Option<String>,
+    crop_top_left: Option<String>,
+    target_size: Option<String>,
+    save_latents: Option<String>,
+}
+
+/// Parses an optional field, prefixing its error with the field's name.
+fn field<T, E: fmt::Display>(
+    name: &str,
+    v: Option<String>,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<Option<T>, String> {
+    v.map(|v| parse(&v).map_err(|e| format!("{name}: {e}")))
+        .transpose()
+}
+
+impl RawPatch {
+    fn into_patch(self) -> Result<SettingsPatch, String> {
+        let model = match (self.model, self.model_dir) {
+            (Some(_), Some(_)) => return Err("give model or model_dir, not both".into()),
+            (Some(m), None) => Some(ModelChoice::Named(m)),
+            (None, Some(d)) => Some(ModelChoice::Dir(d)),
+            (None, None) => None,
+        };
+        let subject_center = self
+            .subject_center
+            .map(|c| {
+                c.into_vec()
+                    .into_iter()
+                    .map(|v| match v {
+                        CenterValue::Text(t) => parse_center(&t),
+                        CenterValue::Pair([x, y]) => Ok((check_center(x)?, check_center(y)?)),
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| format!("subject_center: {e}"))
+            })
+            .transpose()?;
+        Ok(SettingsPatch {
+            model,
+            lora: self.lora.map(OneOrMany::into_vec),
+            prompt: self.prompt,
+            negative_prompt: self.negative_prompt,
+            color: field("color", self.color, KeyColor::parse)?,
+            seed: self.seed,
+            num_images: self.num_images,
+            steps: self.steps,
+            guidance: self.guidance,
+            width: self.width,
+            height: self.height,
+            method: field("method", self.method, Method::parse)?,
+            shift: self.shift,
+            mask_sigma: self.mask_sigma,
+            subject_center,
+            clip_skip: self.clip_skip,
+            rng: field("rng", self.rng, RngKind::parse)?,
+            original_size: field("original_size", self.original_size, Size::parse)?,
+            crop_top_left: field("crop_top_left", self.crop_top_left, Offset::parse)?,
+            target_size: field("target_size", self.target_size, Size::parse)?,
+            out: self.out,
+            save_latents: self.save_latents,
+        })
+    }
+}
+
+/// A setting that is wrong. `text` names its fields as `{0}`, `{1}`: [`Self::worded`] puts in
+/// each caller's names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub fields: &'static [&'static str],
+    pub text: String,
+}
+
+impl FieldError {
+    fn new(fields: &'static [&'static str], text: String) -> Self {
+        Self { fields, text }
+    }
+
+    /// The message with each field called `name(field)`.
+    pub fn worded(&self, name: impl Fn(&str) -> String) -> String {
+        let mut out = self.text.clone();
+        for (i, f) in self.fields.iter().enumerate() {
+            out = out.replace(&format!("{{{i}}}"), &name(f));
+        }
+        out
+    }
+
+    /// As a command line names them: `--num-images`.
+    pub fn as_flags(&self) -> String {
+        self.worded(|f| format!("--{}", f.replace('_', "-")))
+    }
+
+    /// As a job file names them: `num_images`.
+    pub fn as_fields(&self) -> String {
+        self.worded(str::to_string)
+    }
+}
+
+impl Settings {
+    /// Checks what can be wrong without a model. Sizes must be multiples of
+    /// [`crate::family::SIZE_MULTIPLE`]; the loaded model checks them against its VAE again.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.prompt.trim().is_empty() {
+            return Err(FieldError::new(&["prompt"], "the prompt is empty".into()));
+        }
+        if self.steps == 0 {
+            return Err(FieldError::new(&["steps"], "{0} must be at least 1".into()));
+        }
+        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+            return Err(FieldError::new(
+                &["guidance"],
+                format!("{{0}} must be a non-negative number, not {}", self.guidance),
+            ));
+        }
+        if self.num_images == 0 {
+            return Err(FieldError::new(
+                &["num_images"],
+                "{0} must be at least 1".into(),
+            ));
+        }
+        let m = crate::family::SIZE_MULTIPLE;
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v
+                && (v == 0 || v % m != 0)
+            {
+                return Err(FieldError::new(
+                    &["width", "height"],
+                    format!("{{0}} and {{1}} must be positive multiples of {m}; got {name} {v}"),
+                ));
+            }
+        }
+        if let Some(sh) = self.shift
+            && !(0.0..1.0).contains(&sh)
+        {
+            return Err(FieldError::new(
+                &["shift"],
+                format!("{{0}} must be in [0, 1), not {sh}"),
+            ));
+        }
+        if !(self.mask_sigma > 0.0 && self.mask_sigma.is_finite()) {
+            return Err(FieldError::new(
+                &["mask_sigma"],
+                format!("{{0}} must be positive, not {}", self.mask_sigma),
+            ));
+        }
+        for l in &self.lora {
+            let spec = crate::models::lora::LoraSpec::parse(l)
+                .map_err(|e| FieldError::new(&[], format!("{e:#}")))?;
+            if !spec.path.is_file() {
+                return Err(FieldError::new(
+                    &["lora"],
+                    format!("{{0}}: {} is not a file", spec.path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The subject centres TKG-DM uses: the given ones, else the image centre.
+    pub fn centers(&self) -> Vec<(f64, f64)> {
+        if self.subject_center.is_empty() {
+            vec![(0.0, 0.0)]
+        } else {
+            self.subject_center.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_patch_replaces_only_its_fields() {
+        let base = Settings {
+            prompt: "a car".into(),
+            width: Some(64),
+            ..Settings::default()
+        };
+        let p = SettingsPatch::from_json(
+            r#"{"steps": 3, "color": "blue", "model_dir": "m/dir", "subject_center": [[0.5, 0], "-0.5,0.25"]}"#,
+        )
+        .unwrap();
+        let s = p.apply(&base);
+        assert_eq!(
+            (s.steps, s.prompt.as_str(), s.width),
+            (3, "a car", Some(64))
+        );
+        assert_eq!(s.color.name, Some("blue"));
+        assert_eq!(
+            (s.model.as_str(), s.model_dir),
+            ("dir", Some("m/dir".into()))
+        );
+        assert_eq!(s.subject_center, vec![(0.5, 0.0), (-0.5, 0.25)]);
+        assert_eq!(SettingsPatch::default().apply(&base), base);
+    }
+
+    #[test]
+    fn json_values_are_parsed_with_their_field_named() {
+        let e = SettingsPatch::from_json(r#"{"color": "nocolour"}"#).unwrap_err();
+        assert!(e.starts_with("color: "), "{e}");
+        let e = SettingsPatch::from_json(r#"{"target_size": "64by64"}"#).unwrap_err();
+        assert!(e.starts_with("target_size: "), "{e}");
+        let e = SettingsPatch::from_json(r#"{"promt": "x"}"#).unwrap_err();
+        assert!(e.contains("promt") && e.contains("(column"), "{e}");
+        let e = SettingsPatch::from_json(r#"{"model": "a", "model_dir": "b"}"#).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let p = SettingsPatch::from_json(r#"{"cfg_scale": 5, "lora": "x.safetensors"}"#).unwrap();
+        assert_eq!(p.guidance, Some(5.0));
+        assert_eq!(p.lora, Some(vec!["x.safetensors".to_string()]));
+    }
+
+    #[test]
+    fn field_errors_are_worded_per_caller() {
+        let s = Settings {
+            prompt: "x".into(),
+            num_images: 0,
+            ..Settings::default()
+        };
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.as_flags(), "--num-images must be at least 1");
+        assert_eq!(e.as_fields(), "num_images must be at least 1");
+        let s = Settings {
+            prompt: "x".into(),
+            width: Some(100),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.validate().unwrap_err().as_flags(),
+            "--width and --height must be positive multiples of 8; got width 100"
+        );
+        let empty = Settings::default().validate().unwrap_err();
+        assert_eq!(empty.as_fields(), "the prompt is empty");
+    }
+
+    #[test]
+    fn sizes_and_offsets_read_as_people_write_them() {
+        assert_eq!(Size::parse("640x480").unwrap(), Size::new(640, 480));
+        assert_eq!(Size::parse("640X480").unwrap().to_string(), "640x480");
+        assert!(Size::parse("640").is_err());
+        assert_eq!(Offset::parse("3, 4").unwrap(), Offset { top: 3, left: 4 });
+        assert!(parse_center("2,0").is_err());
+        assert_eq!(
+            Method::Prompt.prompt_text("a cat", &KeyColor::green()),
+            "a cat isolated on a solid green background"
+        );
+    }
+}
