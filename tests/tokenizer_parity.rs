@@ -299,9 +299,11 @@ fn missing_or_corrupt_files_name_the_file() {
     assert!(ClipTokenizer::from_dir(&dir.0).is_ok());
 }
 
-/// Loose bounds so that unoptimised test builds pass; see the release numbers in the
-/// printed output (`cargo test --release -- --nocapture`).
+/// A measurement, not a check: timings belong in benchmarks, and a loaded machine failed the
+/// loose bounds. Run it with `cargo test --release --test tokenizer_parity -- --ignored
+/// --nocapture`.
 #[test]
+#[ignore = "a timing: run with --ignored --nocapture"]
 fn load_and_encode_speed() {
     let (vocab_json, merges_txt) = full_vocab();
     let dir = TempDir::new("speed");
