@@ -23,11 +23,9 @@ const TILE_BYTES: usize = 2 << 20;
 const MIN_TILE_COLS: usize = 64;
 
 /// Whether 3x3 stride-1 convolutions on `pixels` outputs per item use Winograd F(2x2, 3x3)
-/// (`TKG_WINOGRAD=0` turns it off, for comparisons).
+/// (unless [`KernelConfig::winograd`](super::KernelConfig::winograd) is off, for comparisons).
 fn use_winograd(pixels: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    pixels >= WINOGRAD_MIN_PIXELS
-        && *ON.get_or_init(|| std::env::var("TKG_WINOGRAD").map_or(true, |v| v != "0"))
+    pixels >= WINOGRAD_MIN_PIXELS && super::config().winograd
 }
 
 /// Below this many output pixels per item, im2col + gemm wins (the weight transform costs more
