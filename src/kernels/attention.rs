@@ -8,7 +8,7 @@
 //! replaces an 8 x 4096 x 4096 f32 score tensor (512 MiB per item) with 1 MiB per thread.
 
 use super::simd;
-use super::{SendPtr, tensor, threads, uninit_vec};
+use super::{SendPtr, tensor, threads};
 use anyhow::{Result, bail, ensure};
 use candle_core::{DType, Storage, StorageRef, Tensor};
 use gemm::{Parallelism, gemm};
@@ -83,7 +83,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let blocks = nq.div_ceil(rows);
     let tasks = b * heads * blocks;
 
-    let mut out = uninit_vec(b * nq * c);
+    let mut out = vec![0.0; b * nq * c];
     let op = SendPtr(out.as_mut_ptr());
     let run = |task: usize, s: &mut Vec<f32>| {
         let (bh, blk) = (task / blocks, task % blocks);

@@ -11,7 +11,7 @@
 
 use super::{
     F32View, SendPtr, for_each_chunk, for_each_task, for_each_task_with, gemm_parallelism, tensor,
-    threads, uninit_vec,
+    threads,
 };
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
@@ -118,21 +118,21 @@ fn conv2d_impl(
         ensure!(r.dims() == [b, cout, oh, ow], "conv2d: residual shape");
     }
 
-    // out = residual + bias
+    // out = residual + bias (zeros when neither is given)
     let mut out = match &residual {
         Some(r) => F32View::new(r)?.slice().to_vec(),
-        None => uninit_vec(b * cout * plane),
+        None => vec![0.0; b * cout * plane],
     };
-    {
-        let bias_v = bias.as_ref().map(F32View::new).transpose()?;
-        let bias_s = bias_v.as_ref().map(|v| v.slice());
+    if let Some(bias) = &bias {
+        let bias_v = F32View::new(bias)?;
+        let bias_s = bias_v.slice();
         let has_residual = residual.is_some();
         for_each_chunk(&mut out, plane, |i, dst| {
             let (bi, co) = (i / cout, i % cout);
-            let bv = match bias_s {
-                Some(s) if bias_per_item => s[bi * cout + co],
-                Some(s) => s[co],
-                None => 0.0,
+            let bv = if bias_per_item {
+                bias_s[bi * cout + co]
+            } else {
+                bias_s[co]
             };
             if has_residual {
                 if bv != 0.0 {
@@ -274,7 +274,7 @@ fn conv_small(
     let plane = oh * ow;
     let ld = b * plane;
     let k = cin * kh * kw;
-    let mut col = uninit_vec(k * ld);
+    let mut col = vec![0.0; k * ld];
     for_each_chunk(&mut col, kh * kw * ld, |ci, rows| {
         if stride == 1 {
             let mut padded = Vec::new();
@@ -315,7 +315,7 @@ fn conv_small(
     for_each_task(cout.div_ceil(chunk), |c| {
         let c0 = c * chunk;
         let m = chunk.min(cout - c0);
-        let mut tmp = uninit_vec(m * ld);
+        let mut tmp = vec![0.0; m * ld];
         // SAFETY: shapes and strides match the buffers.
         unsafe {
             gemm(

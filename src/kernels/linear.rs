@@ -2,7 +2,7 @@
 //! two layout changes around a spatial transformer: a feature map [B, C, H, W] read as tokens
 //! [B, H·W, C] (proj_in) and tokens written back as a map (proj_out), without a transpose copy.
 
-use super::{F32View, SendPtr, for_each_chunk, for_each_task, tensor, threads, uninit_vec};
+use super::{F32View, SendPtr, for_each_chunk, for_each_task, tensor, threads};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 use gemm::{Parallelism, gemm};
@@ -160,7 +160,7 @@ fn tokens_out(
     let rv = residual.as_ref().map(F32View::new).transpose()?;
     let wv = F32View::new(w)?;
     let ws = SendPtr(wv.slice().as_ptr() as *mut f32);
-    let mut out = uninit_vec(items * rows * n);
+    let mut out = vec![0.0; items * rows * n];
     let read_dst = init_out(
         &mut out,
         n,
@@ -226,7 +226,7 @@ pub fn linear_to_map(
     let wv = F32View::new(&w)?;
     let bv = bias.as_ref().map(F32View::new).transpose()?;
     let rv = residual.as_ref().map(F32View::new).transpose()?;
-    let mut out = uninit_vec(b * n * hw);
+    let mut out = vec![0.0; b * n * hw];
     let read_dst = init_out(
         &mut out,
         hw,
@@ -282,7 +282,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     *dims.last_mut().expect("rank >= 1") = inner;
     let hv = F32View::new(&h)?;
     let hs = hv.slice();
-    let mut out = uninit_vec(hs.len() / 2);
+    let mut out = vec![0.0; hs.len() / 2];
     // Rows in blocks, so small tensors do not become one task per row.
     for_each_chunk(&mut out, BLOCK * inner, |blk, o| {
         let rows = &hs[blk * BLOCK * two_i..][..o.len() * 2];

@@ -157,15 +157,6 @@ impl SendPtr {
     }
 }
 
-/// A vector whose every element the caller writes before reading.
-#[allow(clippy::uninit_vec)]
-pub(crate) fn uninit_vec(len: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns; callers overwrite every element before use.
-    unsafe { v.set_len(len) };
-    v
-}
-
 /// The number of threads the kernels split work over.
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
