@@ -15,6 +15,7 @@ mod winograd;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Storage, StorageRef, Tensor};
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 /// How the CPU kernels run; built once by the caller (the CLI builds it from flags and the
@@ -142,19 +143,124 @@ pub(crate) fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> 
     Ok(Tensor::from_vec(data, shape.into(), &Device::Cpu)?)
 }
 
-/// A raw pointer that may cross threads; each task writes a disjoint part.
+/// A mutable f32 buffer handed to parallel tasks that each write a disjoint part of it: a
+/// `&'a mut [f32]` split by hand (raw pointers are not `Send`, and the parts are not
+/// contiguous runs that `chunks_mut` could make). It keeps the buffer's length, which every
+/// access checks in debug builds, and its borrow, so the buffer cannot be touched or freed
+/// while a `SendPtr` to it is alive.
 #[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-// SAFETY: used only to hand disjoint output regions to rayon tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+pub(crate) struct SendPtr<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: PhantomData<&'a mut [f32]>,
+}
 
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    #[inline(always)]
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
+// SAFETY: a SendPtr stands for the `&'a mut [f32]` it was made from, which may be sent to
+// another thread (f32 is Send). Accesses go through the unsafe `at` and `slice_mut`, whose
+// callers guarantee that no two threads touch the same element at the same time.
+unsafe impl Send for SendPtr<'_> {}
+// SAFETY: sharing a `&SendPtr` shares only the pointer and the length; writes through them
+// are made by `at` and `slice_mut` callers on parts of the buffer no other task accesses
+// concurrently (f32 is Sync).
+unsafe impl Sync for SendPtr<'_> {}
+
+impl<'a> SendPtr<'a> {
+    pub(crate) fn new(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: PhantomData,
+        }
     }
+
+    /// The elements `offset..offset + len` as a buffer of their own (checked: panics outside
+    /// the buffer).
+    pub(crate) fn sub(self, offset: usize, len: usize) -> Self {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "SendPtr::sub: {offset}+{len} outside {}",
+            self.len
+        );
+        Self {
+            // SAFETY: offset <= self.len (asserted), so the pointer stays inside the buffer
+            // or one past its end.
+            ptr: unsafe { self.ptr.add(offset) },
+            len,
+            _buf: PhantomData,
+        }
+    }
+
+    /// A pointer to element `offset`, for an access to at most the `span` elements from there
+    /// (see [`span`]).
+    ///
+    /// # Safety
+    /// `offset + span` must not exceed the buffer's length (checked in debug builds), and
+    /// while the pointer is used no other task may access those elements.
+    #[inline(always)]
+    pub(crate) unsafe fn at(self, offset: usize, span: usize) -> *mut f32 {
+        debug_assert!(
+            offset.checked_add(span).is_some_and(|end| end <= self.len),
+            "SendPtr::at: {offset}+{span} outside {}",
+            self.len
+        );
+        // SAFETY: offset <= len by the caller's promise: inside the buffer or one past its end.
+        unsafe { self.ptr.add(offset) }
+    }
+
+    /// The elements `offset..offset + len` as a slice.
+    ///
+    /// # Safety
+    /// As for [`SendPtr::at`] with `span = len`, and no other reference to those elements may
+    /// exist while the slice does.
+    #[inline(always)]
+    pub(crate) unsafe fn slice_mut(self, offset: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's promise: in bounds (debug-checked in `at`) and not aliased.
+        unsafe { std::slice::from_raw_parts_mut(self.at(offset, len), len) }
+    }
+}
+
+/// How many elements a [rows, cols] matrix with row stride `rs` and column stride `cs` spans
+/// from its first element: the offset of its last element plus one (0 when it is empty).
+#[inline(always)]
+pub(crate) fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// A pointer for `gemm` to read a [rows, cols] matrix with strides (rs, cs) from `s[offset..]`,
+/// after checking in debug builds that the matrix lies inside `s`.
+#[inline(always)]
+pub(crate) fn matrix(
+    s: &[f32],
+    offset: usize,
+    (rows, cols): (usize, usize),
+    (rs, cs): (usize, usize),
+) -> *const f32 {
+    debug_assert!(
+        offset + span(rows, cols, rs, cs) <= s.len(),
+        "matrix [{rows}, {cols}] strides ({rs}, {cs}) at {offset} outside {}",
+        s.len()
+    );
+    s[offset..].as_ptr()
+}
+
+/// [`matrix`] for a buffer `gemm` writes.
+#[inline(always)]
+pub(crate) fn matrix_mut(
+    s: &mut [f32],
+    offset: usize,
+    (rows, cols): (usize, usize),
+    (rs, cs): (usize, usize),
+) -> *mut f32 {
+    debug_assert!(
+        offset + span(rows, cols, rs, cs) <= s.len(),
+        "matrix [{rows}, {cols}] strides ({rs}, {cs}) at {offset} outside {}",
+        s.len()
+    );
+    s[offset..].as_mut_ptr()
 }
 
 /// The number of threads the kernels split work over.
@@ -338,7 +444,9 @@ mod tests {
                 .map(|&(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             KernelConfig::from_lookup(&move |k| {
-                vars.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone())
+                vars.iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.clone())
             })
         };
         assert_eq!(from(&[]), KernelConfig::default());
@@ -359,7 +467,11 @@ mod tests {
         assert_eq!(from(&[("TKG_WINOGRAD", "0")]), cfg(true, false, false));
         assert_eq!(from(&[("TKG_PROFILE", "1")]), cfg(true, true, true));
         assert_eq!(
-            from(&[("TKG_KERNELS", "0"), ("TKG_WINOGRAD", "0"), ("TKG_PROFILE", "1")]),
+            from(&[
+                ("TKG_KERNELS", "0"),
+                ("TKG_WINOGRAD", "0"),
+                ("TKG_PROFILE", "1")
+            ]),
             cfg(false, false, true)
         );
         // Only "0" turns a kernel switch off and only "1" turns profiling on.
