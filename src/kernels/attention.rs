@@ -8,7 +8,7 @@
 //! replaces an 8 x 4096 x 4096 f32 score tensor (512 MiB per item) with 1 MiB per thread.
 
 use super::simd;
-use super::{SendPtr, tensor, threads, uninit_vec};
+use super::{SendPtr, matrix, matrix_mut, span, tensor, threads};
 use anyhow::{Result, bail, ensure};
 use candle_core::{DType, Storage, StorageRef, Tensor};
 use gemm::{Parallelism, gemm};
@@ -45,9 +45,10 @@ impl<'a> Rows<'a> {
         })
     }
 
-    fn ptr(&self) -> *const f32 {
+    /// The storage from the view's first element on.
+    fn data(&self) -> &[f32] {
         match &*self.guard {
-            Storage::Cpu(c) => c.as_slice::<f32>().expect("checked f32")[self.start..].as_ptr(),
+            Storage::Cpu(c) => &c.as_slice::<f32>().expect("checked f32")[self.start..],
             _ => unreachable!("checked CPU"),
         }
     }
@@ -69,11 +70,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let _p = super::profile::scope(|| format!("attention {nq}x{nk} h{heads} d{d}"));
     let scale = (d as f32).powf(-0.5);
     let (qr, kr, vr) = (Rows::new(q)?, Rows::new(k)?, Rows::new(v)?);
-    let (qp, kp, vp) = (
-        SendPtr(qr.ptr() as *mut f32),
-        SendPtr(kr.ptr() as *mut f32),
-        SendPtr(vr.ptr() as *mut f32),
-    );
+    let (qs, ks, vs) = (qr.data(), kr.data(), vr.data());
 
     let nthreads = threads();
     let mut rows = (BLOCK_FLOATS / nk).clamp(8, 512).min(nq);
@@ -83,28 +80,43 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let blocks = nq.div_ceil(rows);
     let tasks = b * heads * blocks;
 
-    let mut out = uninit_vec(b * nq * c);
-    let op = SendPtr(out.as_mut_ptr());
+    let mut out = vec![0.0; b * nq * c];
+    let op = SendPtr::new(&mut out);
     let run = |task: usize, s: &mut Vec<f32>| {
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, hi) = (bh / heads, bh % heads);
         let q0 = blk * rows;
         let m = rows.min(nq - q0);
         s.resize(m * nk, 0.0);
-        let (qp, kp, vp, op) = (qp, kp, vp, op);
-        // SAFETY: pointers and strides describe the views checked above; this task alone
-        // writes rows q0..q0+m, columns hi·d..(hi+1)·d of item bi of the output.
+        // Head hi's columns of item bi: queries q0..q0+m, all keys and values.
+        let qb = matrix(
+            qs,
+            bi * qr.batch_stride + q0 * qr.row_stride + hi * d,
+            (m, d),
+            (qr.row_stride, 1),
+        );
+        let kb = matrix(
+            ks,
+            bi * kr.batch_stride + hi * d,
+            (d, nk),
+            (1, kr.row_stride),
+        );
+        let vb = matrix(
+            vs,
+            bi * vr.batch_stride + hi * d,
+            (nk, d),
+            (vr.row_stride, 1),
+        );
+        let o0 = bi * nq * c + q0 * c + hi * d;
+        // s[m, nk] = scale · q[m, d] · kᵀ[d, nk]
+        // SAFETY: q, k and the scores (this task's own buffer) were checked by `matrix` (in
+        // debug builds) for the shapes and strides given to gemm.
         unsafe {
-            let qb = qp.0.add(bi * qr.batch_stride + q0 * qr.row_stride + hi * d);
-            let kb = kp.0.add(bi * kr.batch_stride + hi * d);
-            let vb = vp.0.add(bi * vr.batch_stride + hi * d);
-            let ob = op.0.add(bi * nq * c + q0 * c + hi * d);
-            // s[m, nk] = scale · q[m, d] · kᵀ[d, nk]
             gemm(
                 m,
                 nk,
                 d,
-                s.as_mut_ptr(),
+                matrix_mut(s, 0, (m, nk), (nk, 1)),
                 1,
                 nk as isize,
                 false,
@@ -121,21 +133,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
                 false,
                 Parallelism::None,
             );
-            let mut inv = [0f32; 512];
-            for (r, row) in s.chunks_exact_mut(nk).enumerate() {
-                let mx = simd::row_max(row);
-                inv[r] = (1.0 / simd::exp_shifted_sum(row, mx)) as f32;
-            }
-            // out[m, d] = p[m, nk] · v[nk, d]
+        }
+        let mut inv = [0f32; 512];
+        for (r, row) in s.chunks_exact_mut(nk).enumerate() {
+            let mx = simd::row_max(row);
+            inv[r] = (1.0 / simd::exp_shifted_sum(row, mx)) as f32;
+        }
+        // out[m, d] = p[m, nk] · v[nk, d]
+        // SAFETY: this task alone writes rows q0..q0+m, columns hi·d..(hi+1)·d of item bi of
+        // the output, which `at` checks lie inside it (in debug builds); the scores and v were
+        // checked by `matrix` for the shapes and strides given to gemm.
+        unsafe {
             gemm(
                 m,
                 d,
                 nk,
-                ob,
+                op.at(o0, span(m, d, c, 1)),
                 1,
                 c as isize,
                 false,
-                s.as_ptr(),
+                matrix(s, 0, (m, nk), (nk, 1)),
                 1,
                 nk as isize,
                 vb,
@@ -148,9 +165,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
                 false,
                 Parallelism::None,
             );
-            for (r, &f) in inv.iter().enumerate().take(m) {
-                simd::scale_inplace(std::slice::from_raw_parts_mut(ob.add(r * c), d), f);
-            }
+        }
+        for (r, &f) in inv.iter().enumerate().take(m) {
+            // SAFETY: row r < m of the block this task alone writes (see above): d values from
+            // o0 + r·c, inside the output (checked by `slice_mut` in debug builds).
+            simd::scale_inplace(unsafe { op.slice_mut(o0 + r * c, d) }, f);
         }
     };
     super::for_each_task_with(tasks, Vec::new, |s, t| run(t, s));

@@ -10,8 +10,8 @@
 //! which is how a resnet's timestep embedding is fused in), and the gemm accumulates onto it.
 
 use super::{
-    F32View, SendPtr, for_each_chunk, for_each_task, for_each_task_with, gemm_parallelism, tensor,
-    threads, uninit_vec,
+    F32View, SendPtr, for_each_chunk, for_each_task, for_each_task_with, gemm_parallelism, matrix,
+    matrix_mut, span, tensor, threads,
 };
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
@@ -23,11 +23,9 @@ const TILE_BYTES: usize = 2 << 20;
 const MIN_TILE_COLS: usize = 64;
 
 /// Whether 3x3 stride-1 convolutions on `pixels` outputs per item use Winograd F(2x2, 3x3)
-/// (`TKG_WINOGRAD=0` turns it off, for comparisons).
+/// (unless [`KernelConfig::winograd`](super::KernelConfig::winograd) is off, for comparisons).
 fn use_winograd(pixels: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    pixels >= WINOGRAD_MIN_PIXELS
-        && *ON.get_or_init(|| std::env::var("TKG_WINOGRAD").map_or(true, |v| v != "0"))
+    pixels >= WINOGRAD_MIN_PIXELS && super::config().winograd
 }
 
 /// Below this many output pixels per item, im2col + gemm wins (the weight transform costs more
@@ -120,21 +118,21 @@ fn conv2d_impl(
         ensure!(r.dims() == [b, cout, oh, ow], "conv2d: residual shape");
     }
 
-    // out = residual + bias
+    // out = residual + bias (zeros when neither is given)
     let mut out = match &residual {
         Some(r) => F32View::new(r)?.slice().to_vec(),
-        None => uninit_vec(b * cout * plane),
+        None => vec![0.0; b * cout * plane],
     };
-    {
-        let bias_v = bias.as_ref().map(F32View::new).transpose()?;
-        let bias_s = bias_v.as_ref().map(|v| v.slice());
+    if let Some(bias) = &bias {
+        let bias_v = F32View::new(bias)?;
+        let bias_s = bias_v.slice();
         let has_residual = residual.is_some();
         for_each_chunk(&mut out, plane, |i, dst| {
             let (bi, co) = (i / cout, i % cout);
-            let bv = match bias_s {
-                Some(s) if bias_per_item => s[bi * cout + co],
-                Some(s) => s[co],
-                None => 0.0,
+            let bv = if bias_per_item {
+                bias_s[bi * cout + co]
+            } else {
+                bias_s[co]
             };
             if has_residual {
                 if bv != 0.0 {
@@ -157,7 +155,7 @@ fn conv2d_impl(
         return tensor(out, (b, cout, oh, ow));
     }
     let k = cin * kh * kw;
-    let dst = SendPtr(out.as_mut_ptr());
+    let dst = SendPtr::new(&mut out);
     let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0 && up == 1;
     if !pointwise && b * plane <= SMALL_PIXELS {
         conv_small(
@@ -201,7 +199,9 @@ fn conv2d_impl(
         let n = (oy1 - oy0) * ow;
         let x_item = &xs[bi * cin * sh * sw..(bi + 1) * cin * sh * sw];
         let (rhs, rhs_rs): (*const f32, usize) = if pointwise {
-            (x_item[oy0 * ow..].as_ptr(), h * wd)
+            // x_item is [Cin, H·W]: the k x n block from output row oy0 (ow = wd here).
+            let rs = h * wd;
+            (matrix(x_item, oy0 * ow, (k, n), (rs, 1)), rs)
         } else {
             col.resize(k * n, 0.0);
             im2col_rows(
@@ -218,20 +218,23 @@ fn conv2d_impl(
                 oy1,
                 ow,
             );
-            (col.as_ptr(), n)
+            (matrix(&col[..], 0, (k, n), (n, 1)), n)
         };
-        // SAFETY: the dst block [Cout, rows oy0..oy1] of item bi belongs to this task alone;
-        // lhs, rhs and dst are valid for the strides given.
+        let lhs = matrix(ws, 0, (cout, k), (k, 1));
+        // SAFETY: the dst block [Cout, rows oy0..oy1] of item bi (rows `plane` apart in the
+        // [B, Cout, plane] output) belongs to this task alone, and `at` checks (in debug
+        // builds) that it lies inside the output; lhs and rhs were checked by `matrix` for the
+        // same shapes and strides as given to gemm.
         unsafe {
             gemm(
                 cout,
                 n,
                 k,
-                dst.get().add(bi * cout * plane + oy0 * ow),
+                dst.at(bi * cout * plane + oy0 * ow, span(cout, n, plane, 1)),
                 1,
                 plane as isize,
                 true,
-                ws.as_ptr(),
+                lhs,
                 1,
                 k as isize,
                 rhs,
@@ -268,7 +271,7 @@ const SMALL_PIXELS: usize = 2048;
 fn conv_small(
     xs: &[f32],
     ws: &[f32],
-    out: SendPtr,
+    out: SendPtr<'_>,
     (b, cin, sh, sw, up): (usize, usize, usize, usize, usize),
     (cout, kh, kw, stride, padding): (usize, usize, usize, usize, usize),
     (oh, ow): (usize, usize),
@@ -276,7 +279,7 @@ fn conv_small(
     let plane = oh * ow;
     let ld = b * plane;
     let k = cin * kh * kw;
-    let mut col = uninit_vec(k * ld);
+    let mut col = vec![0.0; k * ld];
     for_each_chunk(&mut col, kh * kw * ld, |ci, rows| {
         if stride == 1 {
             let mut padded = Vec::new();
@@ -317,21 +320,25 @@ fn conv_small(
     for_each_task(cout.div_ceil(chunk), |c| {
         let c0 = c * chunk;
         let m = chunk.min(cout - c0);
-        let mut tmp = uninit_vec(m * ld);
-        // SAFETY: shapes and strides match the buffers.
+        let mut tmp = vec![0.0; m * ld];
+        let lhs = matrix(ws, c0 * k, (m, k), (k, 1));
+        let rhs = matrix(col, 0, (k, ld), (ld, 1));
+        let dst_tmp = matrix_mut(&mut tmp, 0, (m, ld), (ld, 1));
+        // SAFETY: tmp is this task's own [m, ld] buffer; the weight rows c0..c0+m and the
+        // im2col matrix [k, ld] lie inside ws and col (checked by `matrix` in debug builds).
         unsafe {
             gemm(
                 m,
                 ld,
                 k,
-                tmp.as_mut_ptr(),
+                dst_tmp,
                 1,
                 ld as isize,
                 false,
-                ws.as_ptr().add(c0 * k),
+                lhs,
                 1,
                 k as isize,
-                col.as_ptr(),
+                rhs,
                 1,
                 ld as isize,
                 0.0,
@@ -344,13 +351,10 @@ fn conv_small(
         }
         for bi in 0..b {
             for co in 0..m {
-                // SAFETY: channels c0..c0+m of every item are this task's alone.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out.get().add((bi * cout + c0 + co) * plane),
-                        plane,
-                    )
-                };
+                // SAFETY: channels c0..c0+m of every item are this task's alone, and the plane
+                // of channel c0+co < cout of item bi < b lies inside the [b, cout, plane]
+                // output (checked in debug builds by `slice_mut`).
+                let dst = unsafe { out.slice_mut((bi * cout + c0 + co) * plane, plane) };
                 let src = &tmp[co * ld + bi * plane..co * ld + (bi + 1) * plane];
                 for (d, s) in dst.iter_mut().zip(src) {
                     *d += s;

@@ -2,7 +2,7 @@
 //! two layout changes around a spatial transformer: a feature map [B, C, H, W] read as tokens
 //! [B, H·W, C] (proj_in) and tokens written back as a map (proj_out), without a transpose copy.
 
-use super::{F32View, SendPtr, for_each_chunk, for_each_task, tensor, threads, uninit_vec};
+use super::{F32View, SendPtr, for_each_chunk, for_each_task, matrix, span, tensor, threads};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 use gemm::{Parallelism, gemm};
@@ -12,8 +12,8 @@ const BLOCK: usize = 128;
 
 /// How the input's [rows, K] matrix lies in memory, per batch item.
 #[derive(Clone, Copy)]
-struct Input {
-    ptr: SendPtr,
+struct Input<'a> {
+    data: &'a [f32],
     /// Elements between batch items.
     item: usize,
     /// Stride between rows (tokens) and between columns (features).
@@ -105,7 +105,7 @@ pub fn linear(
     *dims.last_mut().expect("rank >= 1") = n;
     let xv = F32View::new(&x)?;
     let input = Input {
-        ptr: SendPtr(xv.slice().as_ptr() as *mut f32),
+        data: xv.slice(),
         item: 0,
         rs: k,
         cs: 1,
@@ -131,7 +131,7 @@ pub fn linear_from_map(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<
     let _p = super::profile::scope(|| format!("linear_from_map {hw}x{k}->{n}"));
     let xv = F32View::new(&x)?;
     let input = Input {
-        ptr: SendPtr(xv.slice().as_ptr() as *mut f32),
+        data: xv.slice(),
         item: cin * hw,
         rs: 1,
         cs: hw,
@@ -143,7 +143,7 @@ pub fn linear_from_map(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<
 
 /// Output [items·rows, N] row-major from an input with arbitrary strides.
 fn tokens_out(
-    input: Input,
+    input: Input<'_>,
     items: usize,
     rows: usize,
     w: &Tensor,
@@ -159,8 +159,8 @@ fn tokens_out(
     let bv = bias.as_ref().map(F32View::new).transpose()?;
     let rv = residual.as_ref().map(F32View::new).transpose()?;
     let wv = F32View::new(w)?;
-    let ws = SendPtr(wv.slice().as_ptr() as *mut f32);
-    let mut out = uninit_vec(items * rows * n);
+    let ws = wv.slice();
+    let mut out = vec![0.0; items * rows * n];
     let read_dst = init_out(
         &mut out,
         n,
@@ -168,24 +168,32 @@ fn tokens_out(
         rv.as_ref().map(|v| v.slice()),
         false,
     );
-    let dst = SendPtr(out.as_mut_ptr());
+    let dst = SendPtr::new(&mut out);
     for_grid(items, rows, n, |item, r0, m, c0, nc| {
-        let (dst, ws, input) = (dst, ws, input);
-        // SAFETY: rows r0..r0+m, columns c0..c0+nc of item `item` are this task's alone;
-        // strides are valid.
+        // lhs: the item's tokens r0..r0+m, all K features; rhs: wᵀ columns c0..c0+nc.
+        let lhs = matrix(
+            input.data,
+            item * input.item + r0 * input.rs,
+            (m, k),
+            (input.rs, input.cs),
+        );
+        let rhs = matrix(ws, c0 * k, (k, nc), (1, k));
+        // SAFETY: rows r0..r0+m, columns c0..c0+nc of item `item` (rows n apart) are this
+        // task's alone and lie inside the output (checked by `at` in debug builds); lhs and
+        // rhs were checked by `matrix` for the shapes and strides given to gemm.
         unsafe {
             gemm(
                 m,
                 nc,
                 k,
-                dst.0.add((item * rows + r0) * n + c0),
+                dst.at((item * rows + r0) * n + c0, span(m, nc, n, 1)),
                 1,
                 n as isize,
                 read_dst,
-                input.ptr.0.add(item * input.item + r0 * input.rs),
+                lhs,
                 input.cs as isize,
                 input.rs as isize,
-                ws.0.add(c0 * k),
+                rhs,
                 k as isize,
                 1,
                 1.0,
@@ -226,7 +234,7 @@ pub fn linear_to_map(
     let wv = F32View::new(&w)?;
     let bv = bias.as_ref().map(F32View::new).transpose()?;
     let rv = residual.as_ref().map(F32View::new).transpose()?;
-    let mut out = uninit_vec(b * n * hw);
+    let mut out = vec![0.0; b * n * hw];
     let read_dst = init_out(
         &mut out,
         hw,
@@ -234,28 +242,29 @@ pub fn linear_to_map(
         rv.as_ref().map(|v| v.slice()),
         true,
     );
-    let dst = SendPtr(out.as_mut_ptr());
-    let (ts, ws) = (
-        SendPtr(tv.slice().as_ptr() as *mut f32),
-        SendPtr(wv.slice().as_ptr() as *mut f32),
-    );
+    let dst = SendPtr::new(&mut out);
+    let (ts, ws) = (tv.slice(), wv.slice());
     // out[b] [N, HW] = w [N, K] · t[b]ᵀ [K, HW]; tasks over blocks of pixels (columns).
     for_grid(b, hw, n, |item, p0, cols, f0, nf| {
-        let (dst, ts, ws) = (dst, ts, ws);
-        // SAFETY: features f0..f0+nf, pixels p0..p0+cols of item `item` are this task's alone.
+        // lhs: weight rows f0..f0+nf; rhs: the item's tokens p0..p0+cols, transposed.
+        let lhs = matrix(ws, f0 * k, (nf, k), (k, 1));
+        let rhs = matrix(ts, item * hw * k + p0 * k, (k, cols), (1, k));
+        // SAFETY: features f0..f0+nf, pixels p0..p0+cols of item `item` (rows hw apart) are
+        // this task's alone and lie inside the output (checked by `at` in debug builds); lhs
+        // and rhs were checked by `matrix` for the shapes and strides given to gemm.
         unsafe {
             gemm(
                 nf,
                 cols,
                 k,
-                dst.0.add(item * n * hw + f0 * hw + p0),
+                dst.at(item * n * hw + f0 * hw + p0, span(nf, cols, hw, 1)),
                 1,
                 hw as isize,
                 read_dst,
-                ws.0.add(f0 * k),
+                lhs,
                 1,
                 k as isize,
-                ts.0.add(item * hw * k + p0 * k),
+                rhs,
                 k as isize,
                 1,
                 1.0,
@@ -282,7 +291,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     *dims.last_mut().expect("rank >= 1") = inner;
     let hv = F32View::new(&h)?;
     let hs = hv.slice();
-    let mut out = uninit_vec(hs.len() / 2);
+    let mut out = vec![0.0; hs.len() / 2];
     // Rows in blocks, so small tensors do not become one task per row.
     for_each_chunk(&mut out, BLOCK * inner, |blk, o| {
         let rows = &hs[blk * BLOCK * two_i..][..o.len() * 2];

@@ -13,40 +13,95 @@ pub mod norm;
 pub mod simd;
 mod winograd;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Storage, StorageRef, Tensor};
+use std::marker::PhantomData;
+use std::sync::OnceLock;
 
-/// Whether the fast kernels can run on `t`: f32 on the CPU (and not turned off with
-/// `TKG_KERNELS=0`, which runs candle's ops instead, for comparisons).
-pub fn applies(t: &Tensor) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    t.device().is_cpu()
-        && t.dtype() == DType::F32
-        && *ON.get_or_init(|| {
-            let on = std::env::var("TKG_KERNELS").map_or(true, |v| v != "0");
-            if on {
-                keep_freed_memory();
-            }
-            on
-        })
+/// How the CPU kernels run; built once by the caller (the CLI builds it from flags and the
+/// environment, see [`KernelConfig::from_lookup`]) and installed with [`configure`]. The
+/// library itself reads no environment variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Whether the fast kernels run at all; `false` runs candle's ops everywhere (for
+    /// comparisons).
+    pub enabled: bool,
+    /// Whether 3x3 stride-1 convolutions on large enough maps use Winograd F(2x2, 3x3);
+    /// `false` runs im2col for every convolution (for comparisons).
+    pub winograd: bool,
+    /// Whether the kernels add their wall-clock time to [`profile`]'s totals.
+    pub profile: bool,
 }
 
-/// Makes glibc's malloc keep freed memory for reuse instead of handing every large block back
-/// to the kernel: a forward pass allocates and frees tensors of the same few sizes over and
-/// over, and fresh pages from the kernel cost a page fault and a zeroing each (about a tenth
-/// of a UNet step at 512x512). The peak stays the same: the memory is reused, not added.
-/// `TKG_MALLOC_TUNING=0` leaves malloc alone.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var("TKG_MALLOC_TUNING").map_or(true, |v| v != "0") {
-        // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
-        unsafe {
-            // Serve large blocks from the heap (reusable) rather than fresh mappings...
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            // ...and never shrink the heap top back to the kernel.
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+impl Default for KernelConfig {
+    /// Kernels on, Winograd on, no profiling.
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            winograd: true,
+            profile: false,
         }
     }
+}
+
+impl KernelConfig {
+    /// The config from variables looked up by `get` (the CLI passes `std::env::var`):
+    /// `TKG_KERNELS=0` turns the kernels off, `TKG_WINOGRAD=0` turns Winograd off (any other
+    /// value, or none, leaves each on), `TKG_PROFILE=1` turns profiling on (any other value,
+    /// or none, leaves it off).
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Self {
+        let on_unless_zero = |name: &str| get(name).is_none_or(|v| v != "0");
+        Self {
+            enabled: on_unless_zero("TKG_KERNELS"),
+            winograd: on_unless_zero("TKG_WINOGRAD"),
+            profile: get("TKG_PROFILE").is_some_and(|v| v == "1"),
+        }
+    }
+}
+
+/// The process-wide config: set by [`configure`], or fixed at the default by the first
+/// [`config`] that finds none.
+static CONFIG: OnceLock<KernelConfig> = OnceLock::new();
+
+/// Installs the process-wide config (like rayon's global pool: once, before any tensor work).
+/// Installing the same config again is fine; a different one is an error, as is any config
+/// other than the default once the kernels have run (their first call fixes the default, so
+/// a run never changes its kernels half-way).
+pub fn configure(cfg: KernelConfig) -> Result<()> {
+    install(&CONFIG, cfg)
+}
+
+fn install(cell: &OnceLock<KernelConfig>, cfg: KernelConfig) -> Result<()> {
+    let installed = *cell.get_or_init(|| cfg);
+    anyhow::ensure!(
+        installed == cfg,
+        "kernels: config {installed:?} already in use, cannot install {cfg:?}"
+    );
+    Ok(())
+}
+
+/// The installed config, else the default (which then stays: see [`configure`]).
+pub fn config() -> KernelConfig {
+    *CONFIG.get_or_init(KernelConfig::default)
+}
+
+/// Whether the fast kernels can run on `t`: f32 on the CPU, and the kernels are enabled in
+/// [`config`] (else callers run candle's ops).
+pub fn applies(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && config().enabled
+}
+
+/// Builds rayon's global pool with `n` threads and 64 MiB stacks. It runs candle's
+/// convolutions and the kernels; the big stacks are for callers that run a whole command on a
+/// pool thread (as `cli::run` does). Call it once, before any parallel work: rayon fixes its
+/// global pool on first use, and this returns an error if that already happened.
+pub fn build_thread_pool(n: usize) -> Result<()> {
+    anyhow::ensure!(n >= 1, "the thread pool needs at least 1 thread");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .stack_size(64 << 20)
+        .build_global()
+        .context("building rayon's global thread pool")
 }
 
 /// Read access to a contiguous f32 CPU tensor's values.
@@ -88,57 +143,124 @@ pub(crate) fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> 
     Ok(Tensor::from_vec(data, shape.into(), &Device::Cpu)?)
 }
 
-/// A raw pointer that may cross threads; each task writes a disjoint part.
+/// A mutable f32 buffer handed to parallel tasks that each write a disjoint part of it: a
+/// `&'a mut [f32]` split by hand (raw pointers are not `Send`, and the parts are not
+/// contiguous runs that `chunks_mut` could make). It keeps the buffer's length, which every
+/// access checks in debug builds, and its borrow, so the buffer cannot be touched or freed
+/// while a `SendPtr` to it is alive.
 #[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-// SAFETY: used only to hand disjoint output regions to rayon tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    #[inline(always)]
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
+pub(crate) struct SendPtr<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: PhantomData<&'a mut [f32]>,
 }
 
-/// A vector whose every element the caller writes before reading.
-#[allow(clippy::uninit_vec)]
-pub(crate) fn uninit_vec(len: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns; callers overwrite every element before use.
-    unsafe { v.set_len(len) };
-    v
-}
+// SAFETY: a SendPtr stands for the `&'a mut [f32]` it was made from, which may be sent to
+// another thread (f32 is Send). Accesses go through the unsafe `at` and `slice_mut`, whose
+// callers guarantee that no two threads touch the same element at the same time.
+unsafe impl Send for SendPtr<'_> {}
+// SAFETY: sharing a `&SendPtr` shares only the pointer and the length; writes through them
+// are made by `at` and `slice_mut` callers on parts of the buffer no other task accesses
+// concurrently (f32 is Sync).
+unsafe impl Sync for SendPtr<'_> {}
 
-/// Sets how many threads candle and rayon use (`None`: `RAYON_NUM_THREADS`, else candle's
-/// choice, the physical cores) and builds rayon's global pool. Call it once at start-up,
-/// before any tensor work: rayon sizes its pool once, candle's element-wise pool reads
-/// `CANDLE_NUM_THREADS` once, and candle's matmul reads `RAYON_NUM_THREADS` on every call
-/// (when unset it works out the core count from /proc/cpuinfo each time, which on small
-/// models costs more than the matmul).
-pub fn set_threads(n: Option<usize>) -> Result<()> {
-    anyhow::ensure!(n != Some(0), "--threads must be at least 1");
-    let n = match n {
-        Some(n) => n,
-        None => candle_core::utils::get_num_threads(),
-    };
-    // SAFETY: called at start-up from the main thread, before any other thread exists that
-    // could read the environment.
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+impl<'a> SendPtr<'a> {
+    pub(crate) fn new(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: PhantomData,
         }
     }
-    // The global pool runs candle's convolutions and tkg's own kernels. Big stacks: the
-    // whole command runs on a pool thread (see `cli::run`).
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .stack_size(64 << 20)
-        .build_global();
-    Ok(())
+
+    /// The elements `offset..offset + len` as a buffer of their own (checked: panics outside
+    /// the buffer).
+    pub(crate) fn sub(self, offset: usize, len: usize) -> Self {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "SendPtr::sub: {offset}+{len} outside {}",
+            self.len
+        );
+        Self {
+            // SAFETY: offset <= self.len (asserted), so the pointer stays inside the buffer
+            // or one past its end.
+            ptr: unsafe { self.ptr.add(offset) },
+            len,
+            _buf: PhantomData,
+        }
+    }
+
+    /// A pointer to element `offset`, for an access to at most the `span` elements from there
+    /// (see [`span`]).
+    ///
+    /// # Safety
+    /// `offset + span` must not exceed the buffer's length (checked in debug builds), and
+    /// while the pointer is used no other task may access those elements.
+    #[inline(always)]
+    pub(crate) unsafe fn at(self, offset: usize, span: usize) -> *mut f32 {
+        debug_assert!(
+            offset.checked_add(span).is_some_and(|end| end <= self.len),
+            "SendPtr::at: {offset}+{span} outside {}",
+            self.len
+        );
+        // SAFETY: offset <= len by the caller's promise: inside the buffer or one past its end.
+        unsafe { self.ptr.add(offset) }
+    }
+
+    /// The elements `offset..offset + len` as a slice.
+    ///
+    /// # Safety
+    /// As for [`SendPtr::at`] with `span = len`, and no other reference to those elements may
+    /// exist while the slice does.
+    #[inline(always)]
+    pub(crate) unsafe fn slice_mut(self, offset: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's promise: in bounds (debug-checked in `at`) and not aliased.
+        unsafe { std::slice::from_raw_parts_mut(self.at(offset, len), len) }
+    }
+}
+
+/// How many elements a [rows, cols] matrix with row stride `rs` and column stride `cs` spans
+/// from its first element: the offset of its last element plus one (0 when it is empty).
+#[inline(always)]
+pub(crate) fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// A pointer for `gemm` to read a [rows, cols] matrix with strides (rs, cs) from `s[offset..]`,
+/// after checking in debug builds that the matrix lies inside `s`.
+#[inline(always)]
+pub(crate) fn matrix(
+    s: &[f32],
+    offset: usize,
+    (rows, cols): (usize, usize),
+    (rs, cs): (usize, usize),
+) -> *const f32 {
+    debug_assert!(
+        offset + span(rows, cols, rs, cs) <= s.len(),
+        "matrix [{rows}, {cols}] strides ({rs}, {cs}) at {offset} outside {}",
+        s.len()
+    );
+    s[offset..].as_ptr()
+}
+
+/// [`matrix`] for a buffer `gemm` writes.
+#[inline(always)]
+pub(crate) fn matrix_mut(
+    s: &mut [f32],
+    offset: usize,
+    (rows, cols): (usize, usize),
+    (rs, cs): (usize, usize),
+) -> *mut f32 {
+    debug_assert!(
+        offset + span(rows, cols, rs, cs) <= s.len(),
+        "matrix [{rows}, {cols}] strides ({rs}, {cs}) at {offset} outside {}",
+        s.len()
+    );
+    s[offset..].as_mut_ptr()
 }
 
 /// The number of threads the kernels split work over.
@@ -217,18 +339,17 @@ pub(crate) fn gemm_parallelism(nthreads: usize) -> gemm::Parallelism {
     }
 }
 
-/// Per-kernel wall-clock totals, collected when `TKG_PROFILE=1` (for `tkg bench -v`).
+/// Per-kernel wall-clock totals, collected when [`KernelConfig::profile`] is on (the CLI turns
+/// it on with `TKG_PROFILE=1`, for `tkg bench`).
 pub mod profile {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
-    use std::sync::OnceLock;
     use std::time::{Duration, Instant};
 
     static TOTALS: Mutex<BTreeMap<String, (Duration, usize)>> = Mutex::new(BTreeMap::new());
 
     fn enabled() -> bool {
-        static ON: OnceLock<bool> = OnceLock::new();
-        *ON.get_or_init(|| std::env::var("TKG_PROFILE").is_ok_and(|v| v == "1"))
+        super::config().profile
     }
 
     /// Times its scope under `name` while profiling is on.
@@ -312,6 +433,93 @@ mod tests {
             .into_iter()
             .map(f32::to_bits)
             .collect()
+    }
+
+    /// The three switches keep the meanings they had as environment variables.
+    #[test]
+    fn from_lookup_parses_the_switches() {
+        let from = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            KernelConfig::from_lookup(&move |k| {
+                vars.iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.clone())
+            })
+        };
+        assert_eq!(from(&[]), KernelConfig::default());
+        assert_eq!(
+            KernelConfig::default(),
+            KernelConfig {
+                enabled: true,
+                winograd: true,
+                profile: false
+            }
+        );
+        let cfg = |enabled, winograd, profile| KernelConfig {
+            enabled,
+            winograd,
+            profile,
+        };
+        assert_eq!(from(&[("TKG_KERNELS", "0")]), cfg(false, true, false));
+        assert_eq!(from(&[("TKG_WINOGRAD", "0")]), cfg(true, false, false));
+        assert_eq!(from(&[("TKG_PROFILE", "1")]), cfg(true, true, true));
+        assert_eq!(
+            from(&[
+                ("TKG_KERNELS", "0"),
+                ("TKG_WINOGRAD", "0"),
+                ("TKG_PROFILE", "1")
+            ]),
+            cfg(false, false, true)
+        );
+        // Only "0" turns a kernel switch off and only "1" turns profiling on.
+        for v in ["1", "", "false", "00", " 0"] {
+            let c = from(&[("TKG_KERNELS", v), ("TKG_WINOGRAD", v)]);
+            assert!(c.enabled && c.winograd, "{v:?}");
+        }
+        for v in ["0", "", "true", "yes", "01"] {
+            assert!(!from(&[("TKG_PROFILE", v)]).profile, "{v:?}");
+        }
+        // Other variables are not looked at.
+        assert_eq!(from(&[("TKG_MALLOC_TUNING", "0")]), KernelConfig::default());
+    }
+
+    /// A config is installed once: the same one again is fine, a different one is refused
+    /// and the first stays.
+    #[test]
+    fn configure_rejects_a_different_config() {
+        let cell = OnceLock::new();
+        let first = KernelConfig {
+            winograd: false,
+            ..KernelConfig::default()
+        };
+        install(&cell, first).unwrap();
+        install(&cell, first).unwrap();
+        for other in [
+            KernelConfig::default(),
+            KernelConfig {
+                profile: true,
+                ..first
+            },
+        ] {
+            let err = install(&cell, other).unwrap_err().to_string();
+            assert!(err.contains("already in use"), "{err}");
+        }
+        assert_eq!(cell.get(), Some(&first));
+
+        // The process-wide one: other tests run kernels, which fixes the default, so only the
+        // default can be installed here (and no test may install anything else).
+        configure(KernelConfig::default()).unwrap();
+        assert!(
+            configure(KernelConfig {
+                enabled: false,
+                ..KernelConfig::default()
+            })
+            .is_err()
+        );
+        assert_eq!(config(), KernelConfig::default());
     }
 
     /// Every kernel gives the same bits in order as over the pool (the batch relies on it).

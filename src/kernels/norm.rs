@@ -2,7 +2,7 @@
 //! with the per-channel affine and an optional SiLU fused into the write.
 
 use super::simd;
-use super::{F32View, tensor, uninit_vec};
+use super::{F32View, tensor};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 
@@ -35,7 +35,7 @@ pub fn group_norm(
     let (xs, gs, bs) = (xv.slice(), gv.slice(), bv.slice());
     ensure!(gs.len() == c && bs.len() == c, "group_norm: affine size");
     let group_len = cpg * spatial;
-    let mut out = uninit_vec(xs.len());
+    let mut out = vec![0.0; xs.len()];
     super::for_each_chunk(&mut out, group_len, |i, dst| {
         let src = &xs[i * group_len..][..group_len];
         let g = i % groups;

@@ -244,6 +244,9 @@ mod x86 {
     }
 
     /// See [`super::exp_shifted_sum`]. Sums in 8 f32 lanes, flushed into f64 every 1024 values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f64 {
         let sh = _mm256_set1_ps(shift);
@@ -252,18 +255,23 @@ mod x86 {
             let mut acc = _mm256_setzero_ps();
             let mut chunks = block.chunks_exact_mut(8);
             for c in &mut chunks {
-                // SAFETY: c holds 8 floats.
+                debug_assert_eq!(c.len(), 8);
+                // SAFETY: c holds 8 floats, what an unaligned 256-bit load reads.
                 let e = unsafe { exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), sh)) };
+                // SAFETY: c holds 8 floats, what an unaligned 256-bit store writes.
                 unsafe { _mm256_storeu_ps(c.as_mut_ptr(), e) };
                 acc = _mm256_add_ps(acc, e);
             }
             let tail = chunks.into_remainder();
             if !tail.is_empty() {
+                debug_assert!(tail.len() < 8);
                 let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail.len() as i32), lanes);
-                // SAFETY: the mask covers exactly the tail's floats.
+                // SAFETY: the mask selects lanes 0..tail.len(), exactly the tail's floats; the
+                // masked-off lanes are not read.
                 let v = unsafe { _mm256_maskload_ps(tail.as_ptr(), mask) };
                 let e = _mm256_and_ps(exp8(_mm256_sub_ps(v, sh)), _mm256_castsi256_ps(mask));
+                // SAFETY: the same mask: only the tail's floats are written.
                 unsafe { _mm256_maskstore_ps(tail.as_mut_ptr(), mask, e) };
                 acc = _mm256_add_ps(acc, e);
             }

@@ -9,7 +9,7 @@
 //!
 //! Tiles are processed in blocks so a block's transformed input and products stay in cache.
 
-use super::{SendPtr, for_each_task, threads};
+use super::{SendPtr, for_each_task, matrix, matrix_mut, threads};
 use gemm::{Parallelism, gemm};
 
 /// Tiles (2x2 output blocks) per task.
@@ -19,7 +19,7 @@ const BLOCK_TILES: usize = 192;
 fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let n = cout * cin;
     let mut u = vec![0f32; 16 * n];
-    let up = SendPtr(u.as_mut_ptr());
+    let up = SendPtr::new(&mut u);
     for_each_task(cout, |co| {
         for ci in 0..cin {
             let g = &w[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
@@ -37,8 +37,9 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
                 let (a, b, c) = (row[0], row[1], row[2]);
                 let vals = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
                 for (k, v) in vals.into_iter().enumerate() {
-                    // SAFETY: each (co, ci) pair is written by one iteration only.
-                    unsafe { *up.get().add((r * 4 + k) * n + co * cin + ci) = v };
+                    // SAFETY: element (ξ = r·4 + k < 16, co, ci) of U [16, cout, cin] is written
+                    // by this task (co) alone; `at` checks it lies inside U (debug builds).
+                    unsafe { *up.at((r * 4 + k) * n + co * cin + ci, 1) = v };
                 }
             }
         }
@@ -88,6 +89,12 @@ pub(super) fn conv3x3(
     (sh, sw): (usize, usize),
     up: usize,
 ) {
+    assert!(
+        x.len() == items * cin * sh * sw
+            && w.len() == cout * cin * 9
+            && out.len() == items * cout * sh * up * sw * up,
+        "winograd: buffer sizes do not match the shapes"
+    );
     let u = transform_weights(w, cout, cin);
     let (oh, ow) = (sh * up, sw * up);
     let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
@@ -103,7 +110,7 @@ pub(super) fn conv3x3(
     let chunks = want.div_ceil(blocks).min(cout.div_ceil(16));
     let chunk = cout.div_ceil(chunks).next_multiple_of(8).min(cout);
     let chunks = cout.div_ceil(chunk);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr::new(out);
     let item_in = cin * sh * sw;
     let item_out = cout * oh * ow;
     for_each_task(blocks, |task| {
@@ -132,20 +139,24 @@ pub(super) fn conv3x3(
             let mc = chunk.min(cout - c0);
             let mut m = vec![0f32; 16 * mc * n];
             for xi in 0..16 {
-                // SAFETY: u, v, m are valid for these shapes; m is this task's buffer.
+                // M[ξ] [mc, n] = U[ξ] rows c0..c0+mc [mc, cin] · V[ξ] [cin, n]
+                let lhs = matrix(u, xi * cout * cin + c0 * cin, (mc, cin), (cin, 1));
+                let rhs = matrix(v, xi * cin * n, (cin, n), (n, 1));
+                // SAFETY: m is this task's own buffer; m, u and v were checked by `matrix`
+                // (in debug builds) for the shapes and strides given to gemm.
                 unsafe {
                     gemm(
                         mc,
                         n,
                         cin,
-                        m.as_mut_ptr().add(xi * mc * n),
+                        matrix_mut(&mut m, xi * mc * n, (mc, n), (n, 1)),
                         1,
                         n as isize,
                         false,
-                        u.as_ptr().add(xi * cout * cin + c0 * cin),
+                        lhs,
                         1,
                         cin as isize,
-                        v.as_ptr().add(xi * cin * n),
+                        rhs,
                         1,
                         n as isize,
                         0.0,
@@ -157,9 +168,9 @@ pub(super) fn conv3x3(
                     );
                 }
             }
-            let o = out_ptr;
-            // SAFETY: in bounds: channels c0..c0+mc of this item.
-            let dst = SendPtr(unsafe { o.0.add(item * item_out + c0 * oh * ow) });
+            // Channels c0..c0+mc of this item; of them, this task writes only the pixels of
+            // its block's tiles.
+            let dst = out_ptr.sub(item * item_out + c0 * oh * ow, mc * oh * ow);
             output_transform(&m, dst, mc, block, (oh, ow));
         });
     });
@@ -269,7 +280,13 @@ fn quad_rows(v: &mut [f32], start: usize, stride: usize, len: usize) -> [&mut [f
 /// out[cout][2x2 block of each tile] += Aᵀ·m·A, Aᵀ = [[1,1,1,0],[0,1,-1,-1]]. `out` points at
 /// `cout` planes of (oh, ow); only the pixels of `block`'s tiles are touched, so tasks with
 /// other blocks may write the same planes at the same time.
-fn output_transform(m: &[f32], out: SendPtr, cout: usize, block: Block, (oh, ow): (usize, usize)) {
+fn output_transform(
+    m: &[f32],
+    out: SendPtr<'_>,
+    cout: usize,
+    block: Block,
+    (oh, ow): (usize, usize),
+) {
     output_transform_rows(
         m, out, cout, block.ty0, block.ty1, block.tx0, block.tx1, oh, ow,
     );
@@ -279,7 +296,7 @@ super::simd::multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn output_transform_rows(
         m: &[f32],
-        out: SendPtr,
+        out: SendPtr<'_>,
         cout: usize,
         ty0: usize,
         ty1: usize,
@@ -322,11 +339,10 @@ super::simd::multiversion! {
                     if oy >= oh {
                         break;
                     }
-                    // SAFETY: this row segment lies in plane co and belongs to this block's tiles,
-                    // which no other task writes.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(out.0.add(co * oh * ow + oy * ow + x0), cols)
-                    };
+                    // SAFETY: this row segment (oy < oh, x0 + cols <= ow) lies in plane co < cout
+                    // of `out` (checked by `slice_mut` in debug builds) and belongs to this
+                    // block's tiles, which no other task writes.
+                    let o = unsafe { out.slice_mut(co * oh * ow + oy * ow + x0, cols) };
                     for (dst, val) in o.iter_mut().zip(&yr[..cols]) {
                         *dst += val;
                     }
