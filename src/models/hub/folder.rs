@@ -1,17 +1,6 @@
-//! Resolving model files: local diffusers-layout folders, and Hugging Face Hub repos through
-//! the shared HF cache (the same cache the Python `huggingface_hub` and `hf-hub` use).
-//!
-//! - Cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`,
-//!   else `~/.cache/huggingface/hub`. Layout: `models--ORG--NAME/refs/<revision>` holds a commit
-//!   hash, `models--ORG--NAME/snapshots/<hash>/<path>` the files (symlinks into `blobs/`).
-//! - A file already in the cache is used without touching the network. Otherwise it is
-//!   downloaded (hf-hub's sync API), unless `HF_HUB_OFFLINE` is `1`/`true`/`yes`/`on`; when the
-//!   Hub cannot be reached, tkg carries on cache-only.
-//! - Token: `$HF_TOKEN`, else the file `$HF_TOKEN_PATH`, else `$HF_HOME/token` (what
-//!   `huggingface-cli login` writes). Endpoint: `$HF_ENDPOINT`, else https://huggingface.co.
-//! - Built-in models are materialised into `<hub cache>/tkg--builtin--<name>/`
-//!   ([`builtin_cache_dir`]), and model hashes are cached in `<hub cache>/tkg-hashes.json`
-//!   ([`file_sha256_short`]).
+//! [`ModelFolder`]: the files of a diffusers-layout model, from a local folder or from a Hub
+//! repo through the HF cache (downloading what is missing), with the fp16 preference for
+//! weights and the refusal of pickle files.
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -22,74 +11,13 @@ use anyhow::{Result, anyhow, bail};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
-pub use super::hash::{file_sha256, file_sha256_cached, file_sha256_short, hash_cache_file};
+use super::errors::{
+    Failure, Why, classify, missing_in_folder, missing_in_hub, pickle_message, status_message,
+};
+use super::paths::{hf_endpoint, hf_token, hub_cache_dir, offline_from_env};
 
 /// File extensions of pickle-based weights, which tkg refuses to load.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl"];
-
-fn env_nonempty(key: &str) -> Option<String> {
-    std::env::var(key).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
-pub fn hf_home() -> PathBuf {
-    if let Some(h) = env_nonempty("HF_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(x) = env_nonempty("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("huggingface");
-    }
-    home_dir().join(".cache").join("huggingface")
-}
-
-fn home_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .or_else(|| std::env::var_os("USERPROFILE"))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The Hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub` (see [`hf_home`]).
-pub fn hub_cache_dir() -> PathBuf {
-    if let Some(c) = env_nonempty("HF_HUB_CACHE").or_else(|| env_nonempty("HUGGINGFACE_HUB_CACHE"))
-    {
-        return PathBuf::from(c);
-    }
-    hf_home().join("hub")
-}
-
-/// Whether `HF_HUB_OFFLINE` asks for cache-only operation.
-pub fn offline_from_env() -> bool {
-    env_nonempty("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v))
-}
-
-fn is_truthy(v: &str) -> bool {
-    matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
-}
-
-/// The Hub token: `$HF_TOKEN`, else the file `$HF_TOKEN_PATH`, else `$HF_HOME/token`.
-pub fn hf_token() -> Option<String> {
-    if let Some(t) = env_nonempty("HF_TOKEN").or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN")) {
-        return Some(t.trim().to_string());
-    }
-    let path = env_nonempty("HF_TOKEN_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| hf_home().join("token"));
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-}
-
-/// Where built-in model `name` is materialised: `<hub cache dir>/tkg--builtin--<name>/`, next to
-/// the Hub repos, so that one cache folder (and one `HF_HUB_CACHE`/`HF_HOME`) holds everything.
-/// The folder counts as materialised once its `model_index.json` exists, so write that last.
-pub fn builtin_cache_dir(name: &str) -> PathBuf {
-    hub_cache_dir().join(format!("tkg--builtin--{name}"))
-}
 
 /// What the Hub told us about a repo (fetched at most once per [`ModelFolder`]).
 #[derive(Debug, Clone)]
@@ -120,14 +48,6 @@ enum Location {
 pub struct ModelFolder {
     loc: Location,
     progress: bool,
-}
-
-/// Why a Hub file could not be had.
-enum Why {
-    Offline,
-    Unreachable(String),
-    NotInRepo,
-    Refused(String),
 }
 
 impl ModelFolder {
@@ -169,7 +89,7 @@ impl ModelFolder {
                 repo: repo.to_string(),
                 revision: revision.to_string(),
                 offline,
-                endpoint: env_nonempty("HF_ENDPOINT"),
+                endpoint: hf_endpoint(),
                 remote: OnceLock::new(),
             },
             progress: true,
@@ -491,56 +411,14 @@ impl ModelFolder {
 
     /// The "missing file" error: names the file(s), the repo or folder, and how to provide it.
     fn missing(&self, rels: &[&str], why: Option<Why>) -> anyhow::Error {
-        let first = rels[0];
-        let alts = if rels.len() > 1 {
-            format!(" (also tried {})", rels[1..].join(", "))
-        } else {
-            String::new()
-        };
         match &self.loc {
-            Location::Local(d) => anyhow!(
-                "missing file `{first}`{alts} in model folder {dir}. The folder must have the \
-                 diffusers layout (as written by save_pretrained); download a model with \
-                 `huggingface-cli download REPO --local-dir {dir}`, or pass another --model-dir DIR",
-                dir = d.display()
-            ),
+            Location::Local(d) => missing_in_folder(d, rels),
             Location::Hub {
                 cache_dir,
                 repo,
                 revision,
                 ..
-            } => {
-                let rev_arg = if revision == "main" {
-                    String::new()
-                } else {
-                    format!(" --revision {revision}")
-                };
-                let how = format!(
-                    "Download it with `huggingface-cli download {repo} {first}{rev_arg}`, or pass \
-                     --model-dir DIR with a diffusers-layout folder that has it"
-                );
-                let cache = cache_dir.display();
-                match why {
-                    Some(Why::NotInRepo) => anyhow!(
-                        "hub repo {repo}@{revision} has no file `{first}`{alts}; is it a \
-                         diffusers-layout repo? Pass --model-dir DIR with a diffusers-layout \
-                         folder instead"
-                    ),
-                    Some(Why::Refused(e)) => anyhow!(
-                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
-                         cache ({cache}) and the Hub refused it: {e}. {how}"
-                    ),
-                    Some(Why::Unreachable(e)) => anyhow!(
-                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
-                         cache ({cache}) and the Hub could not be reached ({e}). {how}"
-                    ),
-                    Some(Why::Offline) | None => anyhow!(
-                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
-                         cache ({cache}) and HF_HUB_OFFLINE is set, so nothing is downloaded. \
-                         {how}, or unset HF_HUB_OFFLINE"
-                    ),
-                }
-            }
+            } => missing_in_hub(cache_dir, repo, revision, rels, why),
         }
     }
 }
@@ -593,62 +471,10 @@ fn pickles_in_dir(dir: &Path, comp: &str) -> Vec<String> {
     v
 }
 
-fn pickle_message(comp: &str, describe: &str, pickles: &[String]) -> String {
-    let what = if comp.is_empty() {
-        "the model".to_string()
-    } else {
-        format!("`{comp}`")
-    };
-    format!(
-        "{what} in {describe} has only pickle weights ({}), and tkg refuses pickle files \
-         (.bin/.ckpt/.pt) because loading them can run arbitrary code. Convert them to \
-         safetensors (e.g. with diffusers: `from_pretrained(...)` then \
-         `save_pretrained(OUT, safe_serialization=True)`), or use a repo that has \
-         .safetensors files",
-        pickles.join(", ")
-    )
-}
-
-enum Failure {
-    /// No answer from the Hub (DNS, connection, TLS, I/O).
-    Network(String),
-    /// The Hub answered with an HTTP error status.
-    Status(u16, String),
-    Other(String),
-}
-
-fn classify(e: ApiError) -> Failure {
-    match e {
-        ApiError::RequestError(err) => {
-            let msg = err.to_string();
-            match (*err).into_response() {
-                Some(resp) => Failure::Status(resp.status(), msg),
-                None => Failure::Network(msg),
-            }
-        }
-        ApiError::TooManyRetries(inner) => match classify(*inner) {
-            Failure::Other(m) => Failure::Network(m),
-            f => f,
-        },
-        ApiError::IoError(e) => Failure::Other(format!("I/O error: {e}")),
-        other => Failure::Other(other.to_string()),
-    }
-}
-
-fn status_message(code: u16, msg: &str) -> String {
-    match code {
-        401 | 403 => format!(
-            "HTTP {code} ({msg}): the repo does not exist, or it is gated/private; accept its \
-             terms on huggingface.co and set HF_TOKEN (or run `huggingface-cli login`)"
-        ),
-        404 => format!("HTTP 404 ({msg}): check the repo name and revision"),
-        _ => format!("HTTP {code} ({msg})"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hash::file_sha256_cached;
     use sha2::{Digest, Sha256};
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
@@ -698,21 +524,6 @@ mod tests {
             write(&snap, rel, bytes);
         }
         snap
-    }
-
-    #[test]
-    fn cache_paths_and_flags() {
-        assert!(builtin_cache_dir("tiny-sd15").ends_with("tkg--builtin--tiny-sd15"));
-        assert_eq!(
-            builtin_cache_dir("tiny-sd15").parent().unwrap(),
-            hub_cache_dir().as_path()
-        );
-        for v in ["1", "true", "YES", " on "] {
-            assert!(is_truthy(v), "{v}");
-        }
-        for v in ["0", "false", "no", ""] {
-            assert!(!is_truthy(v), "{v}");
-        }
     }
 
     #[test]
