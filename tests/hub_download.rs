@@ -148,6 +148,16 @@ fn proxy_set() -> bool {
     .any(|k| std::env::var_os(k).is_some())
 }
 
+/// A notice sink that records what it is told.
+fn notice_sink() -> (
+    Arc<Mutex<Vec<String>>>,
+    impl Fn(&str) + Send + Sync + 'static,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    (seen, move |m: &str| s.lock().unwrap().push(m.to_string()))
+}
+
 #[test]
 fn downloads_into_the_cache_through_hf_hub() {
     if proxy_set() {
@@ -176,10 +186,12 @@ fn downloads_into_the_cache_through_hf_hub() {
         None,
     );
     let t = TempDir::new("download");
+    let (notices, sink) = notice_sink();
     let f = ModelFolder::hub_in(&t.0, "org/model", "main", false)
         .unwrap()
         .with_endpoint(&hub.url)
-        .with_progress(false);
+        .with_progress(false)
+        .with_notices(sink);
     assert!(!f.is_cached());
     let p = f.file("unet/config.json").unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}");
@@ -204,6 +216,14 @@ fn downloads_into_the_cache_through_hf_hub() {
     assert!(
         err.contains("vae/diffusion_pytorch_model.bin") && err.contains("pickle"),
         "{err}"
+    );
+    // One notice per download, none for files the repo lacks.
+    assert_eq!(
+        *notices.lock().unwrap(),
+        [
+            "downloading unet/config.json from hub repo org/model@main",
+            "downloading unet/diffusion_pytorch_model.fp16.safetensors from hub repo org/model@main",
+        ]
     );
     let reqs = hub.requests.lock().unwrap().clone();
     assert_eq!(
@@ -248,10 +268,12 @@ fn downloads_into_the_cache_through_hf_hub() {
 
     // Cached files need no network at all.
     let n = hub.requests.lock().unwrap().len();
+    let (notices, sink) = notice_sink();
     let again = ModelFolder::hub_in(&t.0, "org/model", "main", false)
         .unwrap()
         .with_endpoint(&hub.url)
-        .with_progress(false);
+        .with_progress(false)
+        .with_notices(sink);
     again.file("unet/config.json").unwrap();
     again
         .weights("unet", &["diffusion_pytorch_model"], true)
@@ -268,6 +290,14 @@ fn downloads_into_the_cache_through_hf_hub() {
     assert!(std::fs::read(&w32).unwrap() == vec![7u8; 3000]);
     assert!(again.file("model_index.json").is_ok());
     assert!(again.is_cached());
+    // Cached files are not announced; the two downloads are.
+    assert_eq!(
+        *notices.lock().unwrap(),
+        [
+            "downloading unet/diffusion_pytorch_model.safetensors from hub repo org/model@main",
+            "downloading model_index.json from hub repo org/model@main",
+        ]
+    );
 }
 
 #[test]

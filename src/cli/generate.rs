@@ -285,7 +285,10 @@ pub fn resolve_model(args: &ModelArgs, ui: Ui) -> Result<ResolvedModel> {
         }
         // [issue 5] registry entries with `file = ...` are single-file checkpoints.
         Source::File(p) => return resolve_file(p, entry.name.clone()),
-        _ => entry.folder()?.with_progress(!ui.quiet),
+        _ => entry
+            .folder()?
+            .with_progress(!ui.quiet)
+            .with_notices(move |m| ui.info(format!("tkg: {m}"))),
     };
     Ok(ResolvedModel {
         name: entry.name.clone(),

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Result, anyhow, bail};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
@@ -44,10 +44,27 @@ enum Location {
 }
 
 /// A view of a diffusers-layout model: a local folder, or a Hub repo through the HF cache.
-#[derive(Debug)]
+///
+/// It prints nothing: what it has to say (a download starting) goes to the sink given to
+/// [`ModelFolder::with_notices`], and hf-hub draws its progress bar only when
+/// [`ModelFolder::with_progress`] asks for it.
 pub struct ModelFolder {
     loc: Location,
     progress: bool,
+    notices: Option<Notices>,
+}
+
+/// Where a [`ModelFolder`] sends its notices (one line of text each, no trailing newline).
+type Notices = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for ModelFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFolder")
+            .field("loc", &self.loc)
+            .field("progress", &self.progress)
+            .field("notices", &self.notices.is_some())
+            .finish()
+    }
 }
 
 impl ModelFolder {
@@ -65,7 +82,8 @@ impl ModelFolder {
         }
         Ok(ModelFolder {
             loc: Location::Local(dir.to_path_buf()),
-            progress: true,
+            progress: false,
+            notices: None,
         })
     }
 
@@ -92,7 +110,8 @@ impl ModelFolder {
                 endpoint: hf_endpoint(),
                 remote: OnceLock::new(),
             },
-            progress: true,
+            progress: false,
+            notices: None,
         })
     }
 
@@ -104,10 +123,17 @@ impl ModelFolder {
         self
     }
 
-    /// Whether downloads report progress on stderr (a bar on a terminal, a line otherwise).
-    /// On by default; turn off for `--quiet`.
+    /// Whether hf-hub draws a progress bar on stderr while downloading (only when stderr is a
+    /// terminal). Off by default.
     pub fn with_progress(mut self, progress: bool) -> Self {
         self.progress = progress;
+        self
+    }
+
+    /// Send notices to `sink` instead of dropping them: one line per file about to be
+    /// downloaded, `downloading REL from hub repo ORG/NAME@REV`. None by default.
+    pub fn with_notices(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.notices = Some(Arc::new(sink));
         self
     }
 
@@ -391,8 +417,10 @@ impl ModelFolder {
         if !files.contains(rel) {
             return Ok(Err(Why::NotInRepo));
         }
-        if self.progress {
-            eprintln!("tkg: downloading {rel} from hub repo {repo}@{revision}");
+        if let Some(notice) = &self.notices {
+            notice(&format!(
+                "downloading {rel} from hub repo {repo}@{revision}"
+            ));
         }
         let api = self
             .api()
