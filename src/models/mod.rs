@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod builtin;
 pub mod clip;
 pub mod config;
+pub mod hash;
 pub mod hub;
 pub mod lora;
 pub mod registry;

@@ -160,7 +160,7 @@ impl Pipeline {
     /// A1111's `Model hash`: the first 10 hex digits of the sha256 of
     /// [`Self::unet_weights`] (the single file, for a single-file checkpoint); cached.
     pub fn model_hash(&self) -> Result<String> {
-        crate::models::hub::file_sha256_short(&self.unet_weights)
+        crate::models::hash::file_sha256_short(&self.unet_weights)
     }
 
     /// A1111's `Lora hashes` value: `name: hash, name: hash` (empty without LoRAs).

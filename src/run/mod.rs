@@ -199,7 +199,7 @@ impl Runner<'_> {
                 }
             }
             let loaded = LoadedModel {
-                hash: crate::models::hub::file_sha256_short(&pipe.unet_weights).ok(),
+                hash: crate::models::hash::file_sha256_short(&pipe.unet_weights).ok(),
                 name: model.name.clone(),
                 defaults: model.defaults,
                 pipe,

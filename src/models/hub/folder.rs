@@ -1,95 +1,23 @@
-//! Resolving model files: local diffusers-layout folders, and Hugging Face Hub repos through
-//! the shared HF cache (the same cache the Python `huggingface_hub` and `hf-hub` use).
-//!
-//! - Cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`,
-//!   else `~/.cache/huggingface/hub`. Layout: `models--ORG--NAME/refs/<revision>` holds a commit
-//!   hash, `models--ORG--NAME/snapshots/<hash>/<path>` the files (symlinks into `blobs/`).
-//! - A file already in the cache is used without touching the network. Otherwise it is
-//!   downloaded (hf-hub's sync API), unless `HF_HUB_OFFLINE` is `1`/`true`/`yes`/`on`; when the
-//!   Hub cannot be reached, tkg carries on cache-only.
-//! - Token: `$HF_TOKEN`, else the file `$HF_TOKEN_PATH`, else `$HF_HOME/token` (what
-//!   `huggingface-cli login` writes). Endpoint: `$HF_ENDPOINT`, else https://huggingface.co.
-//! - Built-in models are materialised into `<hub cache>/tkg--builtin--<name>/`
-//!   ([`builtin_cache_dir`]), and model hashes are cached in `<hub cache>/tkg-hashes.json`
-//!   ([`file_sha256_short`]).
+//! [`ModelFolder`]: the files of a diffusers-layout model, from a local folder or from a Hub
+//! repo through the HF cache (downloading what is missing), with the fp16 preference for
+//! weights and the refusal of pickle files.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{IsTerminal, Read};
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use super::errors::{
+    Failure, Why, classify, missing_in_folder, missing_in_hub, pickle_message, status_message,
+};
+use super::paths::{hf_endpoint, hf_token, hub_cache_dir, offline_from_env};
 
 /// File extensions of pickle-based weights, which tkg refuses to load.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth", "pkl"];
-
-fn env_nonempty(key: &str) -> Option<String> {
-    std::env::var(key).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
-pub fn hf_home() -> PathBuf {
-    if let Some(h) = env_nonempty("HF_HOME") {
-        return PathBuf::from(h);
-    }
-    if let Some(x) = env_nonempty("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("huggingface");
-    }
-    home_dir().join(".cache").join("huggingface")
-}
-
-fn home_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .or_else(|| std::env::var_os("USERPROFILE"))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The Hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub` (see [`hf_home`]).
-pub fn hub_cache_dir() -> PathBuf {
-    if let Some(c) = env_nonempty("HF_HUB_CACHE").or_else(|| env_nonempty("HUGGINGFACE_HUB_CACHE"))
-    {
-        return PathBuf::from(c);
-    }
-    hf_home().join("hub")
-}
-
-/// Whether `HF_HUB_OFFLINE` asks for cache-only operation.
-pub fn offline_from_env() -> bool {
-    env_nonempty("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v))
-}
-
-fn is_truthy(v: &str) -> bool {
-    matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
-}
-
-/// The Hub token: `$HF_TOKEN`, else the file `$HF_TOKEN_PATH`, else `$HF_HOME/token`.
-pub fn hf_token() -> Option<String> {
-    if let Some(t) = env_nonempty("HF_TOKEN").or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN")) {
-        return Some(t.trim().to_string());
-    }
-    let path = env_nonempty("HF_TOKEN_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| hf_home().join("token"));
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-}
-
-/// Where built-in model `name` is materialised: `<hub cache dir>/tkg--builtin--<name>/`, next to
-/// the Hub repos, so that one cache folder (and one `HF_HUB_CACHE`/`HF_HOME`) holds everything.
-/// The folder counts as materialised once its `model_index.json` exists, so write that last.
-pub fn builtin_cache_dir(name: &str) -> PathBuf {
-    hub_cache_dir().join(format!("tkg--builtin--{name}"))
-}
 
 /// What the Hub told us about a repo (fetched at most once per [`ModelFolder`]).
 #[derive(Debug, Clone)]
@@ -116,18 +44,27 @@ enum Location {
 }
 
 /// A view of a diffusers-layout model: a local folder, or a Hub repo through the HF cache.
-#[derive(Debug)]
+///
+/// It prints nothing: what it has to say (a download starting) goes to the sink given to
+/// [`ModelFolder::with_notices`], and hf-hub draws its progress bar only when
+/// [`ModelFolder::with_progress`] asks for it.
 pub struct ModelFolder {
     loc: Location,
     progress: bool,
+    notices: Option<Notices>,
 }
 
-/// Why a Hub file could not be had.
-enum Why {
-    Offline,
-    Unreachable(String),
-    NotInRepo,
-    Refused(String),
+/// Where a [`ModelFolder`] sends its notices (one line of text each, no trailing newline).
+type Notices = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for ModelFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFolder")
+            .field("loc", &self.loc)
+            .field("progress", &self.progress)
+            .field("notices", &self.notices.is_some())
+            .finish()
+    }
 }
 
 impl ModelFolder {
@@ -145,7 +82,8 @@ impl ModelFolder {
         }
         Ok(ModelFolder {
             loc: Location::Local(dir.to_path_buf()),
-            progress: true,
+            progress: false,
+            notices: None,
         })
     }
 
@@ -169,10 +107,11 @@ impl ModelFolder {
                 repo: repo.to_string(),
                 revision: revision.to_string(),
                 offline,
-                endpoint: env_nonempty("HF_ENDPOINT"),
+                endpoint: hf_endpoint(),
                 remote: OnceLock::new(),
             },
-            progress: true,
+            progress: false,
+            notices: None,
         })
     }
 
@@ -184,10 +123,17 @@ impl ModelFolder {
         self
     }
 
-    /// Whether downloads report progress on stderr (a bar on a terminal, a line otherwise).
-    /// On by default; turn off for `--quiet`.
+    /// Whether hf-hub draws a progress bar on stderr while downloading (only when stderr is a
+    /// terminal). Off by default.
     pub fn with_progress(mut self, progress: bool) -> Self {
         self.progress = progress;
+        self
+    }
+
+    /// Send notices to `sink` instead of dropping them: one line per file about to be
+    /// downloaded, `downloading REL from hub repo ORG/NAME@REV`. None by default.
+    pub fn with_notices(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.notices = Some(Arc::new(sink));
         self
     }
 
@@ -471,8 +417,10 @@ impl ModelFolder {
         if !files.contains(rel) {
             return Ok(Err(Why::NotInRepo));
         }
-        if self.progress {
-            eprintln!("tkg: downloading {rel} from hub repo {repo}@{revision}");
+        if let Some(notice) = &self.notices {
+            notice(&format!(
+                "downloading {rel} from hub repo {repo}@{revision}"
+            ));
         }
         let api = self
             .api()
@@ -491,56 +439,14 @@ impl ModelFolder {
 
     /// The "missing file" error: names the file(s), the repo or folder, and how to provide it.
     fn missing(&self, rels: &[&str], why: Option<Why>) -> anyhow::Error {
-        let first = rels[0];
-        let alts = if rels.len() > 1 {
-            format!(" (also tried {})", rels[1..].join(", "))
-        } else {
-            String::new()
-        };
         match &self.loc {
-            Location::Local(d) => anyhow!(
-                "missing file `{first}`{alts} in model folder {dir}. The folder must have the \
-                 diffusers layout (as written by save_pretrained); download a model with \
-                 `huggingface-cli download REPO --local-dir {dir}`, or pass another --model-dir DIR",
-                dir = d.display()
-            ),
+            Location::Local(d) => missing_in_folder(d, rels),
             Location::Hub {
                 cache_dir,
                 repo,
                 revision,
                 ..
-            } => {
-                let rev_arg = if revision == "main" {
-                    String::new()
-                } else {
-                    format!(" --revision {revision}")
-                };
-                let how = format!(
-                    "Download it with `huggingface-cli download {repo} {first}{rev_arg}`, or pass \
-                     --model-dir DIR with a diffusers-layout folder that has it"
-                );
-                let cache = cache_dir.display();
-                match why {
-                    Some(Why::NotInRepo) => anyhow!(
-                        "hub repo {repo}@{revision} has no file `{first}`{alts}; is it a \
-                         diffusers-layout repo? Pass --model-dir DIR with a diffusers-layout \
-                         folder instead"
-                    ),
-                    Some(Why::Refused(e)) => anyhow!(
-                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
-                         cache ({cache}) and the Hub refused it: {e}. {how}"
-                    ),
-                    Some(Why::Unreachable(e)) => anyhow!(
-                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
-                         cache ({cache}) and the Hub could not be reached ({e}). {how}"
-                    ),
-                    Some(Why::Offline) | None => anyhow!(
-                        "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
-                         cache ({cache}) and HF_HUB_OFFLINE is set, so nothing is downloaded. \
-                         {how}, or unset HF_HUB_OFFLINE"
-                    ),
-                }
-            }
+            } => missing_in_hub(cache_dir, repo, revision, rels, why),
         }
     }
 }
@@ -593,195 +499,11 @@ fn pickles_in_dir(dir: &Path, comp: &str) -> Vec<String> {
     v
 }
 
-fn pickle_message(comp: &str, describe: &str, pickles: &[String]) -> String {
-    let what = if comp.is_empty() {
-        "the model".to_string()
-    } else {
-        format!("`{comp}`")
-    };
-    format!(
-        "{what} in {describe} has only pickle weights ({}), and tkg refuses pickle files \
-         (.bin/.ckpt/.pt) because loading them can run arbitrary code. Convert them to \
-         safetensors (e.g. with diffusers: `from_pretrained(...)` then \
-         `save_pretrained(OUT, safe_serialization=True)`), or use a repo that has \
-         .safetensors files",
-        pickles.join(", ")
-    )
-}
-
-enum Failure {
-    /// No answer from the Hub (DNS, connection, TLS, I/O).
-    Network(String),
-    /// The Hub answered with an HTTP error status.
-    Status(u16, String),
-    Other(String),
-}
-
-fn classify(e: ApiError) -> Failure {
-    match e {
-        ApiError::RequestError(err) => {
-            let msg = err.to_string();
-            match (*err).into_response() {
-                Some(resp) => Failure::Status(resp.status(), msg),
-                None => Failure::Network(msg),
-            }
-        }
-        ApiError::TooManyRetries(inner) => match classify(*inner) {
-            Failure::Other(m) => Failure::Network(m),
-            f => f,
-        },
-        ApiError::IoError(e) => Failure::Other(format!("I/O error: {e}")),
-        other => Failure::Other(other.to_string()),
-    }
-}
-
-fn status_message(code: u16, msg: &str) -> String {
-    match code {
-        401 | 403 => format!(
-            "HTTP {code} ({msg}): the repo does not exist, or it is gated/private; accept its \
-             terms on huggingface.co and set HF_TOKEN (or run `huggingface-cli login`)"
-        ),
-        404 => format!("HTTP 404 ({msg}): check the repo name and revision"),
-        _ => format!("HTTP {code} ({msg})"),
-    }
-}
-
-// ---- model hashes ----
-
-#[derive(Serialize, Deserialize, Default)]
-struct HashCache {
-    #[serde(default)]
-    files: BTreeMap<String, HashRecord>,
-}
-
-#[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
-struct HashRecord {
-    size: u64,
-    mtime_s: i64,
-    mtime_ns: u32,
-    sha256: String,
-}
-
-/// The hash cache file: `<hub cache dir>/tkg-hashes.json`.
-pub fn hash_cache_file() -> PathBuf {
-    hub_cache_dir().join("tkg-hashes.json")
-}
-
-/// First 10 hex digits of the file's sha256: AUTOMATIC1111's "Model hash". Cached in
-/// [`hash_cache_file`] by canonical path, size and mtime.
-pub fn file_sha256_short(path: &Path) -> Result<String> {
-    Ok(file_sha256(path)?[..10].to_string())
-}
-
-/// The file's full sha256 (lower-case hex), cached as for [`file_sha256_short`].
-pub fn file_sha256(path: &Path) -> Result<String> {
-    file_sha256_cached(path, Some(&hash_cache_file()))
-}
-
-/// [`file_sha256`] with an explicit cache file (`None`: no cache).
-///
-/// A Hub cache blob named by 64 hex digits (`.../blobs/<sha256>`, how the Hub stores LFS
-/// files) is its own sha256 and is not read. Failing to read or write the cache is not an
-/// error; the hash is then computed.
-pub fn file_sha256_cached(path: &Path, cache_file: Option<&Path>) -> Result<String> {
-    let canon = std::fs::canonicalize(path)
-        .with_context(|| format!("cannot hash {}: no such file", path.display()))?;
-    let meta =
-        std::fs::metadata(&canon).with_context(|| format!("cannot hash {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("cannot hash {}: not a file", path.display());
-    }
-    if let Some(name) = canon.file_name().and_then(|n| n.to_str())
-        && name.len() == 64
-        && name.bytes().all(|b| b.is_ascii_hexdigit())
-        && canon
-            .parent()
-            .and_then(|p| p.file_name())
-            .is_some_and(|n| n == "blobs")
-    {
-        return Ok(name.to_ascii_lowercase());
-    }
-    let (mtime_s, mtime_ns) = match meta.modified() {
-        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-            Err(e) => (
-                -(e.duration().as_secs() as i64),
-                e.duration().subsec_nanos(),
-            ),
-        },
-        Err(_) => (0, 0),
-    };
-    let key = canon.to_string_lossy().into_owned();
-    let mut cache: HashCache = cache_file
-        .and_then(|f| std::fs::read(f).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    if let Some(r) = cache.files.get(&key)
-        && r.size == meta.len()
-        && r.mtime_s == mtime_s
-        && r.mtime_ns == mtime_ns
-        && r.sha256.len() == 64
-    {
-        return Ok(r.sha256.clone());
-    }
-    let sha = sha256_of_file(&canon)?;
-    if let Some(f) = cache_file {
-        // Drop records of files that are gone, then write atomically (temp + rename).
-        cache.files.retain(|k, _| Path::new(k).is_file());
-        cache.files.insert(
-            key,
-            HashRecord {
-                size: meta.len(),
-                mtime_s,
-                mtime_ns,
-                sha256: sha.clone(),
-            },
-        );
-        let _ = write_atomic_json(f, &cache);
-    }
-    Ok(sha)
-}
-
-fn write_atomic_json(path: &Path, value: &HashCache) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
-    Ok(())
-}
-
-fn sha256_of_file(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
 
     struct TempDir(PathBuf);
     impl TempDir {
@@ -826,25 +548,6 @@ mod tests {
             write(&snap, rel, bytes);
         }
         snap
-    }
-
-    #[test]
-    fn cache_paths_and_flags() {
-        assert!(builtin_cache_dir("tiny-sd15").ends_with("tkg--builtin--tiny-sd15"));
-        assert_eq!(
-            builtin_cache_dir("tiny-sd15").parent().unwrap(),
-            hub_cache_dir().as_path()
-        );
-        assert_eq!(
-            hash_cache_file().parent().unwrap(),
-            hub_cache_dir().as_path()
-        );
-        for v in ["1", "true", "YES", " on "] {
-            assert!(is_truthy(v), "{v}");
-        }
-        for v in ["0", "false", "no", ""] {
-            assert!(!is_truthy(v), "{v}");
-        }
     }
 
     #[test]
@@ -1128,328 +831,5 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("a/b@main"), "{err}");
-    }
-
-    #[test]
-    fn hash_is_cached_by_path_size_and_mtime() {
-        let t = TempDir::new("hash");
-        let file = write(&t.0, "w.safetensors", b"abc");
-        let cache = t.0.join("sub/tkg-hashes.json");
-        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), abc);
-        assert_eq!(file_sha256_cached(&file, None).unwrap(), abc);
-
-        // The cache file holds the canonical path with size and full hash.
-        let text = std::fs::read_to_string(&cache).unwrap();
-        let canon = std::fs::canonicalize(&file).unwrap();
-        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let rec = &json["files"][canon.to_string_lossy().as_ref()];
-        assert_eq!(rec["sha256"], abc);
-        assert_eq!(rec["size"], 3);
-
-        // A second call trusts the cache and does not reread the file: plant a fake hash.
-        let fake = "f".repeat(64);
-        std::fs::write(&cache, text.replace(abc, &fake)).unwrap();
-        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), fake);
-
-        // Changing the file (size and mtime) invalidates the record.
-        std::fs::write(&file, b"abcd").unwrap();
-        let abcd = "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589";
-        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), abcd);
-        assert!(std::fs::read_to_string(&cache).unwrap().contains(abcd));
-
-        // A corrupt cache file is ignored (and replaced).
-        std::fs::write(&cache, b"not json").unwrap();
-        assert_eq!(file_sha256_cached(&file, Some(&cache)).unwrap(), abcd);
-
-        // Short form: 10 hex digits.
-        let short = file_sha256(&file).unwrap()[..10].to_string();
-        assert_eq!(short, &abcd[..10]);
-
-        // A file bigger than one read chunk.
-        let big: Vec<u8> = (0..(3 << 20) + 7).map(|i| (i % 251) as u8).collect();
-        let bigf = write(&t.0, "big.bin", &big);
-        let expect: String = Sha256::digest(&big)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(file_sha256_cached(&bigf, None).unwrap(), expect);
-
-        assert!(file_sha256_cached(&t.0.join("missing"), Some(&cache)).is_err());
-    }
-
-    #[test]
-    fn hub_blob_names_are_their_hash() {
-        let t = TempDir::new("blob");
-        let sha = "a".repeat(64);
-        let blob = write(&t.0, &format!("models--a--b/blobs/{sha}"), b"whatever");
-        assert_eq!(file_sha256_cached(&blob, None).unwrap(), sha);
-        #[cfg(unix)]
-        {
-            let link = t.0.join("models--a--b/snapshots/x/unet.safetensors");
-            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-            std::os::unix::fs::symlink(&blob, &link).unwrap();
-            assert_eq!(file_sha256_cached(&link, None).unwrap(), sha);
-        }
-    }
-
-    // ---- a fake Hub, to exercise the download path without the network ----
-
-    struct FakeHub {
-        url: String,
-        requests: Arc<Mutex<Vec<String>>>,
-    }
-
-    /// Serves repo `repo` at `revision` with `files`, as huggingface.co does for hf-hub:
-    /// the repo info API and `resolve/` URLs with etag / x-repo-commit / content-range.
-    /// `status` overrides every answer with an HTTP error status.
-    fn fake_hub(
-        repo: &str,
-        revision: &str,
-        files: Vec<(String, Vec<u8>)>,
-        status: Option<u16>,
-    ) -> FakeHub {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let reqs = requests.clone();
-        let info_path = format!("/api/models/{repo}/revision/{revision}");
-        let resolve_prefix = format!("/{repo}/resolve/{revision}/");
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let mut range = None;
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':')
-                        && k.eq_ignore_ascii_case("range")
-                    {
-                        range = Some(v.trim().to_string());
-                    }
-                }
-                reqs.lock().unwrap().push(path.clone());
-                let respond = |stream: &mut std::net::TcpStream,
-                               code: u16,
-                               headers: &[(String, String)],
-                               body: &[u8]| {
-                    let mut head = format!(
-                        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n",
-                        body.len()
-                    );
-                    for (k, v) in headers {
-                        head.push_str(&format!("{k}: {v}\r\n"));
-                    }
-                    head.push_str("\r\n");
-                    let _ = stream.write_all(head.as_bytes());
-                    let _ = stream.write_all(body);
-                };
-                if let Some(code) = status {
-                    respond(&mut stream, code, &[], b"{\"error\":\"nope\"}");
-                } else if path == info_path {
-                    let siblings: Vec<_> = files
-                        .iter()
-                        .map(|(n, _)| serde_json::json!({"rfilename": n}))
-                        .collect();
-                    let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
-                    respond(&mut stream, 200, &[], body.as_bytes());
-                } else if let Some(rel) = path.strip_prefix(&resolve_prefix)
-                    && let Some((_, bytes)) = files.iter().find(|(n, _)| n == rel)
-                {
-                    let start: usize = range
-                        .as_deref()
-                        .and_then(|r| r.strip_prefix("bytes="))
-                        .and_then(|r| r.split('-').next())
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    let end = match range.as_deref().and_then(|r| r.split('-').nth(1)) {
-                        Some(e) if !e.is_empty() => e.parse::<usize>().unwrap() + 1,
-                        _ => bytes.len(),
-                    }
-                    .min(bytes.len());
-                    let etag: String = Sha256::digest(bytes)
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
-                    let headers = vec![
-                        ("ETag".to_string(), format!("\"{etag}\"")),
-                        ("X-Repo-Commit".to_string(), COMMIT.to_string()),
-                        (
-                            "Content-Range".to_string(),
-                            format!("bytes {start}-{}/{}", end.max(1) - 1, bytes.len()),
-                        ),
-                    ];
-                    respond(&mut stream, 206, &headers, &bytes[start..end]);
-                } else {
-                    respond(&mut stream, 404, &[], b"not found");
-                }
-            }
-        });
-        FakeHub { url, requests }
-    }
-
-    fn proxy_set() -> bool {
-        [
-            "http_proxy",
-            "HTTP_PROXY",
-            "https_proxy",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-            "all_proxy",
-        ]
-        .iter()
-        .any(|k| std::env::var_os(k).is_some())
-    }
-
-    #[test]
-    fn downloads_into_the_cache_through_hf_hub() {
-        if proxy_set() {
-            eprintln!(
-                "skipped: a proxy is configured, the fake hub on 127.0.0.1 would not be reached"
-            );
-            return;
-        }
-        let hub = fake_hub(
-            "org/model",
-            "main",
-            vec![
-                (
-                    "model_index.json".into(),
-                    b"{\"_class_name\":\"X\"}".to_vec(),
-                ),
-                ("unet/config.json".into(), b"{\"a\":1}".to_vec()),
-                (
-                    "unet/diffusion_pytorch_model.safetensors".into(),
-                    vec![7u8; 3000],
-                ),
-                (
-                    "unet/diffusion_pytorch_model.fp16.safetensors".into(),
-                    vec![8u8; 1500],
-                ),
-                ("vae/diffusion_pytorch_model.bin".into(), b"pickle".to_vec()),
-            ],
-            None,
-        );
-        let t = TempDir::new("download");
-        let f = ModelFolder::hub_in(&t.0, "org/model", "main", false)
-            .unwrap()
-            .with_endpoint(&hub.url)
-            .with_progress(false);
-        assert!(!f.is_cached());
-        let p = f.file("unet/config.json").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}");
-        let w = f
-            .weights("unet", &["diffusion_pytorch_model"], true)
-            .unwrap();
-        assert!(std::fs::read(&w).unwrap() == vec![8u8; 1500]);
-        assert!(w.ends_with("unet/diffusion_pytorch_model.fp16.safetensors"));
-
-        // Files the repo lacks: a clear error, no download attempt; optional ones are None.
-        let err = format!("{:#}", f.file("text_encoder/config.json").unwrap_err());
-        assert!(
-            err.contains("has no file `text_encoder/config.json`"),
-            "{err}"
-        );
-        assert_eq!(f.optional_file("tokenizer/tokenizer.json").unwrap(), None);
-        let err = format!(
-            "{:#}",
-            f.weights("vae", &["diffusion_pytorch_model"], false)
-                .unwrap_err()
-        );
-        assert!(
-            err.contains("vae/diffusion_pytorch_model.bin") && err.contains("pickle"),
-            "{err}"
-        );
-        let reqs = hub.requests.lock().unwrap().clone();
-        assert_eq!(
-            reqs.iter().filter(|r| r.starts_with("/api/")).count(),
-            1,
-            "{reqs:?}"
-        );
-        assert!(
-            !reqs
-                .iter()
-                .any(|r| r.contains("text_encoder") || r.contains("tokenizer")),
-            "{reqs:?}"
-        );
-
-        // The cache now has the hf-hub layout, and an offline view reads it.
-        let repo_dir = t.0.join("models--org--model");
-        assert_eq!(
-            std::fs::read_to_string(repo_dir.join("refs/main"))
-                .unwrap()
-                .trim(),
-            COMMIT
-        );
-        assert!(
-            repo_dir
-                .join("snapshots")
-                .join(COMMIT)
-                .join("unet/config.json")
-                .is_file()
-        );
-        let off = ModelFolder::hub_in(&t.0, "org/model", "main", true).unwrap();
-        assert_eq!(off.file("unet/config.json").unwrap(), p);
-        let ow = off
-            .weights("unet", &["diffusion_pytorch_model"], true)
-            .unwrap();
-        assert!(std::fs::read(&ow).unwrap() == vec![8u8; 1500]);
-        // The blob is named by its sha256, which is therefore the model hash.
-        let expect: String = Sha256::digest(vec![8u8; 1500])
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(file_sha256_cached(&ow, None).unwrap(), expect);
-
-        // Cached files need no network at all.
-        let n = hub.requests.lock().unwrap().len();
-        let again = ModelFolder::hub_in(&t.0, "org/model", "main", false)
-            .unwrap()
-            .with_endpoint(&hub.url)
-            .with_progress(false);
-        again.file("unet/config.json").unwrap();
-        again
-            .weights("unet", &["diffusion_pytorch_model"], true)
-            .unwrap();
-        assert_eq!(hub.requests.lock().unwrap().len(), n);
-        // The f32 file is downloaded when asked for.
-        let w32 = again
-            .weights("unet", &["diffusion_pytorch_model"], false)
-            .unwrap();
-        assert!(
-            w32.ends_with("unet/diffusion_pytorch_model.safetensors"),
-            "{w32:?}"
-        );
-        assert!(std::fs::read(&w32).unwrap() == vec![7u8; 3000]);
-        assert!(again.file("model_index.json").is_ok());
-        assert!(again.is_cached());
-    }
-
-    #[test]
-    fn hub_refusal_is_reported() {
-        if proxy_set() {
-            return;
-        }
-        let hub = fake_hub("org/gated", "main", Vec::new(), Some(401));
-        let t = TempDir::new("refused");
-        let f = ModelFolder::hub_in(&t.0, "org/gated", "main", false)
-            .unwrap()
-            .with_endpoint(&hub.url)
-            .with_progress(false);
-        let err = format!("{:#}", f.file("unet/config.json").unwrap_err());
-        assert!(err.contains("401") && err.contains("HF_TOKEN"), "{err}");
-        assert!(
-            err.contains("`unet/config.json`") && err.contains("org/gated@main"),
-            "{err}"
-        );
-        assert!(f.optional_file("tokenizer/tokenizer.json").is_err());
     }
 }
