@@ -52,7 +52,6 @@ fn keep_freed_memory() {
     }
 }
 
-
 /// Installs the SIGINT/SIGTERM handler (once): the first signal sets [`CANCEL`], abandoning
 /// the images in progress (nothing of them is written); the second exits at once with 130.
 pub fn install_interrupt_handler() {
