@@ -31,7 +31,7 @@ cases=(
   'batch-resume|printf "a red car\nan apple\na green frog\n" > p.txt && $T batch --prompt-file p.txt --model tiny-sd15 --steps 3 --num-images 2 --manifest m.jsonl --progress none && rm tkg-00001-1.png tkg-00004-4.cutout.png && $T batch --prompt-file p.txt --model tiny-sd15 --steps 3 --num-images 2 --skip-existing --manifest m.jsonl --progress none && $T batch --prompt-file p.txt --model tiny-sd15 --steps 3 --num-images 2 --dry-run --skip-existing'
   'key|$T generate --model tiny-sd15 --prompt "a ball" --seed 1 --steps 3 --no-key --out in.png && $T key in.png --color green --out k.png && $T key in.png --flat-screen --refine --despill 0.5 --matte-depth 16 --out k2.png'
   'info|$T generate --model tiny-sd15 --prompt "it'"'"'s a car, red" --negative-prompt "dull: flat" --seed 11 --steps 3 --subject-center=-0.25,0.5 --out i.png && $T info i.png && $T info --json i.png'
-  'errors|printf "%s\n" "{\"prompt\": \"a\", \"steps\": 0}" "{\"promt\": \"x\"}" > bad.jsonl; $T batch bad.jsonl --model tiny-sd15; echo "exit $?"; $T generate --model tiny-sd15 --prompt x --width 100 --out e.png; echo "exit $?"; $T generate --model nope --prompt x --out e.png; echo "exit $?"'
+  'errors|printf "%s\n" "{\"prompt\": \"a\", \"steps\": 0}" "{\"promt\": \"x\"}" > bad.jsonl; $T batch bad.jsonl --model tiny-sd15; echo "exit $?"; $T generate --model tiny-sd15 --prompt x --seed 1 --width 100 --out e.png; echo "exit $?"; $T generate --model nope --prompt x --seed 1 --out e.png; echo "exit $?"'
 )
 
 run_side() { # binary, folder
@@ -58,7 +58,7 @@ for c in "${cases[@]}"; do
   while IFS= read -r f; do
     case "$f" in
       stderr) [[ $name == errors ]] && ! cmp -s "$a/$f" "$b/$f" && diffs+=("$f"); continue ;;
-      *.jsonl)
+      m.jsonl)
         if ! python3 - "$a/$f" "$b/$f" <<'EOF'
 import json, sys
 def load(p):
@@ -81,7 +81,7 @@ EOF
   else
     echo "DIFF  $name: ${diffs[*]}"
     for f in "${diffs[@]}"; do
-      case "$f" in stdout|stderr|status) diff "$a/$f" "$b/$f" | head -5 || true ;; esac
+      case "$f" in stdout|stderr|status) diff "$a/$f" "$b/$f" | head -12 || true ;; esac
     done
     fail=1
   fi
