@@ -58,8 +58,6 @@ impl TextTower {
     }
 }
 
-/// Where a model's weights, configs and tokenizers come from.
-
 impl Pipeline {
     /// Encodes prompts into the denoiser's conditioning ([negative, positive] with CFG).
     pub fn encode_prompt(&self, prompt: &str, negative: &str, cfg: bool) -> Result<Conditioning> {
