@@ -16,6 +16,7 @@ pub mod color;
 pub mod family;
 pub mod kernels;
 pub mod key;
+pub mod limits;
 pub mod metadata;
 pub mod models;
 pub mod output;

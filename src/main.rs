@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{}", cli::one_line_error(&err));
+            cli::stdio::err(cli::one_line_error(&err));
             ExitCode::from(cli::exit_code(&err))
         }
     }

@@ -35,20 +35,46 @@ pub struct PngImage<'a> {
     pub text: &'a [(String, String)],
 }
 
-/// Fails early, before expensive work, if any output exists and `overwrite` is off, or if a
-/// folder to write into is missing.
+/// Whether anything (a file, a folder, a link, even a dangling one) is at `path`.
+pub fn occupied(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// An output that exists and may not be replaced.
+#[derive(Debug, thiserror::Error)]
+#[error("{} already exists; pass --overwrite to replace it", .0.display())]
+pub struct AlreadyExists(pub PathBuf);
+
+fn already_exists(path: &Path) -> anyhow::Error {
+    AlreadyExists(path.to_path_buf()).into()
+}
+
+/// Fails early, before expensive work, if any output exists and `overwrite` is off, if an
+/// output names a folder, or if a folder to write into is missing.
 pub fn check_targets(paths: &[PathBuf], overwrite: bool) -> Result<()> {
     for p in paths {
-        if !overwrite && p.exists() {
-            bail!(
-                "{} already exists; pass --overwrite to replace it",
-                p.display()
-            );
+        check_target(p)?;
+        if !overwrite && occupied(p) {
+            return Err(already_exists(p));
         }
-        let dir = parent_dir(p);
-        if !dir.is_dir() {
-            bail!("output folder {} does not exist", dir.display());
+    }
+    Ok(())
+}
+
+/// `path` can name an output file: it has a file name, is not a folder, and its folder is one.
+pub fn check_target(path: &Path) -> Result<()> {
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+        bail!("{} is a folder; give a file name", path.display());
+    }
+    if path.file_name().is_none() {
+        bail!("{} is not a file path", path.display());
+    }
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        if dir.exists() {
+            bail!("{} is not a folder", dir.display());
         }
+        bail!("output folder {} does not exist", dir.display());
     }
     Ok(())
 }
@@ -61,62 +87,58 @@ fn parent_dir(path: &Path) -> &Path {
 }
 
 /// Writes `path` through a temporary file in the same folder, then moves it into place.
-/// Without `overwrite` an existing file is never replaced, even one that appeared meanwhile.
+/// The temporary file has an unpredictable name and is created exclusively, so a link planted
+/// in the folder is never followed. Without `overwrite` an existing file is never replaced,
+/// even one that appeared meanwhile.
 pub fn write_atomic(
     path: &Path,
     overwrite: bool,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    if !overwrite && path.exists() {
-        bail!(
-            "{} already exists; pass --overwrite to replace it",
-            path.display()
-        );
+    if !overwrite && occupied(path) {
+        return Err(already_exists(path));
     }
+    check_target(path)?;
     let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tkg-tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
     let result = (|| -> Result<()> {
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot write into {}", dir.display()))?;
-        let mut buf = BufWriter::new(file);
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tkg-tmp")
+            .tempfile_in(dir)
+            .map_err(|e| anyhow::anyhow!("cannot write into {}: {e}", dir.display()))?;
+        let mut buf = BufWriter::new(tmp.as_file_mut());
         write(&mut buf)?;
-        let file = buf.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        if overwrite {
-            fs::rename(&tmp, path)?;
+        buf.flush()?;
+        drop(buf);
+        tmp.as_file().sync_all()?;
+        let persisted = if overwrite {
+            tmp.persist(path)
         } else {
-            // A hard link fails if the target exists: no-clobber without a race.
-            match fs::hard_link(&tmp, path) {
-                Ok(()) => fs::remove_file(&tmp)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-                    "{} already exists; pass --overwrite to replace it",
-                    path.display()
-                ),
-                Err(_) => {
-                    if path.exists() {
-                        bail!(
-                            "{} already exists; pass --overwrite to replace it",
-                            path.display()
-                        );
-                    }
-                    fs::rename(&tmp, path)?;
-                }
+            tmp.persist_noclobber(path)
+        };
+        // The temporary file is removed when a failed persist drops it.
+        match persisted {
+            Ok(_) => Ok(()),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(already_exists(path))
             }
+            Err(e) => Err(e.error.into()),
         }
-        Ok(())
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
+    result.map_err(|e| {
+        if e.is::<AlreadyExists>() {
+            e
+        } else {
+            e.context(format!("writing {}", path.display()))
+        }
+    })
+}
+
+/// What a tEXt chunk may hold: printable Latin-1 and line feeds (PNG 11.3.4.3).
+#[allow(non_snake_case)]
+fn tEXt_char(c: char) -> bool {
+    matches!(c as u32, 10 | 32..=126 | 161..=255)
 }
 
 /// Encodes a PNG into `out`. Text that Latin-1 can carry goes in tEXt chunks, anything else in
@@ -136,7 +158,7 @@ pub fn encode_png(img: &PngImage, out: &mut dyn Write) -> Result<()> {
     enc.set_depth(depth);
     enc.set_compression(png::Compression::Balanced);
     for (key, value) in img.text {
-        if value.chars().all(|c| (c as u32) < 256) {
+        if value.chars().all(tEXt_char) {
             enc.add_text_chunk(key.clone(), value.clone())?;
         } else {
             enc.add_itxt_chunk(key.clone(), value.clone())?;
@@ -159,7 +181,10 @@ pub fn write_png(path: &Path, img: &PngImage, overwrite: bool) -> Result<()> {
     write_atomic(path, overwrite, |w| encode_png(img, w))
 }
 
-/// Reads every tEXt/iTXt chunk of a PNG as (key, value) pairs.
+/// The most text one compressed chunk may inflate to.
+const MAX_TEXT_CHUNK: usize = 4 << 20;
+
+/// Reads every tEXt, zTXt and iTXt chunk before the image data as (key, value) pairs.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
@@ -172,8 +197,25 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
         .iter()
         .map(|t| (t.keyword.clone(), t.text.clone()))
         .collect();
+    // Compressed chunks are inflated with a bound: a small chunk can hold gigabytes.
+    let bad = |k: &str, e| anyhow::anyhow!("{}: text chunk {k:?}: {e}", path.display());
+    for t in &info.compressed_latin1_text {
+        let mut t = t.clone();
+        t.decompress_text_with_limit(MAX_TEXT_CHUNK)
+            .map_err(|e| bad(&t.keyword, e))?;
+        out.push((
+            t.keyword.clone(),
+            t.get_text().map_err(|e| bad(&t.keyword, e))?,
+        ));
+    }
     for t in &info.utf8_text {
-        out.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
+        let mut t = t.clone();
+        t.decompress_text_with_limit(MAX_TEXT_CHUNK)
+            .map_err(|e| bad(&t.keyword, e))?;
+        out.push((
+            t.keyword.clone(),
+            t.get_text().map_err(|e| bad(&t.keyword, e))?,
+        ));
     }
     Ok(out)
 }
@@ -245,6 +287,87 @@ mod tests {
         };
         assert!(write_png(&p, &img, false).is_err());
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_are_never_written_through() {
+        let d = tmpdir("links");
+        let victim = d.join("victim.txt");
+        fs::write(&victim, b"precious").unwrap();
+        let px = [1u8, 2, 3];
+        let img = PngImage {
+            width: 1,
+            height: 1,
+            pixels: Pixels::Rgb8(&px),
+            text: &[],
+        };
+        // A link at the output name, even a dangling one, counts as a file there.
+        let out = d.join("o.png");
+        std::os::unix::fs::symlink(d.join("nowhere"), &out).unwrap();
+        let err = write_png(&out, &img, false).unwrap_err();
+        assert!(format!("{err:#}").contains("--overwrite"), "{err:#}");
+        // Replacing it replaces the link itself, never what it points at.
+        fs::remove_file(&out).unwrap();
+        std::os::unix::fs::symlink(&victim, &out).unwrap();
+        write_png(&out, &img, true).unwrap();
+        assert!(!fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        // The old predictable temporary name is just another file name now.
+        let planted = d.join(format!(".p.png.tkg-tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        write_png(&d.join("p.png"), &img, false).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn folders_are_not_file_names() {
+        let d = tmpdir("folders");
+        let msg = |p: &Path| format!("{:#}", check_target(p).unwrap_err());
+        assert!(msg(&d).contains("is a folder"), "{}", msg(&d));
+        assert!(msg(&d.join("sub/")).contains("is a folder"));
+        let file = d.join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(msg(&file.join("o.png")).contains("is not a folder"));
+        assert!(msg(&d.join("missing/o.png")).contains("does not exist"));
+        check_target(&d.join("o.png")).unwrap();
+    }
+
+    #[test]
+    fn control_characters_go_to_itxt_and_compressed_text_is_read() {
+        let d = tmpdir("ctrl");
+        let p = d.join("c.png");
+        let text = vec![("parameters".to_string(), "a\x1b[2Jcar\tnow".to_string())];
+        let px = [1u8, 2, 3];
+        let img = PngImage {
+            width: 1,
+            height: 1,
+            pixels: Pixels::Rgb8(&px),
+            text: &text,
+        };
+        write_png(&p, &img, false).unwrap();
+        assert_eq!(read_png_text(&p).unwrap(), text);
+        let bytes = fs::read(&p).unwrap();
+        assert!(!bytes.windows(4).any(|w| w == b"tEXt"));
+
+        // zTXt and compressed iTXt, as other tools write them.
+        let z = d.join("z.png");
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(File::create(&z).unwrap()), 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.add_ztxt_chunk("parameters".into(), "zipped prompt".into())
+            .unwrap();
+        let mut w = enc.write_header().unwrap();
+        let mut itxt = png::text_metadata::ITXtChunk::new("comment", "x".repeat(5000));
+        itxt.compressed = true;
+        w.write_text_chunk(&itxt).unwrap();
+        w.write_image_data(&px).unwrap();
+        w.finish().unwrap();
+        let read = read_png_text(&z).unwrap();
+        assert!(
+            read.contains(&("parameters".into(), "zipped prompt".into())),
+            "{read:?}"
+        );
+        assert!(read.contains(&("comment".into(), "x".repeat(5000))));
     }
 
     #[test]

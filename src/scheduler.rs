@@ -47,6 +47,7 @@ impl Ddim {
     pub fn new(cfg: &SchedulerConfig, inference_steps: usize) -> Result<Self> {
         ensure!(inference_steps > 0, "--steps must be at least 1");
         let n = cfg.num_train_timesteps;
+        crate::limits::check_dim("scheduler config: num_train_timesteps", n, 100_000)?;
         ensure!(
             inference_steps <= n,
             "--steps {inference_steps} is more than the scheduler's {n} training timesteps"

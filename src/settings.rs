@@ -4,6 +4,7 @@
 //! words with its own names (`--steps` on the command line, `steps` in a job file).
 
 use crate::color::KeyColor;
+use crate::limits;
 use crate::rng::RngKind;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -473,8 +474,32 @@ impl Settings {
         if self.prompt.trim().is_empty() {
             return Err(FieldError::new(&["prompt"], "the prompt is empty".into()));
         }
-        if self.steps == 0 {
-            return Err(FieldError::new(&["steps"], "{0} must be at least 1".into()));
+        if self.prompt.chars().count() > limits::MAX_PROMPT_CHARS
+            || self.negative_prompt.chars().count() > limits::MAX_PROMPT_CHARS
+        {
+            return Err(FieldError::new(
+                &[],
+                format!(
+                    "the prompt is longer than {} characters",
+                    limits::MAX_PROMPT_CHARS
+                ),
+            ));
+        }
+        if self.prompt.contains('\0') || self.negative_prompt.contains('\0') {
+            return Err(FieldError::new(
+                &[],
+                "the prompt contains a NUL character".into(),
+            ));
+        }
+        if self.steps == 0 || self.steps > limits::MAX_STEPS {
+            return Err(FieldError::new(
+                &["steps"],
+                format!(
+                    "{{0}} must be 1 to {}, not {}",
+                    limits::MAX_STEPS,
+                    self.steps
+                ),
+            ));
         }
         if !(self.guidance.is_finite() && self.guidance >= 0.0) {
             return Err(FieldError::new(
@@ -482,10 +507,14 @@ impl Settings {
                 format!("{{0}} must be a non-negative number, not {}", self.guidance),
             ));
         }
-        if self.num_images == 0 {
+        if self.num_images == 0 || self.num_images > limits::MAX_IMAGES {
             return Err(FieldError::new(
                 &["num_images"],
-                "{0} must be at least 1".into(),
+                format!(
+                    "{{0}} must be 1 to {}, not {}",
+                    limits::MAX_IMAGES,
+                    self.num_images
+                ),
             ));
         }
         let m = crate::family::SIZE_MULTIPLE;
@@ -498,6 +527,13 @@ impl Settings {
                     format!("{{0}} and {{1}} must be positive multiples of {m}; got {name} {v}"),
                 ));
             }
+        }
+        let (w, h) = (self.width.unwrap_or(8), self.height.unwrap_or(8));
+        if let Err(e) = limits::check_image_size(w, h) {
+            return Err(FieldError::new(
+                &["width", "height"],
+                format!("{{0}}/{{1}}: {e}"),
+            ));
         }
         if let Some(sh) = self.shift
             && !(0.0..1.0).contains(&sh)

@@ -319,3 +319,84 @@ fn hub_refusal_is_reported() {
     );
     assert!(f.optional_file("tokenizer/tokenizer.json").is_err());
 }
+
+/// Every file under `dir`, as (path relative to it with `/`, bytes).
+fn files_under(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_run_announces_each_download_and_generates_from_the_cache() {
+    if proxy_set() {
+        eprintln!("skipped: a proxy is configured, the fake hub on 127.0.0.1 would not be reached");
+        return;
+    }
+    let t = TempDir::new("run");
+    // The built-in tiny model's files, served as if it were a Hub repo.
+    let folder = t.0.join("tiny-sd15");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tkg"))
+        .args(["models", "materialize", "tiny-sd15"])
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hub = fake_hub("org/tiny", "main", files_under(&folder), None);
+    let models = t.0.join("models.toml");
+    std::fs::write(
+        &models,
+        "[models.fake]\nfamily = \"sd15\"\nhub = \"org/tiny\"\n",
+    )
+    .unwrap();
+    let run = |name: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tkg"))
+            .args(["generate", "--models-file"])
+            .arg(&models)
+            .args(["--model", "fake", "--prompt", "a red car", "--seed", "1"])
+            .args(["--steps", "2", "--no-key", "--out"])
+            .arg(t.0.join(name))
+            .env("HF_HOME", t.0.join("home"))
+            .env("HF_ENDPOINT", &hub.url)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HUGGINGFACE_HUB_CACHE")
+            .output()
+            .unwrap()
+    };
+    let first = run("a.png");
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tkg: downloading unet/config.json from hub repo org/tiny@main"),
+        "{stderr}"
+    );
+    // Cached now: the second run downloads nothing and says nothing about it.
+    let second = run("b.png");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(!stderr.contains("downloading"), "{stderr}");
+    assert_eq!(
+        std::fs::read(t.0.join("a.png")).unwrap(),
+        std::fs::read(t.0.join("b.png")).unwrap()
+    );
+}

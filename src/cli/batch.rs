@@ -2,7 +2,7 @@
 
 use super::Ui;
 use super::args::JobOptions;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use tkg::run::JobFile;
@@ -41,5 +41,5 @@ pub fn run(args: &BatchArgs, ui: Ui) -> Result<()> {
 }
 
 fn read_text(p: &Path) -> Result<String> {
-    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    tkg::limits::read_text_bounded(p, tkg::limits::MAX_JOB_FILE)
 }

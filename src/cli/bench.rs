@@ -3,6 +3,7 @@
 
 use super::Ui;
 use super::args::DTypeArg;
+use super::stdio::outln;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -69,6 +70,8 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
     let cfg = RunConfig {
         registry_file: super::args::registry_file(args.models_file.as_deref()),
         download_progress: !ui.quiet,
+        download_notices: Some(ui.download_notices()),
+        memory_available: super::runtime::memory_available(),
         ..RunConfig::default()
     };
     let model = model::resolve(&settings, &cfg, &|m| ui.info(m))?;
@@ -83,12 +86,12 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         seed: 0,
     };
     let report = bench::run(&model.name, &model.folder, &settings, &mut |s| ui.detail(s))?;
-    print!("{}", report.table());
+    outln!("{}", report.table().trim_end());
     let prof = tkg::kernels::profile::take();
     if !prof.is_empty() {
-        println!("kernel time (TKG_PROFILE=1), whole run:");
+        outln!("kernel time (TKG_PROFILE=1), whole run:");
         for (name, d, n) in prof {
-            println!("  {:>8.3} s {n:>6}x  {name}", d.as_secs_f64());
+            outln!("  {:>8.3} s {n:>6}x  {name}", d.as_secs_f64());
         }
     }
     if let Some(path) = &args.json {

@@ -2,6 +2,7 @@
 //! generate` command that makes it again.
 
 use super::Ui;
+use super::stdio::outln;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::path::PathBuf;
@@ -39,20 +40,20 @@ pub fn run(args: &InfoArgs, _ui: Ui) -> Result<()> {
             "command": command.as_ref().ok(),
             "command_error": command.as_ref().err().map(|e| format!("{e:#}")),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("Prompt: {}", params.prompt);
+    outln!("Prompt: {}", params.prompt);
     if !params.negative_prompt.is_empty() {
-        println!("Negative prompt: {}", params.negative_prompt);
+        outln!("Negative prompt: {}", params.negative_prompt);
     }
     for (k, v) in &params.entries {
-        println!("{k}: {v}");
+        outln!("{k}: {v}");
     }
     match command {
         Ok(c) => {
-            println!();
-            println!("{c}");
+            outln!();
+            outln!("{c}");
             Ok(())
         }
         Err(e) => bail!("cannot rebuild a tkg generate command: {e:#}"),

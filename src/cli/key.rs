@@ -2,6 +2,7 @@
 
 use super::Ui;
 use super::args::KeyFlags;
+use super::stdio::outln;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -55,7 +56,7 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
         start.elapsed().as_secs_f64() * 1000.0
     ));
     for p in key::write_outputs(&out, &keyed, &flags, &[], args.overwrite)? {
-        println!("{}", p.display());
+        outln!("{}", p.display());
     }
     Ok(())
 }

@@ -11,6 +11,9 @@ mod key;
 mod models;
 mod progress;
 mod runtime;
+pub mod stdio;
+
+use stdio::{errln, outln};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -59,29 +62,34 @@ pub struct Ui {
 }
 
 impl Ui {
+    /// Where the run's Hub downloads are announced, as `tkg: downloading …`.
+    pub fn download_notices(self) -> tkg::models::hub::Notices {
+        tkg::models::hub::Notices::new(move |m| self.info(format!("tkg: {m}")))
+    }
+
     /// A progress or status line (stderr), unless quiet.
     pub fn info(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            eprintln!("{}", msg.as_ref());
+            errln!("{}", msg.as_ref());
         }
     }
     /// A warning (stderr), unless quiet.
     pub fn warn(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            eprintln!("warning: {}", msg.as_ref());
+            errln!("warning: {}", msg.as_ref());
         }
     }
     /// Detail shown with --verbose.
     pub fn detail(&self, msg: impl AsRef<str>) {
         if self.verbose && !self.quiet {
-            eprintln!("{}", msg.as_ref());
+            errln!("{}", msg.as_ref());
         }
     }
 }
 
 /// Parses the command line and runs it.
 pub fn run() -> Result<()> {
-    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let cli = Cli::try_parse().map_err(usage_error)?;
     let threads = match &cli.command {
         Command::Bench(args) => args.threads,
         _ => None,
@@ -134,7 +142,7 @@ pub fn run_jobs(
         runner.plan_event(&plan, true);
         for &(i, t) in &plan.selected {
             let img = &plan.images[i];
-            println!(
+            outln!(
                 "{}\t{}\t{}\t{}",
                 img.index,
                 img.seed,
@@ -180,7 +188,47 @@ pub fn one_line_error(err: &anyhow::Error) -> String {
         })
         .filter(|l| !l.is_empty())
         .collect();
-    format!("error: {}", causes.join(": "))
+    // A context that already quotes its cause ("cannot read x: denied") says it once.
+    let mut said: Vec<&str> = Vec::new();
+    for c in &causes {
+        if !said.iter().any(|s| s.contains(c.as_str())) {
+            said.push(c);
+        }
+    }
+    format!("error: {}", said.join(": "))
+}
+
+/// A command line clap refused, worded in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+/// Help and version go out as clap prints them; a usage error becomes one line.
+fn usage_error(e: clap::Error) -> anyhow::Error {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error:")
+        .trim();
+    let tip = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("tip:"))
+        .map(|t| format!(" ({})", t.trim_start_matches("tip:").trim()))
+        .unwrap_or_default();
+    UsageError(format!("{first}{tip}; see --help")).into()
 }
 
 /// Exit status for a failure.
@@ -188,6 +236,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     // 130 = 128 + SIGINT, as shells report an interrupted command.
     if err.is::<tkg::run::Interrupted>() {
         130
+    } else if err.is::<UsageError>() {
+        2
     } else {
         1
     }
@@ -206,7 +256,7 @@ pub fn install_panic_hook() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!(
+        errln!(
             "error: internal error (a bug in tkg, please report it): {}{loc}",
             msg.replace('\n', " ")
         );

@@ -1,6 +1,7 @@
 //! `tkg models`: list the registry, materialise built-in models.
 
 use super::Ui;
+use super::stdio::outln;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -34,9 +35,9 @@ pub fn run(args: &ModelsArgs, ui: Ui) -> Result<()> {
     match &args.command {
         ModelsCommand::List { models_file } => {
             let reg = Registry::load(super::args::registry_file(models_file.as_deref()).as_ref())?;
-            println!("{:<20} {:<6} {:<8} SOURCE", "NAME", "FAMILY", "CACHED");
+            outln!("{:<20} {:<6} {:<8} SOURCE", "NAME", "FAMILY", "CACHED");
             for e in reg.entries() {
-                println!(
+                outln!(
                     "{:<20} {:<6} {:<8} {}",
                     e.name,
                     e.family,
@@ -49,7 +50,7 @@ pub fn run(args: &ModelsArgs, ui: Ui) -> Result<()> {
         ModelsCommand::Materialize { name, dir } => {
             ui.info(format!("writing {name} into {}", dir.display()));
             builtin::materialize(name, dir)?;
-            println!("{}", dir.display());
+            outln!("{}", dir.display());
             Ok(())
         }
     }

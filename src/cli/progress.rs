@@ -3,6 +3,7 @@
 
 use super::Ui;
 use super::args::ProgressMode;
+use super::stdio::{errln, outln};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -39,17 +40,17 @@ impl Reporter {
 
     fn json(&self, v: serde_json::Value) {
         if self.mode == ProgressMode::Json {
-            eprintln!("{v}");
+            errln!("{v}");
         }
     }
 
     /// A human status line (plain and bar modes).
     fn line(&self, msg: String) {
         match self.mode {
-            ProgressMode::Plain => eprintln!("{msg}"),
+            ProgressMode::Plain => errln!("{msg}"),
             ProgressMode::Bar => match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
                 Some(b) => b.println(msg),
-                None => eprintln!("{msg}"),
+                None => errln!("{msg}"),
             },
             _ => {}
         }
@@ -85,7 +86,7 @@ impl Reporter {
             .unwrap_or_else(|e| e.into_inner())
             .elapsed();
         match self.mode {
-            ProgressMode::Json => eprintln!(
+            ProgressMode::Json => errln!(
                 "{}",
                 json!({"event": "step", "indices": indices, "step": i, "steps": n,
                     "elapsed_s": elapsed.as_secs_f64()})
@@ -97,7 +98,7 @@ impl Reporter {
             }
             ProgressMode::Plain if i == n || i.is_multiple_of((n / 10).max(1)) => {
                 let per = tkg::bench::duration(elapsed.as_secs_f64() / i as f64);
-                eprintln!("step {i}/{n} ({per}/it)");
+                errln!("step {i}/{n} ({per}/it)");
             }
             _ => {}
         }
@@ -161,7 +162,7 @@ impl Events for Reporter {
                     self.ui.warn(w);
                 }
                 for p in &f.written {
-                    println!("{}", p.display());
+                    outln!("{}", p.display());
                 }
                 self.ui.detail(&f.detail);
                 self.json(json!({"event": "image", "index": f.index, "seed": f.seed,

@@ -71,9 +71,10 @@ const EXP_POLY: [f32; 6] = [
 /// Inputs below -87.3 give ~1e-38 instead of 0; inputs above 88.37 give e^88.37.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    // max/min rather than clamp: clamp's NaN checks keep the loop from vectorising.
-    #[allow(clippy::manual_clamp)]
-    let x = x.max(EXP_MIN).min(EXP_MAX);
+    // Selects rather than clamp (whose NaN checks keep the loop from vectorising) or
+    // max/min (which turn a NaN into a bound): a NaN must come out as a NaN.
+    let x = if x < EXP_MIN { EXP_MIN } else { x };
+    let x = if x > EXP_MAX { EXP_MAX } else { x };
     // The rounded integer sits in the low mantissa bits of `t`: reading it from there keeps
     // the loop free of float-to-int casts, which do not vectorise.
     let t = x * std::f32::consts::LOG2_E + ROUND;
@@ -162,7 +163,8 @@ pub fn sum_sq_dev(x: &[f32], mean: f32) -> f64 {
     total
 }
 
-/// Maximum of `x` (lane-split; `x` must hold no NaN).
+/// Maximum of `x` (lane-split). NaNs are passed over: softmax, its user, still gets a NaN
+/// from exp(NaN - max).
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
@@ -210,9 +212,11 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
         use super::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, ROUND};
+        // max/min return their second operand when either is NaN: x goes second, so a NaN
+        // stays a NaN.
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN)),
             _mm256_set1_ps(EXP_MAX),
+            _mm256_max_ps(_mm256_set1_ps(EXP_MIN), x),
         );
         let round = _mm256_set1_ps(ROUND);
         let t = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), round);
@@ -376,6 +380,24 @@ mod tests {
         assert!(worst < 3e-7, "exp relative error {worst}");
         assert!(exp(-1000.0) < 1e-37);
         assert!(exp(1000.0).is_finite());
+    }
+
+    /// A NaN anywhere in a softmax row must reach its sum, in the vector body and the tail.
+    #[test]
+    fn nan_comes_out_as_nan() {
+        assert!(exp(f32::NAN).is_nan());
+        assert!(silu(f32::NAN).is_nan());
+        for len in [1, 7, 8, 9, 31, 64, 77] {
+            for at in [0, len / 2, len - 1] {
+                let mut x: Vec<f32> = (0..len).map(|i| i as f32 * 0.1).collect();
+                x[at] = f32::NAN;
+                let mx = row_max(&x);
+                let (mut fast, mut portable) = (x.clone(), x.clone());
+                assert!(exp_shifted_sum(&mut fast, mx).is_nan(), "len {len} at {at}");
+                assert!(exp_shifted_sum_portable(&mut portable, mx).is_nan());
+                assert!(fast[at].is_nan() && portable[at].is_nan());
+            }
+        }
     }
 
     #[test]

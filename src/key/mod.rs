@@ -405,7 +405,8 @@ pub fn check_output_flags(flags: &KeyOutputFlags) -> Result<()> {
     if let Some(bg) = &flags.composite {
         let (w, h) = image::ImageReader::open(bg)
             .with_context(|| format!("cannot read composite background {}", bg.display()))?
-            .with_guessed_format()?
+            .with_guessed_format()
+            .with_context(|| format!("cannot read composite background {}", bg.display()))?
             .into_dimensions()
             .with_context(|| format!("cannot read composite background {}", bg.display()))?;
         ensure!(

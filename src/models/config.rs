@@ -4,6 +4,7 @@
 //! means what it means to diffusers. Values that change the computation and that tkg does not
 //! implement are refused with a clear error instead of being silently ignored.
 
+use crate::limits::check_dim;
 use anyhow::{Context, Result, bail, ensure};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -181,6 +182,28 @@ impl UNetConfig {
     pub fn levels(&self) -> Result<Vec<UNetLevel>> {
         let n = self.block_out_channels.len();
         ensure!(n > 0, "unet config has no block_out_channels");
+        check_dim("unet config: levels", n, 8)?;
+        for &c in &self.block_out_channels {
+            check_dim("unet config: block_out_channels", c, 16384)?;
+        }
+        for c in [self.in_channels, self.out_channels] {
+            check_dim("unet config: in/out channels", c, 64)?;
+        }
+        check_dim(
+            "unet config: sample_size",
+            self.sample_size.unwrap_or(0),
+            1024,
+        )?;
+        for (what, v) in [
+            ("addition_time_embed_dim", self.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim,
+            ),
+            ("time_embedding_dim", self.time_embedding_dim),
+        ] {
+            check_dim(&format!("unet config: {what}"), v.unwrap_or(0), 65536)?;
+        }
         ensure!(
             self.down_block_types.len() == n && self.up_block_types.len() == n,
             "unet config: {} block_out_channels but {} down and {} up blocks",
@@ -264,6 +287,9 @@ impl UNetConfig {
             return Err(unsupported("mid_block_type", m));
         }
         let layers = self.layers_per_block.expand(n, "layers_per_block")?;
+        for &v in &layers {
+            check_dim("unet config: layers_per_block", v, 64)?;
+        }
         ensure!(
             layers.iter().all(|&l| l == layers[0]),
             "unet config: per-block layers_per_block {layers:?} is not supported"
@@ -276,6 +302,13 @@ impl UNetConfig {
         let depth = self
             .transformer_layers_per_block
             .expand(n, "transformer_layers_per_block")?;
+        for &v in depth.iter().chain(&cross) {
+            check_dim(
+                "unet config: transformer depth or cross_attention_dim",
+                v,
+                16384,
+            )?;
+        }
         // diffusers names the head count `attention_head_dim` unless num_attention_heads is set.
         let heads = self
             .num_attention_heads
@@ -378,6 +411,16 @@ impl VaeConfig {
             !self.block_out_channels.is_empty(),
             "vae config has no block_out_channels"
         );
+        check_dim("vae config: levels", self.block_out_channels.len(), 8)?;
+        check_dim("vae config: layers_per_block", self.layers_per_block, 64)?;
+        for c in self.block_out_channels.iter().chain([
+            &self.in_channels,
+            &self.out_channels,
+            &self.latent_channels,
+        ]) {
+            check_dim("vae config: channels", *c, 16384)?;
+        }
+        ensure!(self.norm_num_groups > 0, "vae config: norm_num_groups is 0");
         ensure!(
             self.act_fn == "silu",
             "vae config: unsupported act_fn {}",
@@ -465,6 +508,19 @@ fn d_eos() -> u32 {
 
 impl ClipTextConfig {
     pub fn validate(&self) -> Result<()> {
+        for (what, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("hidden_size", self.hidden_size, 16384),
+            ("intermediate_size", self.intermediate_size, 65536),
+            ("num_hidden_layers", self.num_hidden_layers, 256),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                4096,
+            ),
+        ] {
+            check_dim(&format!("text encoder config: {what}"), v, max)?;
+        }
         ensure!(
             self.num_attention_heads > 0
                 && self.hidden_size.is_multiple_of(self.num_attention_heads),

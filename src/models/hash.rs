@@ -110,12 +110,8 @@ fn write_atomic_json(path: &Path, value: &HashCache) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
-    Ok(())
+    let bytes = serde_json::to_vec_pretty(value)?;
+    crate::output::write_atomic(path, true, |w| Ok(w.write_all(&bytes)?))
 }
 
 fn sha256_of_file(path: &Path) -> Result<String> {

@@ -10,6 +10,7 @@ pub mod hub;
 pub mod lora;
 pub mod registry;
 pub mod single_file;
+pub mod timestep;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -2,17 +2,17 @@
 //! `config.json` out of our blocks ([`super::blocks`]), which run on the fused CPU kernels.
 //!
 //! candle's own top level does not read configs and has no "text_time" addition embedding, so
-//! the top level lives here; only the timestep embedding is candle-transformers'.
+//! the top level lives here.
 
 use super::blocks::{
     Conv, Downsample, Norm, ResnetBlock, ResnetSettings, Transformer2D, TransformerSettings,
     Upsample,
 };
 use super::config::UNetConfig;
+use super::timestep::{TimestepEmbedding, Timesteps};
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 /// One level on the way down: resnets, optional spatial transformers, optional downsampler.
 #[derive(Debug)]
@@ -79,7 +79,7 @@ impl UNet {
         let cross_dim = cfg.cross_dim();
         let conv_in = Conv::load(vb.pp("conv_in"), cfg.in_channels, ch0, 3, 1, 1)?;
         let time_proj = Timesteps::new(ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_dim)?;
+        let time_embedding = TimestepEmbedding::load(vb.pp("time_embedding"), ch0, time_dim)?;
 
         let text_time = match cfg.addition_embed_type.as_deref() {
             Some("text_time") => {
@@ -93,7 +93,7 @@ impl UNet {
                 })?;
                 Some(TextTimeEmbedding {
                     add_time_proj: Timesteps::new(add_dim, cfg.flip_sin_to_cos, cfg.freq_shift),
-                    add_embedding: TimestepEmbedding::new(
+                    add_embedding: TimestepEmbedding::load(
                         vb.pp("add_embedding"),
                         in_dim,
                         time_dim,

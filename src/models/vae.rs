@@ -243,15 +243,13 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{max_abs, max_diff};
+    use crate::kernels::testing::max_abs;
     use crate::models::weights::RandomWeights;
     use candle_core::{DType, Device};
-    use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-
-    /// Same weights, same function as candle-transformers' AutoEncoderKL (which the pipeline
-    /// used before, at parity with diffusers), through the CPU kernels.
+    /// The decode's values are held to diffusers by the pipeline goldens (tests/parity.rs);
+    /// here the shapes and dtype of both directions at a size the goldens lack.
     #[test]
-    fn matches_candle_autoencoder() {
+    fn decode_and_encode_shapes() {
         let cfg: VaeConfig = serde_json::from_value(serde_json::json!({
             "block_out_channels": [32, 32, 64], "layers_per_block": 1,
             "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
@@ -260,38 +258,13 @@ mod tests {
         }))
         .unwrap();
         let dev = Device::Cpu;
-        let w = RandomWeights::new(3);
-        let ours = Vae::load(w.var_builder(&dev), &cfg).unwrap();
-        let theirs = AutoEncoderKL::new(
-            w.var_builder(&dev),
-            3,
-            3,
-            AutoEncoderKLConfig {
-                block_out_channels: cfg.block_out_channels.clone(),
-                layers_per_block: cfg.layers_per_block,
-                latent_channels: 4,
-                norm_num_groups: 8,
-                use_quant_conv: true,
-                use_post_quant_conv: true,
-            },
-        )
-        .unwrap();
-        // Big enough for the Winograd path (32x32 and more) and the small-map path.
+        let ours = Vae::load(RandomWeights::new(3).var_builder(&dev), &cfg).unwrap();
         let z = Tensor::randn(0f32, 1.0, (1, 4, 10, 12), &dev).unwrap();
         let got = ours.decode(&z).unwrap();
-        let want = theirs.decode(&(&z / cfg.scaling_factor).unwrap()).unwrap();
         assert_eq!(got.dims(), &[1, 3, 40, 48]);
-        let err: f32 = max_diff(&got, &want);
-        let scale = max_abs(&want);
-        assert!(
-            err <= 1e-4 * scale.max(1.0),
-            "decode max diff {err} (scale {scale})"
-        );
-
+        assert!(max_abs(&got).is_finite());
         let img = Tensor::randn(0f32, 0.5, (1, 3, 40, 48), &dev).unwrap();
         let mean = ours.encode(&img).unwrap();
-        let dist = theirs.encode(&img).unwrap();
-        let _ = dist; // candle's distribution keeps its mean private: compare via shapes only.
         assert_eq!(mean.dims(), &[1, 4, 10, 12]);
         assert_eq!(mean.dtype(), DType::F32);
     }

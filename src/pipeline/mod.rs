@@ -196,6 +196,39 @@ impl Pipeline {
             width > 0 && height > 0 && width.is_multiple_of(f) && height.is_multiple_of(f),
             "--width and --height must be positive multiples of {f} (the VAE's factor); got {width}x{height}"
         );
+        crate::limits::check_image_size(width, height).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// A rough peak of the memory `images` decodes of `size` need side by side: at full
+    /// resolution the decoder holds its last upsampler's output, a normalised copy and the
+    /// next convolution's output. The UNet works 64x smaller and needs far less.
+    pub fn decode_peak_bytes(&self, size: Size, images: usize) -> u64 {
+        let ch = &self.vae.config.block_out_channels;
+        let (c0, c1) = (ch[0] as u64, *ch.get(1).unwrap_or(&ch[0]) as u64);
+        let per_pixel = (2 * c1 + c0) * self.vae_dtype.size_in_bytes() as u64;
+        (size.width as u64 * size.height as u64)
+            .saturating_mul(per_pixel)
+            .saturating_mul(images as u64)
+    }
+
+    /// Refuses a size whose decode would not fit in `available` bytes.
+    pub fn check_memory(&self, size: Size, images: usize, available: u64) -> Result<()> {
+        let need = self.decode_peak_bytes(size, images);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        ensure!(
+            need <= available,
+            "{}x{} needs about {:.1} GiB to decode{}, and {:.1} GiB are free; lower --width/--height{}",
+            size.width,
+            size.height,
+            gib(need),
+            if images > 1 {
+                format!(" {images} images at once")
+            } else {
+                String::new()
+            },
+            gib(available),
+            if images > 1 { " or --batch-size" } else { "" }
+        );
         Ok(())
     }
 
@@ -347,7 +380,13 @@ pub fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
         // The sum can overflow on huge but finite values; look closer before failing.
         let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
-            bail!("{bad} in the {stage}: the computation diverged (try --dtype f32)");
+            if t.dtype() == DType::F32 {
+                bail!("{bad} in the {stage}: a weight or an input is not a finite number");
+            }
+            bail!(
+                "{bad} in the {stage}: the computation overflowed in {:?} (try --dtype f32)",
+                t.dtype()
+            );
         }
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! `--manifest FILE.jsonl`: one JSON record per finished image.
 
 use anyhow::{Context, Result};
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 /// `--manifest FILE.jsonl`: one JSON object a line, appended and flushed per image. Each line
@@ -24,6 +25,24 @@ impl Manifest {
             file,
             path: path.to_path_buf(),
         })
+    }
+
+    /// The `path` of every record already in the manifest (lines that do not parse, such as
+    /// one cut short by a full disk, are passed over).
+    pub fn recorded_paths(&self) -> Result<HashSet<String>> {
+        let f = File::open(&self.path)
+            .with_context(|| format!("cannot read the manifest {}", self.path.display()))?;
+        let mut out = HashSet::new();
+        for line in BufReader::new(f).lines() {
+            let line =
+                line.with_context(|| format!("reading the manifest {}", self.path.display()))?;
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(p) = v.get("path").and_then(|p| p.as_str())
+            {
+                out.insert(p.to_string());
+            }
+        }
+        Ok(out)
     }
 
     pub fn append(&mut self, record: &serde_json::Value) -> Result<()> {

@@ -12,11 +12,12 @@ pub mod request;
 pub mod shard;
 pub mod template;
 
-pub use events::{Event, Events, FinishedImage, NoEvents};
+pub use events::{Event, EventLog, Events, FinishedImage, NoEvents};
 pub use plan::{ImageJob, JobFile, JobLine, Plan, Todo};
 pub use shard::Shard;
 
 use crate::key::{KeyOptions, KeyOutputFlags};
+use crate::models::hub::Notices;
 use crate::models::registry::UserFile;
 use crate::pipeline::{LoadOptions, Request};
 use anyhow::{Result, bail};
@@ -65,6 +66,11 @@ pub struct RunConfig {
     pub manifest: Option<PathBuf>,
     /// Show Hub download progress.
     pub download_progress: bool,
+    /// Free host memory in bytes: on the CPU, images whose decode would need more are
+    /// refused before any work (`None`: not checked).
+    pub memory_available: Option<u64>,
+    /// Hears of each Hub download as it starts (none: not told).
+    pub download_notices: Option<Notices>,
     /// On the CPU too, denoise a batch in one UNet call (faster on big cores, not
     /// bit-identical to one image at a time).
     pub fuse_cpu_batch: bool,
@@ -92,6 +98,8 @@ impl Default for RunConfig {
             create_dirs: false,
             manifest: None,
             download_progress: false,
+            download_notices: None,
+            memory_available: None,
             fuse_cpu_batch: false,
         }
     }
@@ -144,14 +152,10 @@ impl Runner<'_> {
         self.plan_event(plan, false);
         for &(i, t) in &plan.selected {
             if t == Todo::Skip {
-                self.events.event(&Event::Skip {
-                    index: i,
-                    seed: plan.images[i].seed,
-                    path: &plan.images[i].out,
-                });
+                self.skip_event(plan, i);
             }
         }
-        let skipped = plan.skipped();
+        let mut skipped = plan.skipped();
         let todo = plan.todo();
         if todo.is_empty() {
             self.done(0, skipped, started);
@@ -167,6 +171,9 @@ impl Runner<'_> {
             }
         }
         let mut manifest = cfg.manifest.as_deref().map(Manifest::open).transpose()?;
+        if let Some(m) = manifest.as_mut() {
+            self.recover_manifest_lines(plan, m)?;
+        }
         let (device, warning) = device::pick(&cfg.device)?;
         if let Some(w) = warning {
             self.events.event(&Event::Warning(w));
@@ -214,12 +221,38 @@ impl Runner<'_> {
                 .iter()
                 .map(|&(i, t)| Ok((i, t, loaded.request(&plan.images[i])?)))
                 .collect::<Result<_>>()?;
+            if let Some(free) = cfg.memory_available.filter(|_| device.is_cpu()) {
+                // CPU batches decode their images side by side.
+                let side_by_side = cfg.batch_size.min(reqs.len()).max(1);
+                for (_, _, r) in &reqs {
+                    loaded.pipe.check_memory(r.size, side_by_side, free)?;
+                }
+            }
             let batches = plan::cut_batches(&reqs, cfg.batch_size, |(i0, _, r0), (i1, _, r1)| {
                 r0.shape_key() == r1.shape_key()
                     && plan.images[*i0].settings.rng == plan.images[*i1].settings.rng
             });
             for batch in batches {
-                done += self.run_batch(plan, &loaded, batch, done, todo.len(), &mut manifest)?;
+                // With --skip-existing, images another worker finished meanwhile are done.
+                let batch: Vec<(usize, Todo, Request)> = batch
+                    .iter()
+                    .filter(|(i, _, _)| {
+                        let elsewhere = cfg.skip_existing && plan.all_present(*i);
+                        if elsewhere {
+                            self.skip_event(plan, *i);
+                            skipped += 1;
+                        }
+                        !elsewhere
+                    })
+                    .cloned()
+                    .collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                let (written, late) =
+                    self.run_batch(plan, &loaded, &batch, done, todo.len(), &mut manifest)?;
+                done += written;
+                skipped += late;
                 if self.cancel.load(Ordering::SeqCst) {
                     self.events.event(&Event::Interrupted {
                         written: done,
@@ -236,6 +269,41 @@ impl Runner<'_> {
         })
     }
 
+    /// Records the skipped images the manifest lacks, from their PNGs.
+    fn recover_manifest_lines(&self, plan: &Plan, m: &mut Manifest) -> Result<()> {
+        let skipped: Vec<usize> = plan
+            .selected
+            .iter()
+            .filter(|(_, t)| *t == Todo::Skip)
+            .map(|(i, _)| *i)
+            .collect();
+        if skipped.is_empty() {
+            return Ok(());
+        }
+        let recorded = m.recorded_paths()?;
+        for i in skipped {
+            let img = &plan.images[i];
+            if recorded.contains(&img.out.display().to_string()) {
+                continue;
+            }
+            match record::recovered_record(self.config, img, &plan.targets[i]) {
+                Ok(r) => m.append(&r)?,
+                Err(e) => self.events.event(&Event::Warning(format!(
+                    "image {i}: not in the manifest, and its record cannot be rebuilt: {e:#}"
+                ))),
+            }
+        }
+        Ok(())
+    }
+
+    fn skip_event(&self, plan: &Plan, i: usize) {
+        self.events.event(&Event::Skip {
+            index: i,
+            seed: plan.images[i].seed,
+            path: &plan.images[i].out,
+        });
+    }
+
     fn done(&self, written: usize, skipped: usize, started: Instant) {
         self.events.event(&Event::Done {
             written,
@@ -246,7 +314,7 @@ impl Runner<'_> {
 
     /// Denoises one batch, then keys and writes its images side by side; reports them in
     /// job order, every finished image before the first failure. Returns how many were
-    /// written.
+    /// written, and how many another worker wrote first (with --skip-existing).
     fn run_batch(
         &self,
         plan: &Plan,
@@ -255,7 +323,7 @@ impl Runner<'_> {
         done: usize,
         todo: usize,
         manifest: &mut Option<Manifest>,
-    ) -> Result<usize> {
+    ) -> Result<(usize, usize)> {
         let cfg = self.config;
         let indices: Vec<usize> = batch.iter().map(|(i, _, _)| *i).collect();
         let first = &batch[0].2;
@@ -310,10 +378,15 @@ impl Runner<'_> {
             })
             .collect();
         let mut failed = None;
-        let mut n = 0;
-        for w in written {
+        let (mut n, mut late) = (0, 0);
+        for (w, &i) in written.into_iter().zip(&indices) {
             let mut w = match w {
                 Ok(w) => w,
+                Err(e) if cfg.skip_existing && e.is::<crate::output::AlreadyExists>() => {
+                    self.skip_event(plan, i);
+                    late += 1;
+                    continue;
+                }
                 Err(e) => {
                     failed.get_or_insert(e);
                     continue;
@@ -329,7 +402,7 @@ impl Runner<'_> {
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok(n),
+            None => Ok((n, late)),
         }
     }
 }

@@ -72,7 +72,10 @@ pub fn resolve(s: &Settings, cfg: &RunConfig, notice: &dyn Fn(String)) -> Result
             ModelFolder::local(&builtin::ensure(&entry.name)?)?
         }
         Source::File(p) => return resolve_file(p, entry.name.clone()),
-        _ => entry.folder()?.with_progress(cfg.download_progress),
+        _ => entry
+            .folder()?
+            .with_progress(cfg.download_progress)
+            .with_notice_sink(cfg.download_notices.clone()),
     };
     Ok(ResolvedModel {
         name: entry.name.clone(),

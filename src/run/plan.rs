@@ -6,6 +6,7 @@ use super::RunConfig;
 use super::shard::Shard;
 use super::template::{Fields, Template};
 use crate::key;
+use crate::limits;
 use crate::models::registry::Registry;
 use crate::settings::{Settings, SettingsPatch};
 use anyhow::{Context, Result, bail};
@@ -48,6 +49,12 @@ impl JobFile {
         let mut lines = Vec::new();
         let mut bad = Vec::new();
         for (i, raw) in text.lines().enumerate() {
+            if lines.len() + bad.len() >= limits::MAX_IMAGES {
+                bail!(
+                    "{label}: more than {} jobs; split it into several files",
+                    limits::MAX_IMAGES
+                );
+            }
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') || line.starts_with("//") {
                 continue;
@@ -83,9 +90,16 @@ impl JobFile {
                     ..SettingsPatch::default()
                 },
             })
+            .take(limits::MAX_IMAGES + 1)
             .collect();
         if lines.is_empty() {
             bail!("{label} has no prompts");
+        }
+        if lines.len() > limits::MAX_IMAGES {
+            bail!(
+                "{label}: more than {} prompts; split it into several files",
+                limits::MAX_IMAGES
+            );
         }
         Ok(Self {
             label: label.into(),
@@ -179,11 +193,32 @@ pub fn expand(
             Some(Ok(t)) => Some(t),
             None => None,
         };
+        if images.len() + settings.num_images > limits::MAX_IMAGES {
+            errors.push((
+                jl.line,
+                where_(format!(
+                    "num_images: the run would make more than {} images; split it into several runs or shards",
+                    limits::MAX_IMAGES
+                )),
+            ));
+            break;
+        }
         for k in 0..settings.num_images {
             let index = images.len();
             let seed = match settings.seed {
-                Some(s) => s.wrapping_add(k as u64),
-                None => base_seed.wrapping_add(index as u64),
+                Some(s) => s.checked_add(k as u64),
+                None => base_seed.checked_add(index as u64),
+            };
+            let Some(seed) = seed else {
+                errors.push((
+                    jl.line,
+                    where_(format!(
+                        "seed: image {} would need a seed past {} (seeds do not wrap)",
+                        k + 1,
+                        u64::MAX
+                    )),
+                ));
+                break;
             };
             let fields = Fields {
                 index,
@@ -195,13 +230,28 @@ pub fn expand(
                 image: k,
                 line: jl.line,
             };
+            let out = PathBuf::from(out_t.render(&fields));
+            let save_latents = lat_t.as_ref().map(|t| PathBuf::from(t.render(&fields)));
+            let bad = check_file_name(&out, Some("png"))
+                .map_err(|e| format!("out: {e}"))
+                .err()
+                .or_else(|| {
+                    let l = save_latents.as_deref()?;
+                    check_file_name(l, None)
+                        .map_err(|e| format!("save_latents: {e}"))
+                        .err()
+                });
+            if let Some(e) = bad {
+                errors.push((jl.line, where_(e)));
+                break;
+            }
             images.push(ImageJob {
                 index,
                 line: jl.line,
                 image: k,
                 seed,
-                out: PathBuf::from(out_t.render(&fields)),
-                save_latents: lat_t.as_ref().map(|t| PathBuf::from(t.render(&fields))),
+                out,
+                save_latents,
                 settings: settings.clone(),
             });
         }
@@ -215,6 +265,30 @@ pub fn expand(
     Ok(images)
 }
 
+/// A rendered output path must name a file (with extension `ext`, when given).
+fn check_file_name(p: &Path, ext: Option<&str>) -> Result<(), String> {
+    let text = p.as_os_str().to_string_lossy();
+    if text.contains('\0') {
+        return Err(format!("{text:?} contains a NUL character"));
+    }
+    let name = p.file_name().map(|n| n.to_string_lossy());
+    if text == "." || text.ends_with('/') || text.ends_with("/.") || name.is_none() {
+        return Err(format!("{} names a folder; give a file name", p.display()));
+    }
+    if let Some(ext) = ext
+        && !p
+            .extension()
+            .is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case(ext))
+    {
+        return Err(format!(
+            "{} must end in .{ext}: tkg writes {} files",
+            p.display(),
+            ext.to_ascii_uppercase()
+        ));
+    }
+    Ok(())
+}
+
 /// Fails if two images would write the same file. `targets` lists each image's files.
 pub fn check_unique_paths(file: &str, images: &[ImageJob], targets: &[Vec<PathBuf>]) -> Result<()> {
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
@@ -223,7 +297,14 @@ pub fn check_unique_paths(file: &str, images: &[ImageJob], targets: &[Vec<PathBu
         for p in paths {
             let key = normalize(p);
             if let Some(&other) = seen.get(&key) {
-                if other != img.index {
+                if other == img.index {
+                    errors.push(format!(
+                        "{} is written twice by image {} ({}): its image, keyed outputs and latents need different names",
+                        p.display(),
+                        img.index,
+                        describe_source(img)
+                    ));
+                } else {
                     let a = &images[other];
                     errors.push(format!(
                         "{} is written by image {} ({}) and image {} ({})",
@@ -412,6 +493,14 @@ impl Plan {
             bail!("output folder {} does not exist", dir.display());
         }
         Ok(plan)
+    }
+
+    /// Whether every file of image `index` is there (another worker may have made it since
+    /// the plan was made).
+    pub fn all_present(&self, index: usize) -> bool {
+        self.targets[index]
+            .iter()
+            .all(|p| crate::output::occupied(p))
     }
 
     /// The output folders of the images to make that do not exist yet.

@@ -9,7 +9,7 @@ use crate::key;
 use crate::metadata::ManifestRecord;
 use crate::output::{self, Pixels, PngImage};
 use crate::pipeline::{Generated, Request};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -56,6 +56,45 @@ pub fn save_latents(path: &Path, g: &Generated, overwrite: bool) -> Result<()> {
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(data, None)?;
     output::write_atomic(path, overwrite, |w| Ok(w.write_all(&bytes)?))
+}
+
+/// The manifest record of an image made by an earlier run, rebuilt from its PNG's
+/// `parameters`: a resumed run that skips it still records it (the earlier run may have
+/// died between the image and its manifest line). Timings and key findings are unknown.
+pub fn recovered_record(
+    cfg: &RunConfig,
+    img: &ImageJob,
+    paths: &[std::path::PathBuf],
+) -> Result<serde_json::Value> {
+    let text = output::read_png_text(&img.out)?;
+    let raw = text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .map(|(_, v)| v.as_str())
+        .ok_or_else(|| anyhow::anyhow!("{} has no parameters", img.out.display()))?;
+    let params = crate::metadata::Parameters::parse(raw)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", img.out.display()))?;
+    let recipe = crate::metadata::Recipe::from_parameters(&params)
+        .with_context(|| img.out.display().to_string())?;
+    let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let mut record = ManifestRecord {
+        index: img.index,
+        line: img.line,
+        image: img.image,
+        shard: cfg.shard.to_string(),
+        path: &img.out,
+        paths: &paths,
+        settings: &img.settings,
+        recipe: &recipe,
+        parameters: &params,
+        batch_size: cfg.batch_size,
+        tkg_deltas: None,
+        timings: serde_json::Value::Null,
+        key: serde_json::Value::Null,
+    }
+    .to_json();
+    record["recovered"] = json!(true);
+    Ok(record)
 }
 
 /// One image written: what to report, and its manifest line.

@@ -56,6 +56,15 @@ impl LoadedModel {
             }),
             Method::Prompt | Method::Plain => InitNoise::Plain,
         };
+        if self.pipe.family != Family::Sdxl
+            && (s.original_size.is_some() || s.crop_top_left.is_some() || s.target_size.is_some())
+        {
+            anyhow::bail!(
+                "--original-size, --crop-top-left and --target-size are SDXL micro-conditioning; {} is {}",
+                self.name,
+                self.pipe.family
+            );
+        }
         Ok(Request {
             prompt: s.method.prompt_text(&s.prompt, &s.color),
             negative_prompt: s.negative_prompt.clone(),

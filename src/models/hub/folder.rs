@@ -55,7 +55,24 @@ pub struct ModelFolder {
 }
 
 /// Where a [`ModelFolder`] sends its notices (one line of text each, no trailing newline).
-type Notices = Arc<dyn Fn(&str) + Send + Sync>;
+#[derive(Clone)]
+pub struct Notices(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl Notices {
+    pub fn new(sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(sink))
+    }
+
+    pub fn send(&self, line: &str) {
+        (self.0)(line)
+    }
+}
+
+impl std::fmt::Debug for Notices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notices")
+    }
+}
 
 impl std::fmt::Debug for ModelFolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,8 +149,13 @@ impl ModelFolder {
 
     /// Send notices to `sink` instead of dropping them: one line per file about to be
     /// downloaded, `downloading REL from hub repo ORG/NAME@REV`. None by default.
-    pub fn with_notices(mut self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
-        self.notices = Some(Arc::new(sink));
+    pub fn with_notices(self, sink: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.with_notice_sink(Some(Notices::new(sink)))
+    }
+
+    /// [`ModelFolder::with_notices`] with a shared sink, or none.
+    pub fn with_notice_sink(mut self, sink: Option<Notices>) -> Self {
+        self.notices = sink;
         self
     }
 
@@ -418,7 +440,7 @@ impl ModelFolder {
             return Ok(Err(Why::NotInRepo));
         }
         if let Some(notice) = &self.notices {
-            notice(&format!(
+            notice.send(&format!(
                 "downloading {rel} from hub repo {repo}@{revision}"
             ));
         }

@@ -21,7 +21,7 @@ mod errors;
 mod folder;
 mod paths;
 
-pub use folder::ModelFolder;
+pub use folder::{ModelFolder, Notices};
 pub use paths::{builtin_cache_dir, hf_home, hf_token, hub_cache_dir, offline_from_env};
 
 pub use super::hash::{file_sha256, file_sha256_cached, file_sha256_short, hash_cache_file};

@@ -1,0 +1,372 @@
+//! The hostile-input battery: what a careless or malicious user, a broken pipe or a second
+//! worker can throw at the binary. Each case ends in one line and a non-zero exit, or in
+//! correct work; never a panic, a file written through a link, or a half-written output.
+//! docs/reliability.md lists the promises these tests hold.
+
+#[path = "common/cli.rs"]
+mod cli;
+
+use cli::{assert_fails, command, s, scratch, tkg};
+use std::fs;
+use std::path::Path;
+use std::process::Stdio;
+
+/// `tkg generate` on the tiny model with `extra` flags, writing `out`.
+fn generate(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "a red car",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    tkg(&args)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn limits_are_checked_before_anything_is_allocated() {
+    let d = scratch("limits");
+    let o = d.join("o.png");
+    for dry in [false, true] {
+        let dry: &[&str] = if dry { &["--dry-run"] } else { &[] };
+        let with = |flags: &[&str]| {
+            let mut f = flags.to_vec();
+            f.extend_from_slice(dry);
+            generate(&o, &f)
+        };
+        assert_fails(
+            &with(&["--width", "1048576", "--height", "64"]),
+            "too large",
+        );
+        assert_fails(&with(&["--width", "8192", "--height", "8192"]), "4096x4096");
+        assert_fails(&with(&["--num-images", "100000000000"]), "num-images");
+        assert_fails(&with(&["--steps", "100000000"]), "steps");
+        assert_fails(
+            &with(&["--seed", "18446744073709551615", "--num-images", "2"]),
+            "seeds do not wrap",
+        );
+    }
+    assert_eq!(names(&d), Vec::<String>::new());
+}
+
+#[test]
+fn job_files_are_bounded() {
+    let d = scratch("jobs");
+    let jobs = d.join("jobs.jsonl");
+    fs::write(
+        &jobs,
+        "{\"prompt\": \"a cat\", \"num_images\": 100000000000}\n",
+    )
+    .unwrap();
+    let out = tkg(&["batch", s(&jobs), "--model", "tiny-sd15", "--dry-run"]);
+    assert_fails(&out, "line 1");
+    #[cfg(unix)]
+    assert_fails(&tkg(&["batch", "/dev/zero", "--dry-run"]), "larger than");
+    fs::write(
+        &jobs,
+        "{\"prompt\": \"a cat\", \"out\": \"a\\u0000b.png\"}\n",
+    )
+    .unwrap();
+    assert_fails(
+        &tkg(&["batch", s(&jobs), "--model", "tiny-sd15", "--dry-run"]),
+        "NUL",
+    );
+}
+
+#[test]
+fn output_names_must_be_png_files_in_folders() {
+    let d = scratch("names");
+    let file = d.join("file");
+    fs::write(&file, b"x").unwrap();
+    assert_fails(&generate(&file.join("o.png"), &[]), "is not a folder");
+    assert_fails(&generate(&d, &[]), "is a folder");
+    let sub = format!("{}/", s(&d.join("sub")));
+    assert_fails(&generate(Path::new(&sub), &[]), "folder");
+    assert_fails(&generate(&d.join("o.jpg"), &[]), ".png");
+    // Latents named like the image clash before any work, not after the image is written.
+    let o = d.join("o.png");
+    assert_fails(&generate(&o, &["--save-latents", s(&o)]), "written twice");
+    assert_eq!(names(&d), vec!["file".to_string()]);
+}
+
+#[test]
+fn usage_errors_are_one_line() {
+    let out = tkg(&["generate", "--no-such-flag"]);
+    assert_fails(&out, "--no-such-flag");
+    assert_eq!(out.status.code(), Some(2));
+    assert_fails(&tkg(&["generate", "--steps", "many"]), "many");
+}
+
+#[cfg(unix)]
+#[test]
+fn links_at_output_names_are_never_followed() {
+    let d = scratch("links");
+    let victim = d.join("victim.txt");
+    fs::write(&victim, b"precious").unwrap();
+    let o = d.join("o.png");
+    std::os::unix::fs::symlink(&victim, &o).unwrap();
+    assert_fails(&generate(&o, &["--no-key"]), "already exists");
+    let out = generate(&o, &["--no-key", "--overwrite"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert!(!fs::symlink_metadata(&o).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn a_closed_stdout_does_not_stop_the_work() {
+    let d = scratch("epipe");
+    let o = d.join("img-{index}.png");
+    let mut child = command(&[
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "a red car",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--no-key",
+        "--out",
+        s(&o),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The reader goes away before the first path is printed, as `| head -0` would.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
+    assert_eq!(
+        names(&d),
+        vec!["img-0.png".to_string(), "img-1.png".to_string()]
+    );
+
+    #[cfg(target_os = "linux")]
+    {
+        let d = scratch("devfull");
+        let o = d.join("img.png");
+        let full = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = command(&[
+            "generate",
+            "--model",
+            "tiny-sd15",
+            "--prompt",
+            "a red car",
+            "--steps",
+            "2",
+            "--no-key",
+            "--out",
+            s(&o),
+        ])
+        .stdout(full)
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("cannot write to standard output"), "{err}");
+        assert!(o.is_file());
+    }
+}
+
+#[test]
+fn control_characters_in_prompts_stay_valid_png() {
+    let d = scratch("ctrl");
+    let o = d.join("o.png");
+    let out = tkg(&[
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "a red\u{1b}[2J car\u{7}",
+        "--steps",
+        "2",
+        "--no-key",
+        "--out",
+        s(&o),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = fs::read(&o).unwrap();
+    // tEXt may not carry control characters: the parameters travel in iTXt.
+    assert!(!bytes.windows(4).any(|w| w == b"tEXt"));
+    assert!(bytes.windows(4).any(|w| w == b"iTXt"));
+}
+
+#[test]
+fn a_resumed_run_records_images_whose_manifest_line_was_lost() {
+    let d = scratch("manifest");
+    let jobs = d.join("jobs.jsonl");
+    fs::write(
+        &jobs,
+        "{\"prompt\": \"a cat\", \"seed\": 3}\n{\"prompt\": \"a dog\", \"seed\": 4}\n",
+    )
+    .unwrap();
+    let manifest = d.join("m.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "batch",
+            s(&jobs),
+            "--model",
+            "tiny-sd15",
+            "--steps",
+            "2",
+            "--no-key",
+            "--out",
+        ];
+        let out = d.join("{index}.png");
+        let out = s(&out).to_string();
+        let m = s(&manifest).to_string();
+        args.push(&out);
+        args.extend_from_slice(&["--manifest", &m]);
+        args.extend_from_slice(extra);
+        tkg(&args)
+    };
+    let first = run(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let lines: Vec<String> = fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 2);
+    // As if the run had died between image 1 and its manifest line.
+    fs::write(&manifest, format!("{}\n", lines[0])).unwrap();
+    let second = run(&["--skip-existing"]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let text = fs::read_to_string(&manifest).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "{text}");
+    let want: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    let got = &records[1];
+    assert_eq!(got["recovered"], true);
+    for k in [
+        "path",
+        "seed",
+        "prompt",
+        "steps",
+        "width",
+        "height",
+        "command",
+        "parameters",
+    ] {
+        assert_eq!(got[k], want[k], "{k}");
+    }
+    // A third run has nothing to add.
+    let third = run(&["--skip-existing"]);
+    assert!(third.status.success());
+    assert_eq!(fs::read_to_string(&manifest).unwrap(), text);
+}
+
+#[test]
+fn errors_name_the_file() {
+    let d = scratch("names-in-errors");
+    let img = d.join("in.png");
+    let px: Vec<u8> = [0u8, 200, 0].repeat(16);
+    let mut enc = png::Encoder::new(
+        std::io::BufWriter::new(fs::File::create(&img).unwrap()),
+        4,
+        4,
+    );
+    enc.set_color(png::ColorType::Rgb);
+    let mut w = enc.write_header().unwrap();
+    w.write_image_data(&px).unwrap();
+    w.finish().unwrap();
+    let bg = d.join("bg");
+    fs::create_dir(&bg).unwrap();
+    let out = d.join("out.png");
+    let r = tkg(&["key", s(&img), "--out", s(&out), "--composite", s(&bg)]);
+    assert_fails(&r, s(&bg));
+    // A folder given as the image to key.
+    assert_fails(&tkg(&["key", s(&bg), "--out", s(&out)]), s(&bg));
+}
+
+#[test]
+fn sdxl_only_settings_are_refused_on_sd15() {
+    let d = scratch("sdxl-only");
+    let o = d.join("o.png");
+    assert_fails(&generate(&o, &["--original-size", "1024x1024"]), "SDXL");
+    assert_eq!(names(&d), Vec::<String>::new());
+}
+
+/// Through the library: a decode that would not fit in the memory the caller says is free
+/// is refused before any work.
+#[test]
+fn sizes_that_do_not_fit_in_memory_are_refused_up_front() {
+    use std::sync::atomic::AtomicBool;
+    use tkg::run::{EventLog, JobFile, Plan, RunConfig, Runner};
+    let d = scratch("memory");
+    let settings = tkg::settings::Settings {
+        model_dir: Some(cli::hf_home().join("hub/tkg--builtin--tiny-sd15")),
+        prompt: "a red car".into(),
+        steps: 2,
+        width: Some(512),
+        height: Some(512),
+        out: d.join("o.png").display().to_string(),
+        ..Default::default()
+    };
+    let config = RunConfig {
+        device: "cpu".into(),
+        memory_available: Some(1 << 20),
+        ..RunConfig::default()
+    };
+    let plan = Plan::new(&JobFile::command_line(), &settings, 1, "", &config).unwrap();
+    let log = EventLog::default();
+    let cancel = AtomicBool::new(false);
+    let runner = Runner {
+        config: &config,
+        events: &log,
+        cancel: &cancel,
+    };
+    let err = format!("{:#}", runner.run(&plan).unwrap_err());
+    assert!(
+        err.contains("512x512 needs about") && err.contains("GiB are free"),
+        "{err}"
+    );
+    assert_eq!(names(&d), Vec::<String>::new());
+}
