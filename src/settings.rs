@@ -624,8 +624,8 @@ mod tests {
             ..Settings::default()
         };
         let e = s.validate().unwrap_err();
-        assert_eq!(e.as_flags(), "--num-images must be at least 1");
-        assert_eq!(e.as_fields(), "num_images must be at least 1");
+        assert_eq!(e.as_flags(), "--num-images must be 1 to 1000000, not 0");
+        assert_eq!(e.as_fields(), "num_images must be 1 to 1000000, not 0");
         let s = Settings {
             prompt: "x".into(),
             width: Some(100),

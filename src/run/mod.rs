@@ -155,6 +155,10 @@ impl Runner<'_> {
                 self.skip_event(plan, i);
             }
         }
+        let mut manifest = cfg.manifest.as_deref().map(Manifest::open).transpose()?;
+        if let Some(m) = manifest.as_mut() {
+            self.recover_manifest_lines(plan, m)?;
+        }
         let mut skipped = plan.skipped();
         let todo = plan.todo();
         if todo.is_empty() {
@@ -169,10 +173,6 @@ impl Runner<'_> {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
             }
-        }
-        let mut manifest = cfg.manifest.as_deref().map(Manifest::open).transpose()?;
-        if let Some(m) = manifest.as_mut() {
-            self.recover_manifest_lines(plan, m)?;
         }
         let (device, warning) = device::pick(&cfg.device)?;
         if let Some(w) = warning {

@@ -487,10 +487,13 @@ impl Plan {
             shard: cfg.shard,
             selected,
         };
-        if !cfg.create_dirs
-            && let Some(dir) = plan.missing_folders().first()
-        {
-            bail!("output folder {} does not exist", dir.display());
+        for dir in plan.missing_folders() {
+            if dir.exists() {
+                bail!("{} is not a folder", dir.display());
+            }
+            if !cfg.create_dirs {
+                bail!("output folder {} does not exist", dir.display());
+            }
         }
         Ok(plan)
     }
@@ -643,7 +646,7 @@ mod tests {
         for n in 1..=5 {
             assert!(err.contains(&format!("line {n}:")), "{err}");
         }
-        assert!(err.contains("line 1: steps must be at least 1"), "{err}");
+        assert!(err.contains("line 1: steps must be 1 to 10000, not 0"), "{err}");
     }
 
     #[test]
