@@ -101,7 +101,8 @@ pub fn strip_tags(prompt: &str) -> String {
 }
 
 /// Finds a tag's file in `--lora-dir`: `NAME.safetensors` (also in sub-folders, as A1111
-/// does), or `NAME` itself.
+/// does), or `NAME` itself. NAME may name a sub-folder (`style/ink`) but never leads out of
+/// the folder, by `..`, an absolute path or a symlink.
 pub fn resolve_tag(tag: &LoraTag, dir: Option<&Path>) -> Result<LoraSpec> {
     let Some(dir) = dir else {
         bail!(
@@ -109,12 +110,40 @@ pub fn resolve_tag(tag: &LoraTag, dir: Option<&Path>) -> Result<LoraSpec> {
             tag.name
         );
     };
+    let outside = || {
+        anyhow::anyhow!(
+            "<lora:{}>: LoRA names must stay inside --lora-dir {}",
+            tag.name,
+            dir.display()
+        )
+    };
+    // A prompt is input, often a job file's: its names must not reach other files.
+    let rel = Path::new(&tag.name);
+    let plain = rel.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    if !plain || tag.name.contains('\0') || rel.file_name().is_none() {
+        return Err(outside());
+    }
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("<lora:{}>: --lora-dir {}", tag.name, dir.display()))?;
+    let inside = |p: &Path| p.canonicalize().is_ok_and(|c| c.starts_with(&root));
     let want = format!("{}.safetensors", tag.name);
     let direct = [dir.join(&want), dir.join(&tag.name)];
     let mut found = direct.into_iter().find(|p| p.is_file());
     if found.is_none() {
+        let mut seen = BTreeSet::new();
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
+            // Folders symlinked outside are not searched, nor one folder twice (a link cycle).
+            match d.canonicalize() {
+                Ok(c) if c.starts_with(&root) && !seen.contains(&c) => seen.insert(c),
+                _ => continue,
+            };
             let Ok(rd) = std::fs::read_dir(&d) else {
                 continue;
             };
@@ -140,6 +169,9 @@ pub fn resolve_tag(tag: &LoraTag, dir: Option<&Path>) -> Result<LoraSpec> {
             dir.display()
         )
     })?;
+    if !inside(&path) {
+        return Err(outside());
+    }
     Ok(LoraSpec {
         path,
         weight: tag.weight,
@@ -331,6 +363,13 @@ pub struct LoraFile {
 impl LoraFile {
     pub fn open(spec: &LoraSpec) -> Result<Self> {
         super::single_file::check_extension(&spec.path)?;
+        ensure!(
+            spec.weight.is_finite(),
+            "LoRA {} ({}): the weight {} is not a finite number",
+            spec.name,
+            spec.path.display(),
+            spec.weight
+        );
         let file = WeightFile::open(&spec.path).with_context(|| format!("LoRA {}", spec.name))?;
         let mut modules: BTreeMap<(Target, String), Module> = BTreeMap::new();
         let mut unsupported = Vec::new();
@@ -423,16 +462,40 @@ impl LoraFile {
         })
     }
 
+    /// "LoRA NAME (PATH)", the start of every error about this file.
+    fn what(&self) -> String {
+        format!("LoRA {} ({})", self.spec.name, self.spec.path.display())
+    }
+
+    /// Reads one tensor as f32, checking that its values are finite: a NaN or inf would
+    /// spread through the whole weight it is added to.
+    fn read_f32(&self, tensor: &str) -> Result<Tensor> {
+        let t = self
+            .file
+            .read(tensor)
+            .and_then(|t| Ok(t.to_dtype(DType::F32)?))
+            .with_context(|| format!("{}: tensor {tensor}", self.what()))?;
+        ensure!(
+            finite(&t)?,
+            "{}: tensor {tensor} holds NaN or infinite values",
+            self.what()
+        );
+        Ok(t)
+    }
+
+    /// `rank` is at least 1 (checked by `delta`).
     fn scale(&self, target: Target, key: &str, m: &Module, rank: usize) -> Result<f64> {
         let r = rank as f64;
         if let Some(a) = &m.alpha {
-            let alpha = self
-                .file
-                .read(a)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let alpha = *alpha.first().with_context(|| format!("{a} is empty"))? as f64;
+            let t = self.read_f32(a)?;
+            // kohya writes a scalar; [1] is seen too. More values would be a guess.
+            ensure!(
+                t.elem_count() == 1,
+                "{}: tensor {a}: alpha has shape {:?}, not a single number",
+                self.what(),
+                t.dims()
+            );
+            let alpha = t.flatten_all()?.get(0)?.to_scalar::<f32>()? as f64;
             return Ok(if alpha == 0.0 { 1.0 } else { alpha / r });
         }
         if m.kohya {
@@ -450,6 +513,11 @@ impl LoraFile {
             (None, Some(a)) => a,
             (None, None) => return Ok(1.0),
         };
+        ensure!(
+            alpha.is_finite(),
+            "{}: lora_adapter_metadata gives {key} the alpha {alpha}",
+            self.what()
+        );
         Ok(if meta.rslora {
             alpha / r.sqrt()
         } else {
@@ -459,23 +527,37 @@ impl LoraFile {
 
     /// `scale · up @ down` for one module, shaped like the model weight.
     fn delta(&self, target: Target, key: &str, m: &Module, shape: &[usize]) -> Result<Tensor> {
-        let name = &self.spec.name;
-        let down = self
-            .file
-            .read(m.down.as_ref().expect("complete module"))?
-            .to_dtype(DType::F32)?;
-        let up = self
-            .file
-            .read(m.up.as_ref().expect("complete module"))?
-            .to_dtype(DType::F32)?;
-        let rank = down.dim(0)?;
-        let out = up.dim(0)?;
+        let what = self.what();
+        let (Some(down_name), Some(up_name)) = (&m.down, &m.up) else {
+            bail!("{what}: {key} lacks its down or up tensor");
+        };
+        let down = self.read_f32(down_name)?;
+        let up = self.read_f32(up_name)?;
+        // down is [rank, in] or a conv's [rank, in, kh, kw]; up is [out, rank] or
+        // [out, rank, 1, 1]. A zero anywhere (rank 0 most of all) leaves nothing to add and
+        // would divide by zero below.
         ensure!(
-            up.elem_count() == out * rank,
-            "LoRA {name}: {key}: up has shape {:?}, which does not fit rank {rank} (only 1x1 up projections are supported)",
-            up.dims()
+            down.rank() >= 2 && !down.dims().contains(&0),
+            "{what}: tensor {down_name} has shape {:?}; a LoRA down projection is [rank >= 1, in >= 1, ...]",
+            down.dims()
         );
+        let rank = down.dim(0)?;
+        let up_dims = up.dims();
+        ensure!(
+            up_dims.len() >= 2 && !up_dims.contains(&0) && up_dims[2..].iter().all(|&d| d == 1),
+            "{what}: tensor {up_name} has shape {up_dims:?}; a LoRA up projection is [out >= 1, rank, 1, 1] (only 1x1 up projections are supported)"
+        );
+        ensure!(
+            up_dims[1] == rank,
+            "{what}: tensor {up_name} has rank {} but {down_name} has rank {rank}",
+            up_dims[1]
+        );
+        let out = up_dims[0];
         let scale = self.scale(target, key, m, rank)? * self.spec.weight as f64;
+        ensure!(
+            scale.is_finite(),
+            "{what}: {key}: the scale (alpha / rank x weight) is {scale}"
+        );
         // The scale goes into `up` ([out, r], small) rather than over the full product.
         let up = (up.reshape((out, rank))? * scale)?;
         let down = down.reshape((rank, down.elem_count() / rank))?;
@@ -483,11 +565,28 @@ impl LoraFile {
         let numel: usize = shape.iter().product();
         ensure!(
             d.elem_count() == numel && shape.first() == Some(&out),
-            "LoRA {name}: {key} changes a [{out}, {}] weight but the model's is {shape:?}: the LoRA was made for another model",
+            "{what}: {key} changes a [{out}, {}] weight but the model's is {shape:?}: the LoRA was made for another model",
             d.dim(1)?
+        );
+        // Finite factors can still overflow f32 in their product; the full check runs only
+        // when a bound on |d| says it might, as it costs a pass over the whole weight.
+        let bound = max_abs(&up)? * max_abs(&down)? * rank as f64;
+        ensure!(
+            bound < f32::MAX as f64 || finite(&d)?,
+            "{what}: {key}: {up_name} @ {down_name} overflows to infinite values"
         );
         Ok(d.reshape(shape)?)
     }
+}
+
+/// Whether every value of an f32 tensor is finite: their sum is not when one is NaN or
+/// infinite.
+fn finite(t: &Tensor) -> Result<bool> {
+    Ok(t.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
+fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(t.abs()?.max_all()?.to_scalar::<f32>()? as f64)
 }
 
 /// The LoRAs of one load, with what they matched.
@@ -655,9 +754,15 @@ impl LoraSet {
         self.files
             .iter()
             .map(|f| {
-                let h = match f.file.metadata().get("sshs_model_hash") {
-                    Some(h) if h.len() >= 12 => h[..12].to_string(),
-                    _ => addnet_hash(&f.file)?[..12].to_string(),
+                // get(): metadata is free text, and byte 12 may fall inside a character.
+                let h = match f
+                    .file
+                    .metadata()
+                    .get("sshs_model_hash")
+                    .and_then(|h| h.get(..12))
+                {
+                    Some(h) => h.to_string(),
+                    None => addnet_hash(&f.file)?[..12].to_string(),
                 };
                 let alias = f.spec.name.replace([':', ','], "");
                 Ok((alias, h))
@@ -826,5 +931,327 @@ mod tests {
         let s = LoraSpec::parse("/a/b/style.safetensors:0.5").unwrap();
         assert_eq!((s.weight, s.name.as_str()), (0.5, "style"));
         assert_eq!(LoraSpec::parse("c:/x.safetensors").unwrap().weight, 1.0);
+    }
+
+    /// A scratch folder of its own for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tkg-lora-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Writes a safetensors file by hand, so that any shape (zero-sized ones too) and any
+    /// metadata can be written.
+    fn write_st(path: &Path, tensors: &[(&str, &[usize], &[f32])], meta: &[(&str, &str)]) {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, shape, values) in tensors {
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let meta: serde_json::Map<String, Value> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        header.insert("__metadata__".into(), Value::Object(meta));
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header);
+        bytes.extend(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn ramp(n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 - 1.5) * scale).collect()
+    }
+
+    /// Opens a kohya LoRA of one UNet module `foo` and asks it for the change to a
+    /// `shape` weight `foo.weight`.
+    fn delta_of(
+        d: &Path,
+        file: &str,
+        tensors: &[(&str, &[usize], &[f32])],
+        weight: f32,
+        shape: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let path = d.join(file);
+        write_st(&path, tensors, &[]);
+        let spec = LoraSpec {
+            path,
+            weight,
+            name: file.into(),
+        };
+        let set = LoraSet::open(&[spec])?;
+        let patch = set.patch(Target::Unet, None).expect("a UNet module");
+        patch.delta("foo.weight", shape)
+    }
+
+    /// A tensor to write: name, shape, values.
+    type Stored<'a> = (&'a str, &'a [usize], &'a [f32]);
+
+    const DOWN: &str = "lora_unet_foo.lora_down.weight";
+    const UP: &str = "lora_unet_foo.lora_up.weight";
+    const ALPHA: &str = "lora_unet_foo.alpha";
+
+    #[test]
+    fn a_good_module_gives_scale_up_at_down() {
+        let d = scratch("good");
+        let (down, up) = (ramp(2 * 4, 0.5), ramp(3 * 2, 0.25));
+        let t = [
+            (DOWN, &[2, 4][..], &down[..]),
+            (UP, &[3, 2][..], &up[..]),
+            (ALPHA, &[][..], &[1.0][..]),
+        ];
+        let got = delta_of(&d, "good.safetensors", &t, 0.8, &[3, 4])
+            .unwrap()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // alpha / rank · weight = 1 / 2 · 0.8.
+        let scale = 0.5 * 0.8;
+        for (o, row) in got.iter().enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                let want: f32 = (0..2).map(|r| up[o * 2 + r] * down[r * 4 + i]).sum();
+                assert!((v - want * scale).abs() < 1e-6, "[{o}, {i}]: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_lora_tensors_are_one_line_errors() {
+        let d = scratch("hostile");
+        let ok_down = ramp(2 * 4, 0.5);
+        let ok_up = ramp(3 * 2, 0.5);
+        let mut nan_down = ok_down.clone();
+        nan_down[3] = f32::NAN;
+        let mut inf_up = ok_up.clone();
+        inf_up[1] = f32::INFINITY;
+        let huge = vec![1e30f32; 8];
+        let cases: Vec<(&str, Vec<Stored>, f32, &str)> = vec![
+            (
+                "rank0",
+                vec![
+                    (DOWN, &[0, 4], &[]),
+                    (UP, &[3, 0], &[]),
+                    (ALPHA, &[], &[4.0]),
+                ],
+                1.0,
+                DOWN,
+            ),
+            (
+                "zero_in",
+                vec![(DOWN, &[2, 0], &[]), (UP, &[3, 2], &ok_up)],
+                1.0,
+                DOWN,
+            ),
+            (
+                "zero_out",
+                vec![(DOWN, &[2, 4], &ok_down), (UP, &[0, 2], &[])],
+                1.0,
+                UP,
+            ),
+            (
+                "flat_down",
+                vec![(DOWN, &[8], &ok_down), (UP, &[3, 2], &ok_up)],
+                1.0,
+                DOWN,
+            ),
+            (
+                "scalar_up",
+                vec![(DOWN, &[1, 4], &ok_down[..4]), (UP, &[], &[1.0])],
+                1.0,
+                UP,
+            ),
+            (
+                "ranks_differ",
+                vec![(DOWN, &[2, 4], &ok_down), (UP, &[2, 3], &ok_up)],
+                1.0,
+                UP,
+            ),
+            (
+                "up_3x3",
+                vec![(DOWN, &[1, 4], &ok_down[..4]), (UP, &[1, 1, 2, 3], &ok_up)],
+                1.0,
+                UP,
+            ),
+            (
+                "alpha_nan",
+                vec![
+                    (DOWN, &[2, 4], &ok_down),
+                    (UP, &[3, 2], &ok_up),
+                    (ALPHA, &[], &[f32::NAN]),
+                ],
+                1.0,
+                ALPHA,
+            ),
+            (
+                "alpha_inf",
+                vec![
+                    (DOWN, &[2, 4], &ok_down),
+                    (UP, &[3, 2], &ok_up),
+                    (ALPHA, &[1], &[f32::INFINITY]),
+                ],
+                1.0,
+                ALPHA,
+            ),
+            (
+                "alpha_shape",
+                vec![
+                    (DOWN, &[2, 4], &ok_down),
+                    (UP, &[3, 2], &ok_up),
+                    (ALPHA, &[2], &[1.0, 2.0]),
+                ],
+                1.0,
+                ALPHA,
+            ),
+            (
+                "alpha_empty",
+                vec![
+                    (DOWN, &[2, 4], &ok_down),
+                    (UP, &[3, 2], &ok_up),
+                    (ALPHA, &[0], &[]),
+                ],
+                1.0,
+                ALPHA,
+            ),
+            (
+                "nan_down",
+                vec![(DOWN, &[2, 4], &nan_down), (UP, &[3, 2], &ok_up)],
+                1.0,
+                DOWN,
+            ),
+            (
+                "inf_up",
+                vec![(DOWN, &[2, 4], &ok_down), (UP, &[3, 2], &inf_up)],
+                1.0,
+                UP,
+            ),
+            (
+                "overflow",
+                vec![(DOWN, &[2, 4], &huge), (UP, &[3, 2], &huge[..6])],
+                1.0,
+                DOWN,
+            ),
+            (
+                "weight_nan",
+                vec![(DOWN, &[2, 4], &ok_down), (UP, &[3, 2], &ok_up)],
+                f32::NAN,
+                "weight",
+            ),
+            (
+                "weight_inf",
+                vec![(DOWN, &[2, 4], &ok_down), (UP, &[3, 2], &ok_up)],
+                f32::NEG_INFINITY,
+                "weight",
+            ),
+        ];
+        for (case, tensors, weight, names) in cases {
+            let file = format!("{case}.safetensors");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                delta_of(&d, &file, &tensors, weight, &[3, 4])
+            }));
+            let r = r.unwrap_or_else(|_| panic!("{case}: panicked"));
+            let msg = match r {
+                Ok(t) => panic!("{case}: no error, gave {t:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(!msg.contains('\n'), "{case}: {msg}");
+            assert!(msg.contains(&file), "{case}: names the file: {msg}");
+            assert!(msg.contains(names), "{case}: names {names}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_short_hash_in_metadata_does_not_split_a_character() {
+        let d = scratch("hash");
+        let path = d.join("h.safetensors");
+        let (down, up) = (ramp(4, 1.0), ramp(3, 1.0));
+        let t = [(DOWN, &[1, 4][..], &down[..]), (UP, &[3, 1][..], &up[..])];
+        // Byte 12 falls inside the last 'é'.
+        write_st(&path, &t, &[("sshs_model_hash", "aéééééé")]);
+        let spec = LoraSpec::parse(path.to_str().unwrap()).unwrap();
+        let set = LoraSet::open(std::slice::from_ref(&spec)).unwrap();
+        let want = addnet_hash(&WeightFile::open(&path).unwrap()).unwrap();
+        assert_eq!(
+            set.hashes().unwrap(),
+            [("h".to_string(), want[..12].to_string())]
+        );
+        write_st(&path, &t, &[("sshs_model_hash", "0123456789abcdef")]);
+        let set = LoraSet::open(&[spec]).unwrap();
+        assert_eq!(set.hashes().unwrap()[0].1, "0123456789ab");
+    }
+
+    #[test]
+    fn tags_stay_inside_the_lora_dir() {
+        let root = scratch("escape");
+        let dir = root.join("loras");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::create_dir_all(root.join("outside")).unwrap();
+        for f in [
+            "loras/a.safetensors",
+            "loras/sub/b.safetensors",
+            "outside/x.safetensors",
+        ] {
+            std::fs::write(root.join(f), b"").unwrap();
+        }
+        let tag = |name: &str| LoraTag {
+            name: name.into(),
+            weight: 0.5,
+        };
+        let resolve = |name: &str| resolve_tag(&tag(name), Some(&dir));
+        let found = |name: &str| resolve(name).unwrap().path;
+        assert_eq!(found("a"), dir.join("a.safetensors"));
+        assert_eq!(found("a.safetensors"), dir.join("a.safetensors"));
+        assert_eq!(found("sub/b"), dir.join("sub/b.safetensors"));
+        assert_eq!(found("b"), dir.join("sub/b.safetensors"));
+        assert_eq!(resolve("b").unwrap().weight, 0.5);
+        let escapes = |name: &str| {
+            let msg = format!("{:#}", resolve(name).expect_err(name));
+            assert!(
+                msg.contains(&format!("<lora:{name}>"))
+                    && msg.contains("must stay inside --lora-dir"),
+                "{name}: {msg}"
+            );
+            assert!(!msg.contains('\n'), "{msg}");
+        };
+        let abs = root.join("outside/x");
+        for name in [
+            "../outside/x",
+            "sub/../../outside/x",
+            "sub/../a",
+            "..",
+            abs.to_str().unwrap(),
+            "/etc/passwd",
+            "a\0",
+            "",
+            ".",
+        ] {
+            escapes(name);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::symlink;
+            symlink(
+                root.join("outside/x.safetensors"),
+                dir.join("link.safetensors"),
+            )
+            .unwrap();
+            symlink(root.join("outside"), dir.join("out")).unwrap();
+            symlink(&dir, dir.join("sub/loop")).unwrap();
+            symlink(dir.join("a.safetensors"), dir.join("sub/alias.safetensors")).unwrap();
+            escapes("link");
+            escapes("out/x");
+            // The search does not follow a link out of the folder, and ends on a link cycle.
+            let msg = format!("{:#}", resolve("x").unwrap_err());
+            assert!(msg.contains("no x.safetensors in --lora-dir"), "{msg}");
+            assert!(resolve("missing").is_err());
+            // A link that stays inside is fine.
+            assert_eq!(found("alias"), dir.join("sub/alias.safetensors"));
+        }
     }
 }
