@@ -58,8 +58,17 @@ fn limits_are_checked_before_anything_is_allocated() {
         assert_fails(&with(&["--num-images", "100000000000"]), "num-images");
         assert_fails(&with(&["--steps", "100000000"]), "steps");
         let mut args = vec![
-            "generate", "--model", "tiny-sd15", "--prompt", "a red car", "--out", s(&o),
-            "--seed", "18446744073709551615", "--num-images", "2",
+            "generate",
+            "--model",
+            "tiny-sd15",
+            "--prompt",
+            "a red car",
+            "--out",
+            s(&o),
+            "--seed",
+            "18446744073709551615",
+            "--num-images",
+            "2",
         ];
         args.extend_from_slice(dry);
         assert_fails(&tkg(&args), "seeds do not wrap");
@@ -450,9 +459,27 @@ mod fuzz {
     /// JSON-ish text: job lines are mostly objects with known keys and odd values.
     fn job_line() -> impl Strategy<Value = String> {
         let key = prop::sample::select(vec![
-            "prompt", "negative_prompt", "seed", "num_images", "steps", "guidance", "width",
-            "height", "color", "shift", "method", "out", "save_latents", "model", "lora",
-            "subject_center", "mask_sigma", "clip_skip", "rng", "original_size", "bogus",
+            "prompt",
+            "negative_prompt",
+            "seed",
+            "num_images",
+            "steps",
+            "guidance",
+            "width",
+            "height",
+            "color",
+            "shift",
+            "method",
+            "out",
+            "save_latents",
+            "model",
+            "lora",
+            "subject_center",
+            "mask_sigma",
+            "clip_skip",
+            "rng",
+            "original_size",
+            "bogus",
         ]);
         let value = prop_oneof![
             any::<i64>().prop_map(|v| v.to_string()),

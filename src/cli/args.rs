@@ -151,7 +151,8 @@ pub struct RunOptions {
     /// Indexed Job from the environment).
     #[arg(long, value_name = "I/N|auto")]
     pub shard: Option<String>,
-    /// The shard count for --shard auto in a Kubernetes Indexed Job (its completions).
+    /// The shard count for --shard auto: a Kubernetes Indexed Job's completions (a Slurm
+    /// array gives its own; this may only repeat it).
     #[arg(long, value_name = "N")]
     pub shard_count: Option<usize>,
     /// Append one JSON line per finished image (paths, seed, settings, timings, keying).

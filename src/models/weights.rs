@@ -99,12 +99,15 @@ impl WeightFile {
                 offs.first().and_then(|v| v.as_u64()),
                 offs.get(1).and_then(|v| v.as_u64()),
             ) {
-                (Some(s), Some(e)) if e >= s => (s, e),
+                (Some(s), Some(e)) if e >= s && e <= file_len => (s, e),
                 _ => bail!("{} (bad offsets for {name})", bad()),
             };
-            let numel: usize = shape.iter().product();
+            let bytes = shape
+                .iter()
+                .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+                .with_context(|| format!("{} ({name}: shape {shape:?} overflows)", bad()))?;
             ensure!(
-                (e - s) as usize == numel * dtype.size_in_bytes(),
+                (e - s) as usize == bytes,
                 "{} ({name}: {} bytes for shape {shape:?})",
                 bad(),
                 e - s

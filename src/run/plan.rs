@@ -646,7 +646,10 @@ mod tests {
         for n in 1..=5 {
             assert!(err.contains(&format!("line {n}:")), "{err}");
         }
-        assert!(err.contains("line 1: steps must be 1 to 10000, not 0"), "{err}");
+        assert!(
+            err.contains("line 1: steps must be 1 to 10000, not 0"),
+            "{err}"
+        );
     }
 
     #[test]
