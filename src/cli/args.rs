@@ -400,7 +400,7 @@ impl JobOptions {
             manifest: run.manifest.clone(),
             download_progress: !ui.quiet,
             download_notices: Some(ui.download_notices()),
-            memory_available: super::runtime::memory_available(),
+            memory_available: tkg::run::device::free_host_memory(),
             // For measurements: one UNet call for a whole CPU batch (not bit-identical).
             fuse_cpu_batch: std::env::var_os("TKG_FUSED_CPU_BATCH").is_some_and(|v| v == "1"),
         })

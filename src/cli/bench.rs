@@ -71,7 +71,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         registry_file: super::args::registry_file(args.models_file.as_deref()),
         download_progress: !ui.quiet,
         download_notices: Some(ui.download_notices()),
-        memory_available: super::runtime::memory_available(),
+        memory_available: tkg::run::device::free_host_memory(),
         ..RunConfig::default()
     };
     let model = model::resolve(&settings, &cfg, &|m| ui.info(m))?;

@@ -272,7 +272,7 @@ fn check_file_name(p: &Path, ext: Option<&str>) -> Result<(), String> {
         return Err(format!("{text:?} contains a NUL character"));
     }
     let name = p.file_name().map(|n| n.to_string_lossy());
-    if text == "." || text.ends_with('/') || text.ends_with("/.") || name.is_none() {
+    if text == "." || text.ends_with('/') || text.ends_with("/.") || name.is_none() || p.is_dir() {
         return Err(format!("{} names a folder; give a file name", p.display()));
     }
     if let Some(ext) = ext
