@@ -538,3 +538,36 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_long_prompt_is_quoted_by_its_start_only() {
+    let d = scratch("long-prompt");
+    let o = d.join("o.png");
+    let prompt = "a red car on a green screen ".repeat(400);
+    let out = tkg(&[
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        &prompt,
+        "--seed",
+        "1",
+        "--steps",
+        "2",
+        "--no-key",
+        "--out",
+        s(&o),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.contains("this part was dropped"))
+        .unwrap_or_else(|| panic!("no truncation warning in: {err}"));
+    assert!(
+        warning.len() < 300,
+        "{} characters: {warning}",
+        warning.len()
+    );
+    assert!(warning.contains("more characters"), "{warning}");
+}

@@ -47,9 +47,19 @@ impl TextTower {
             if enc.truncated
                 && let Some(removed) = self.tokenizer.removed_text(t)?
             {
+                // A long prompt is quoted by its start only: the warning stays one line.
+                const SHOWN: usize = 60;
+                let n = removed.chars().count();
+                let shown: String = removed.chars().take(SHOWN).collect();
+                let more = if n > SHOWN {
+                    format!("… ({} more characters)", n - SHOWN)
+                } else {
+                    String::new()
+                };
                 warnings.push(format!(
-                    "the prompt is longer than {} tokens; this part was dropped: \"{removed}\"",
-                    self.tokenizer.max_length()
+                    "the prompt is longer than {} tokens; this part was dropped: \"{}\"{more}",
+                    self.tokenizer.max_length(),
+                    shown.replace(['\n', '\r'], " ")
                 ));
             }
             ids.push(Tensor::new(enc.ids.as_slice(), device)?);

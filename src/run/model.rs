@@ -72,10 +72,15 @@ pub fn resolve(s: &Settings, cfg: &RunConfig, notice: &dyn Fn(String)) -> Result
             ModelFolder::local(&builtin::ensure(&entry.name)?)?
         }
         Source::File(p) => return resolve_file(p, entry.name.clone()),
-        _ => entry
-            .folder()?
-            .with_progress(cfg.download_progress)
-            .with_notice_sink(cfg.download_notices.clone()),
+        _ => {
+            let folder = entry
+                .folder()?
+                .with_progress(cfg.download_progress)
+                .with_notice_sink(cfg.download_notices.clone());
+            // The entry's family decides defaults; the configs must agree with it.
+            entry.check_family(crate::pipeline::detect_family(&folder)?)?;
+            folder
+        }
     };
     Ok(ResolvedModel {
         name: entry.name.clone(),
@@ -194,15 +199,24 @@ mod tests {
     #[test]
     fn registry_vae_and_fp16_variant_are_honoured() {
         let dir = std::env::temp_dir().join(format!("tkg-model-test-{}", std::process::id()));
-        let (model, vae) = (dir.join("m"), dir.join("v"));
-        std::fs::create_dir_all(&model).unwrap();
+        let (model, plain, vae) = (dir.join("m"), dir.join("p"), dir.join("v"));
+        std::fs::create_dir_all(model.join("text_encoder_2")).unwrap();
+        std::fs::create_dir_all(plain.join("unet")).unwrap();
         std::fs::create_dir_all(&vae).unwrap();
+        // Just enough config to tell the families apart.
+        std::fs::write(model.join("text_encoder_2/config.json"), "{}").unwrap();
+        std::fs::write(
+            plain.join("unet/config.json"),
+            r#"{"down_block_types": [], "up_block_types": [], "block_out_channels": []}"#,
+        )
+        .unwrap();
         let toml = dir.join("models.toml");
         std::fs::write(
             &toml,
             "[models.mine]\nfamily = \"sdxl\"\ndir = \"m\"\nvae = \"myvae\"\nwidth = 640\n\
              [models.myvae]\nfamily = \"sdxl\"\nkind = \"vae\"\ndir = \"v\"\n\
-             [models.plain]\nfamily = \"sd15\"\ndir = \"m\"\nfp16_variant = true\n",
+             [models.plain]\nfamily = \"sd15\"\ndir = \"p\"\nfp16_variant = true\n\
+             [models.wrong]\nfamily = \"sd15\"\ndir = \"m\"\n",
         )
         .unwrap();
         let cfg = config_with(&toml);
@@ -225,6 +239,13 @@ mod tests {
         let m = resolve(&s, &cfg, &|_| {}).unwrap();
         assert!(m.fp16_files && m.half_vae.is_none());
         assert!(m.vae_source(None, DType::F16).unwrap().is_none());
+        // An entry whose family its configs contradict is refused, not taken on trust.
+        let s = Settings {
+            model: "wrong".into(),
+            ..Settings::default()
+        };
+        let err = format!("{:#}", resolve(&s, &cfg, &|_| {}).unwrap_err());
+        assert!(err.contains("listed as sd15"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
