@@ -106,7 +106,7 @@ fn output_names_must_be_png_files_in_folders() {
     let file = d.join("file");
     fs::write(&file, b"x").unwrap();
     assert_fails(&generate(&file.join("o.png"), &[]), "is not a folder");
-    assert_fails(&generate(&d, &[]), "is a folder");
+    assert_fails(&generate(&d, &[]), "names a folder");
     let sub = format!("{}/", s(&d.join("sub")));
     assert_fails(&generate(Path::new(&sub), &[]), "folder");
     assert_fails(&generate(&d.join("o.jpg"), &[]), ".png");
