@@ -1,37 +1,13 @@
 //! The real binary on the built-in tiny model: outputs, metadata, determinism, and every
 //! kind of bad input failing with one line and leaving nothing behind.
 
+#[path = "common/cli.rs"]
+mod cli;
+
+use cli::{hf_home, scratch};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-/// A scratch folder per test, with its own HF cache.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tkg-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// One shared HF cache holding the materialised tiny model.
-fn hf_home() -> &'static Path {
-    static HOME: OnceLock<PathBuf> = OnceLock::new();
-    HOME.get_or_init(|| {
-        let d = scratch("hfhome");
-        let out = Command::new(env!("CARGO_BIN_EXE_tkg"))
-            .args(["models", "materialize", "tiny-sd15"])
-            .arg(d.join("hub/tkg--builtin--tiny-sd15"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        d
-    })
-}
 
 fn tkg(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tkg"))
