@@ -11,7 +11,7 @@ use super::tokenizer;
 use super::unet::UNet;
 use super::vae::Vae;
 use super::weights::RandomWeights;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use serde_json::{Value, json};
 use std::fs;
@@ -145,47 +145,99 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    fs::create_dir_all(path.parent().expect("has a parent"))?;
+    create_parent(path)?;
     fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn save_weights(weights: &RandomWeights, path: &Path) -> Result<()> {
     let tensors = weights.tensors();
     let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();
-    fs::create_dir_all(path.parent().expect("has a parent"))?;
+    create_parent(path)?;
     candle_core::safetensors::save(&map, path)
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn create_parent(path: &Path) -> Result<()> {
+    let dir = path.parent().expect("a file in the model folder");
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// "cannot create DIR: ..." for an io error on `dir`. ENOTDIR and EEXIST do not say which
+/// part of the path is in the way, so a file among `dir` and its ancestors is named instead.
+fn cannot_create(dir: &Path, e: std::io::Error) -> anyhow::Error {
+    let file = dir
+        .ancestors()
+        .find(|a| fs::metadata(a).is_ok_and(|m| !m.is_dir()));
+    match file {
+        Some(f) if f == dir => anyhow!(
+            "cannot create {}: a file of that name exists",
+            dir.display()
+        ),
+        Some(f) => anyhow!(
+            "cannot create {}: {} is a file, not a folder",
+            dir.display(),
+            f.display()
+        ),
+        None => anyhow::Error::new(e).context(format!("cannot create {}", dir.display())),
+    }
 }
 
 /// Writes the built-in model `name` as a diffusers folder at `dir` (which must not exist yet,
-/// or be empty).
+/// or be empty). Every file-system error names the path it is about.
 pub fn materialize(name: &str, dir: &Path) -> Result<()> {
     let (vocab, merges) = tokenizer::tiny_vocab(TINY_MERGES);
     let vocab_len = serde_json::from_str::<serde_json::Map<String, Value>>(&vocab)?.len();
     let eos = (vocab_len - 1) as u32;
     let spec = spec(name, vocab_len, eos)?;
-    if dir.exists() && fs::read_dir(dir)?.next().is_some() {
-        bail!("{} exists and is not empty", dir.display());
+    // The model is renamed into place, which needs a last component to name.
+    let Some(leaf) = dir.file_name() else {
+        bail!(
+            "cannot create {}: give the new folder a name, e.g. {}",
+            dir.display(),
+            dir.join(name).display()
+        );
+    };
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            let mut entries =
+                fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            if entries.next().is_some() {
+                bail!("{} exists and is not empty", dir.display());
+            }
+        }
+        Ok(_) => bail!(
+            "cannot create {}: a file of that name exists",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(cannot_create(dir, e)),
     }
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    fs::create_dir_all(parent).map_err(|e| cannot_create(dir, e))?;
     // Build in a sibling temporary folder, then rename: no half-written model is ever visible.
     let tmp = parent.join(format!(
         ".{}.tkg-tmp-{}",
-        dir.file_name().unwrap_or_default().to_string_lossy(),
+        leaf.to_string_lossy(),
         std::process::id()
     ));
     let _ = fs::remove_dir_all(&tmp);
-    let result = write_folder(&spec, &tmp, &vocab, &merges).and_then(|()| {
-        if dir.exists() {
-            fs::remove_dir(dir)?;
-        }
-        fs::rename(&tmp, dir).with_context(|| format!("moving the model into {}", dir.display()))
-    });
+    // Creating the sibling is where an unwritable parent shows: say so about `dir`.
+    fs::create_dir(&tmp).map_err(|e| cannot_create(dir, e))?;
+    let result = write_folder(&spec, &tmp, &vocab, &merges)
+        .with_context(|| format!("cannot create {}", dir.display()))
+        .and_then(|()| {
+            if dir.exists() {
+                fs::remove_dir(dir).with_context(|| {
+                    format!("cannot replace the empty folder {}", dir.display())
+                })?;
+            }
+            fs::rename(&tmp, dir)
+                .with_context(|| format!("cannot move the model into {}", dir.display()))
+        });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
@@ -264,9 +316,11 @@ fn write_folder(spec: &Spec, dir: &Path, vocab: &str, merges: &str) -> Result<()
 }
 
 fn write_tokenizer(tok: &Path, vocab: &str, merges: &str, pad: &str) -> Result<()> {
-    fs::create_dir_all(tok)?;
-    fs::write(tok.join("vocab.json"), vocab)?;
-    fs::write(tok.join("merges.txt"), merges)?;
+    fs::create_dir_all(tok).with_context(|| format!("cannot create {}", tok.display()))?;
+    for (file, text) in [("vocab.json", vocab), ("merges.txt", merges)] {
+        let p = tok.join(file);
+        fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+    }
     let special = json!({
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": pad, "unk_token": "<|endoftext|>"
@@ -311,4 +365,80 @@ pub fn architecture(name: &str) -> Result<Architecture> {
         vae: spec.vae,
         scheduler: sd15_scheduler(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let p =
+                std::env::temp_dir().join(format!("tkg-builtin-test-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The whole error chain, which must be one line naming `dir`.
+    fn error_for(dir: &Path) -> String {
+        let err = format!("{:#}", materialize("tiny-sd15", dir).unwrap_err());
+        assert!(!err.contains('\n'), "{err}");
+        assert!(
+            err.starts_with(&format!("cannot create {}", dir.display())),
+            "{err}"
+        );
+        err
+    }
+
+    #[test]
+    fn materialize_below_a_file_names_the_file() {
+        let t = TempDir::new("below-file");
+        let file = t.0.join("plain");
+        fs::write(&file, "x").unwrap();
+        assert!(error_for(&file).contains("a file of that name exists"));
+        for dir in [file.join("m"), file.join("a/b")] {
+            let err = error_for(&dir);
+            assert!(
+                err.contains(&format!("{} is a file, not a folder", file.display())),
+                "{err}"
+            );
+        }
+        // Nothing was left behind next to the file.
+        assert_eq!(fs::read_dir(&t.0).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn materialize_into_an_unwritable_folder_names_the_folder() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = TempDir::new("unwritable");
+        let ro = t.0.join("ro");
+        fs::create_dir(&ro).unwrap();
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+        // Root writes anyway: then there is nothing to refuse.
+        let writable = fs::write(ro.join("probe"), "x").is_ok();
+        let result = (!writable).then(|| error_for(&ro.join("m")));
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
+        match result {
+            Some(err) => assert!(err.contains("Permission denied"), "{err}"),
+            None => eprintln!("skipped: this user can write into {}", ro.display()),
+        }
+    }
+
+    #[test]
+    fn materialize_needs_a_folder_name() {
+        let err = format!(
+            "{:#}",
+            materialize("tiny-sd15", Path::new("..")).unwrap_err()
+        );
+        assert!(err.contains("give the new folder a name"), "{err}");
+    }
 }
