@@ -5,7 +5,9 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use tkg::models::builtin;
-use tkg::models::registry::Registry;
+use tkg::models::hub::ModelFolder;
+use tkg::models::registry::{ModelEntry, ModelKind, Registry, Source};
+use tkg::pipeline::detect_family;
 
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
@@ -35,22 +37,42 @@ pub fn run(args: &ModelsArgs, ui: Ui) -> Result<()> {
         ModelsCommand::List { models_file } => {
             let reg = Registry::load(super::args::registry_file(models_file.as_deref()).as_ref())?;
             println!("{:<20} {:<6} {:<8} SOURCE", "NAME", "FAMILY", "CACHED");
+            let mut mismatches = Vec::new();
             for e in reg.entries() {
+                let cached = e.is_cached();
+                // `as_str`: Family's Display ignores the column width.
                 println!(
                     "{:<20} {:<6} {:<8} {}",
                     e.name,
-                    e.family,
-                    if e.is_cached() { "yes" } else { "no" },
+                    e.family.as_str(),
+                    if cached { "yes" } else { "no" },
                     e.source
                 );
+                mismatches.extend(family_mismatch(e));
+            }
+            for err in mismatches {
+                ui.warn(format!("{err:#}"));
             }
             Ok(())
         }
         ModelsCommand::Materialize { name, dir } => {
             ui.info(format!("writing {name} into {}", dir.display()));
+            // The library's errors name the path; nothing is added here.
             builtin::materialize(name, dir)?;
             println!("{}", dir.display());
             Ok(())
         }
     }
+}
+
+/// The error when a pipeline's own configs, where they are on this machine, say another
+/// family than its registry entry. Read from the cache alone (a local view of the snapshot:
+/// listing never downloads); configs that cannot be read say nothing here, CACHED shows it.
+fn family_mismatch(e: &ModelEntry) -> Option<anyhow::Error> {
+    if e.kind != ModelKind::Pipeline || matches!(e.source, Source::File(_)) {
+        return None;
+    }
+    let root = e.folder().ok()?.root()?;
+    let found = detect_family(&ModelFolder::local(&root).ok()?).ok()?;
+    e.check_family(found).err()
 }

@@ -108,19 +108,79 @@ impl ModelEntry {
         }
     }
 
-    /// Whether the model can be used without downloading anything: the Hub snapshot has
-    /// model_index.json (config.json for a VAE repo), the folder/file exists, or the built-in
-    /// model has been materialised (its folder has model_index.json).
+    /// Whether the model can be used without downloading anything: the files it needs
+    /// (see [`has_needed_files`]) are in the Hub snapshot (which has model_index.json, or
+    /// config.json for a VAE repo), the local folder or the materialised built-in folder
+    /// (whose model_index.json, written last, marks it complete); a single file exists.
     pub fn is_cached(&self) -> bool {
         match &self.source {
             Source::Hub { repo, revision } => ModelFolder::hub(repo, revision)
-                .map(|f| f.is_cached())
-                .unwrap_or(false),
-            Source::Dir(dir) => dir.is_dir(),
-            Source::File(p) => p.is_file(),
-            Source::Builtin => builtin_cache_dir(&self.name)
-                .join("model_index.json")
-                .is_file(),
+                .ok()
+                .filter(ModelFolder::is_cached)
+                .and_then(|f| f.root())
+                .is_some_and(|root| has_needed_files(&root, self.kind, self.family)),
+            Source::Dir(dir) => has_needed_files(dir, self.kind, self.family),
+            Source::File(p) => is_file_through_links(p),
+            Source::Builtin => {
+                let dir = builtin_cache_dir(&self.name);
+                is_file_through_links(&dir.join("model_index.json"))
+                    && has_needed_files(&dir, self.kind, self.family)
+            }
+        }
+    }
+
+    /// An error when `found`, the family the model's own configs say (e.g.
+    /// [`crate::pipeline::detect_family`]), is not the entry's `family`: the registry's
+    /// family is otherwise taken on trust (default size, shift, which VAE fits).
+    pub fn check_family(&self, found: Family) -> Result<()> {
+        if found == self.family {
+            return Ok(());
+        }
+        let file = match &self.origin {
+            Some(p) => p.display().to_string(),
+            None => "<built-in models.toml>".to_string(),
+        };
+        bail!(
+            "model `{}` is listed as {} in {file}, but its configs are those of an {found} \
+             model; set `family = \"{found}\"` in its [models.{}] entry",
+            self.name,
+            self.family,
+            self.name
+        )
+    }
+}
+
+/// Whether `p` is a file, following symlinks: a Hub snapshot holds links into `blobs/`, and
+/// a link whose blob was deleted must not count (`symlink_metadata` would say it exists).
+fn is_file_through_links(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
+}
+
+/// Whether the model folder `root` has, through their links, every file the loader cannot
+/// do without: each component's config and safetensors weights (plain or `.fp16`), the
+/// scheduler config and each text tower's tokenizer (`tokenizer.json`, or `vocab.json` with
+/// `merges.txt`). Optional files (model_index.json, tokenizer side files) are not required.
+pub fn has_needed_files(root: &Path, kind: ModelKind, family: Family) -> bool {
+    let file = |rel: &str| is_file_through_links(&root.join(rel));
+    let weights = |dir: &str, name: &str| {
+        file(&format!("{dir}{name}.safetensors")) || file(&format!("{dir}{name}.fp16.safetensors"))
+    };
+    let component =
+        |dir: &str, name: &str| file(&format!("{dir}config.json")) && weights(dir, name);
+    match kind {
+        // As the loader reads a VAE folder: vae/ when it has vae/config.json, else the root.
+        ModelKind::Vae if file("vae/config.json") => component("vae/", "diffusion_pytorch_model"),
+        ModelKind::Vae => component("", "diffusion_pytorch_model"),
+        ModelKind::Pipeline => {
+            component("unet/", "diffusion_pytorch_model")
+                && component("vae/", "diffusion_pytorch_model")
+                && file("scheduler/scheduler_config.json")
+                && family.spec().tower_suffixes.iter().all(|s| {
+                    component(&format!("text_encoder{s}/"), "model")
+                        && (file(&format!("tokenizer{s}/tokenizer.json"))
+                            || (file(&format!("tokenizer{s}/vocab.json"))
+                                && file(&format!("tokenizer{s}/merges.txt"))))
+                })
         }
     }
 }
@@ -393,6 +453,24 @@ fn parse_entry(
             bail!(
                 "`builtin = true` is only for tkg's own models: {}",
                 BUILTIN_NAMES.join(", ")
+            );
+        }
+        if raw.kind != ModelKind::Pipeline {
+            bail!(
+                "`{name}` is a built-in pipeline; `kind = \"{}\"` does not fit it",
+                raw.kind
+            );
+        }
+        // A built-in model's family is fixed by its architecture: count its text towers.
+        let towers = super::builtin::architecture(name)?.text_encoders.len();
+        if let Some(actual) = [Family::Sd15, Family::Sdxl]
+            .into_iter()
+            .find(|f| f.spec().tower_suffixes.len() == towers)
+            .filter(|f| *f != raw.family)
+        {
+            bail!(
+                "`{name}` is a built-in {actual} model; `family = \"{}\"` does not fit it",
+                raw.family
             );
         }
         Source::Builtin
@@ -842,15 +920,32 @@ mod tests {
         );
     }
 
+    /// The files of an SD1.5 pipeline.
+    const SD15_FILES: &[&str] = &[
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+    ];
+
     #[test]
     fn entry_cache_state_for_local_sources() {
         let t = TempDir::new("cached");
         let dir = t.0.join("model");
-        std::fs::create_dir_all(&dir).unwrap();
+        for f in SD15_FILES {
+            write(&dir, f, "{}");
+        }
+        std::fs::create_dir_all(t.0.join("bare")).unwrap();
         let file = write(
             &t.0,
             "m.toml",
-            "[models.here]\nfamily = \"sd15\"\ndir = \"model\"\n[models.gone]\nfamily = \"sd15\"\ndir = \"missing\"\n[models.f]\nfamily = \"sd15\"\nfile = \"missing.safetensors\"\n",
+            "[models.here]\nfamily = \"sd15\"\ndir = \"model\"\n[models.bare]\nfamily = \"sd15\"\ndir = \"bare\"\n[models.gone]\nfamily = \"sd15\"\ndir = \"missing\"\n[models.f]\nfamily = \"sd15\"\nfile = \"missing.safetensors\"\n",
         );
         let r = Registry::load(Some(&UserFile {
             path: file.clone(),
@@ -859,9 +954,125 @@ mod tests {
         .unwrap();
         assert!(r.get("here").unwrap().is_cached());
         assert!(r.get("here").unwrap().folder().is_ok());
+        // An empty folder exists but holds no model.
+        assert!(!r.get("bare").unwrap().is_cached());
+        assert!(r.get("bare").unwrap().folder().is_ok());
         assert!(!r.get("gone").unwrap().is_cached());
         assert!(r.get("gone").unwrap().folder().is_err());
         assert!(!r.get("f").unwrap().is_cached());
         assert!(r.get("f").unwrap().folder().is_err());
+        std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+        assert!(!r.get("here").unwrap().is_cached());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn needed_files_are_followed_through_links() {
+        use std::os::unix::fs::symlink;
+        let t = TempDir::new("links");
+        // A Hub snapshot: every file a relative link into blobs/.
+        let snap = t.0.join("snapshots/abc");
+        for (i, f) in SD15_FILES.iter().enumerate() {
+            write(&t.0, &format!("blobs/{i}"), "{}");
+            let link = snap.join(f);
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            let depth = f.matches('/').count() + 2;
+            symlink(format!("{}blobs/{i}", "../".repeat(depth)), &link).unwrap();
+        }
+        assert!(has_needed_files(&snap, ModelKind::Pipeline, Family::Sd15));
+        // SDXL needs a second tower this folder lacks.
+        assert!(!has_needed_files(&snap, ModelKind::Pipeline, Family::Sdxl));
+        // Each needed file's blob, deleted in turn, makes the model not cached; the link
+        // itself stays.
+        for (i, f) in SD15_FILES.iter().enumerate().skip(1) {
+            let blob = t.0.join(format!("blobs/{i}"));
+            std::fs::remove_file(&blob).unwrap();
+            assert!(std::fs::symlink_metadata(snap.join(f)).is_ok());
+            assert!(
+                !has_needed_files(&snap, ModelKind::Pipeline, Family::Sd15),
+                "{f} dangles"
+            );
+            std::fs::write(&blob, "{}").unwrap();
+        }
+        // model_index.json is optional to the loader.
+        std::fs::remove_file(t.0.join("blobs/0")).unwrap();
+        assert!(has_needed_files(&snap, ModelKind::Pipeline, Family::Sd15));
+    }
+
+    #[test]
+    fn needed_files_of_a_vae_and_fp16_weights() {
+        let t = TempDir::new("vae-files");
+        let root = t.0.join("root");
+        write(&root, "config.json", "{}");
+        assert!(!has_needed_files(&root, ModelKind::Vae, Family::Sdxl));
+        write(&root, "diffusion_pytorch_model.fp16.safetensors", "w");
+        assert!(has_needed_files(&root, ModelKind::Vae, Family::Sdxl));
+        // A vae/ subfolder is what the loader reads when it has a config.
+        write(&root, "vae/config.json", "{}");
+        assert!(!has_needed_files(&root, ModelKind::Vae, Family::Sdxl));
+        write(&root, "vae/diffusion_pytorch_model.safetensors", "w");
+        assert!(has_needed_files(&root, ModelKind::Vae, Family::Sdxl));
+    }
+
+    #[test]
+    fn builtin_entries_keep_their_family_and_kind() {
+        let t = TempDir::new("builtin-family");
+        for (text, needle) in [
+            (
+                "[models.tiny-sd15]\nfamily = \"sdxl\"\nbuiltin = true\n",
+                "built-in sd15 model",
+            ),
+            (
+                "[models.random-sdxl]\nfamily = \"sd15\"\nbuiltin = true\n",
+                "built-in sdxl model",
+            ),
+            (
+                "[models.tiny-sdxl]\nfamily = \"sdxl\"\nkind = \"vae\"\nbuiltin = true\n",
+                "kind = \"vae\"",
+            ),
+        ] {
+            let file = write(&t.0, "m.toml", text);
+            let err = format!(
+                "{:#}",
+                Registry::load(Some(&UserFile {
+                    path: file.clone(),
+                    home: None
+                }))
+                .unwrap_err()
+            );
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.contains(&file.display().to_string()), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn check_family_names_the_entry_and_its_file() {
+        let t = TempDir::new("check-family");
+        let file = write(
+            &t.0,
+            "m.toml",
+            "[models.mine]\nfamily = \"sdxl\"\ndir = \"m\"\n",
+        );
+        let r = Registry::load(Some(&UserFile {
+            path: file.clone(),
+            home: None,
+        }))
+        .unwrap();
+        let e = r.get("mine").unwrap();
+        e.check_family(Family::Sdxl).unwrap();
+        let err = format!("{:#}", e.check_family(Family::Sd15).unwrap_err());
+        for needle in ["`mine`", "sdxl", "sd15", &file.display().to_string()] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            Registry::builtin()
+                .unwrap()
+                .get("sd15")
+                .unwrap()
+                .check_family(Family::Sdxl)
+                .unwrap_err()
+        );
+        assert!(err.contains("<built-in models.toml>"), "{err}");
     }
 }
