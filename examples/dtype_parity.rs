@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
                 let negative = json["negative_prompt"].as_str().unwrap_or("");
                 let cond = pipe.encode_prompt(prompt, negative, true)?;
                 let start = Instant::now();
-                let fin = pipe.denoise(&t["init"], &cond, steps, guidance, &mut |_, _| {})?;
+                let fin = pipe.denoise_ddim(&t["init"], &cond, steps, guidance)?;
                 let secs = start.elapsed().as_secs_f64();
                 let rgb = pipe.decode(&fin)?;
                 let want = t["image"].flatten_all()?.to_vec1::<u8>()?;

@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
         model: "tiny-sd15".into(),
         prompt: "a red vintage car, studio photo".into(),
         seed: Some(42),
-        steps: 20,
+        steps: Some(20),
         out: "library-car.png".into(),
         ..Settings::default()
     };

@@ -2,12 +2,16 @@
 //! diffusers (benches/compare_diffusers.py).
 //!
 //! The stages are the ones a generation runs, timed through the real pipeline: model load,
-//! text encoding (negative + positive prompt), the DDIM loop (one UNet call on a batch of 2 per
-//! step with classifier-free guidance), and the VAE decode to 8-bit pixels. Peak memory is the
+//! text encoding (negative + positive prompt), the denoise loop with the chosen sampler (one
+//! UNet call on a batch of 2 per step with classifier-free guidance; Heun makes nearly two per
+//! step), and the VAE decode to 8-bit pixels. Peak memory is the
 //! process's high-water mark of resident memory (`VmHWM`).
 
 use crate::models::hub::ModelFolder;
-use crate::pipeline::{LoadOptions, Pipeline};
+use crate::pipeline::{LoadOptions, Pipeline, Sampling};
+use crate::rng::{Generator, RngKind};
+use crate::sampling::SamplerSettings;
+use crate::scheduler::StepNoise;
 use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -20,6 +24,7 @@ pub struct BenchSettings {
     pub height: usize,
     /// Denoising steps; each one is a UNet call on a batch of 2.
     pub steps: usize,
+    pub sampler: SamplerSettings,
     pub dtype: DType,
     pub device: Device,
     pub prompt: String,
@@ -35,6 +40,8 @@ pub struct BenchReport {
     pub width: usize,
     pub height: usize,
     pub steps: usize,
+    /// tkg's sampler name.
+    pub sampler: String,
     pub dtype: String,
     pub threads: usize,
     pub load_s: f64,
@@ -45,6 +52,8 @@ pub struct BenchReport {
     pub unet_step_s: f64,
     pub unet_step_min_s: f64,
     pub vae_decode_s: f64,
+    /// From the prompt to the decoded image: text encoding, every UNet call, the decode.
+    pub image_s: f64,
     pub total_s: f64,
     /// Resident memory after loading the model.
     pub rss_after_load_mib: f64,
@@ -125,16 +134,23 @@ pub fn run(
     let f = pipe.vae_factor();
     let c = pipe.unet.config.in_channels;
     let (lh, lw) = (s.height / f, s.width / f);
-    let noise = crate::rng::torch_cpu_randn(s.seed, c * lh * lw);
+    let mut generator = Generator::new(RngKind::TorchCpu, s.seed);
+    let noise = generator.randn(c * lh * lw);
     let init = candle_core::Tensor::from_vec(noise, (1, c, lh, lw), &Device::Cpu)?;
-    let guidance = 7.5;
+    let sampling = Sampling {
+        sampler: s.sampler,
+        steps: s.steps,
+        guidance: 7.5,
+    };
     let mut unet_steps_s = Vec::with_capacity(s.steps);
     let mut last = Instant::now();
-    let latents = pipe.denoise(&init, &cond, s.steps, guidance, &mut |i, n| {
+    let mut noise = StepNoise::new(vec![generator]);
+    let latents = pipe.denoise(&init, &cond, &sampling, &mut noise, &mut |i, n| {
         let now = Instant::now();
         unet_steps_s.push((now - last).as_secs_f64());
         last = now;
         progress(&format!("step {i}/{n}"));
+        Ok(())
     })?;
 
     progress("decoding");
@@ -144,12 +160,14 @@ pub fn run(
     ensure!(rgb.len() == s.width * s.height * 3, "unexpected image size");
     let total_s = start.elapsed().as_secs_f64();
 
+    let image_s = text_s + unet_steps_s.iter().sum::<f64>() + vae_decode_s;
     Ok(BenchReport {
         tool: "tkg".into(),
         model: model_name.into(),
         width: s.width,
         height: s.height,
         steps: s.steps,
+        sampler: s.sampler.kind.name().into(),
         dtype: dtype_name(s.dtype).into(),
         threads: threads_in_use(),
         load_s,
@@ -158,6 +176,7 @@ pub fn run(
         unet_step_min_s: unet_steps_s.iter().copied().fold(f64::INFINITY, f64::min),
         unet_steps_s,
         vae_decode_s,
+        image_s,
         total_s,
         rss_after_load_mib,
         peak_rss_mib: proc_status_mib("VmHWM"),
@@ -168,8 +187,8 @@ impl BenchReport {
     /// A plain-text table, one stage a line.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{} {}x{} {} threads={} steps={}\n",
-            self.model, self.width, self.height, self.dtype, self.threads, self.steps
+            "{} {}x{} {} threads={} sampler={} steps={}\n",
+            self.model, self.width, self.height, self.dtype, self.threads, self.sampler, self.steps
         );
         let steps: Vec<String> = self.unet_steps_s.iter().map(|&v| duration(v)).collect();
         let rows = [
@@ -185,6 +204,7 @@ impl BenchReport {
                 ),
             ),
             ("VAE decode", duration(self.vae_decode_s)),
+            ("image (text, UNet, VAE)", duration(self.image_s)),
             ("total", duration(self.total_s)),
             (
                 "RSS after load",

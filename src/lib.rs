@@ -23,6 +23,7 @@ pub mod output;
 pub mod pipeline;
 pub mod rng;
 pub mod run;
+pub mod sampling;
 pub mod scheduler;
 pub mod settings;
 pub mod tkg;

@@ -5,6 +5,7 @@
 
 use crate::color::KeyColor;
 use crate::rng::RngKind;
+use crate::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
 use crate::settings::{Method, Offset, Size, prompt_suffix};
 use anyhow::{Context, Result, bail};
 use std::fmt;
@@ -178,6 +179,7 @@ pub struct Recipe {
     pub seed: u64,
     pub steps: usize,
     pub guidance: f64,
+    pub sampler: SamplerSettings,
     pub size: Size,
     pub clip_skip: Option<usize>,
     pub rng: RngKind,
@@ -224,7 +226,10 @@ impl Recipe {
             &self.negative_prompt,
         );
         p.push("Steps", self.steps.to_string());
-        p.push("Sampler", "DDIM".into());
+        p.push("Sampler", self.sampler.kind.a1111_name().into());
+        if self.sampler.schedule != Schedule::Default {
+            p.push("Schedule type", self.sampler.schedule.a1111_name().into());
+        }
         p.push("CFG scale", fmt_num(self.guidance));
         p.push("Seed", self.seed.to_string());
         p.push("Size", self.size.to_string());
@@ -258,6 +263,12 @@ impl Recipe {
         }
         if let Some(d) = &self.model_dir {
             p.push("TKG model dir", d.clone());
+        }
+        if let Some(sp) = self.sampler.spacing {
+            p.push("TKG timestep spacing", sp.name().into());
+        }
+        if self.sampler.eta != 0.0 {
+            p.push("Eta DDIM", fmt_num(self.sampler.eta));
         }
         p.push("TKG method", self.method.name().into());
         if let Some(c) = &self.color {
@@ -321,11 +332,29 @@ impl Recipe {
             (Some(d), None) => crate::settings::dir_model_name(Path::new(d)),
             (None, None) => bail!("no Model"),
         };
-        if let Some(s) = get("Sampler")
-            && s != "DDIM"
-        {
-            bail!("sampler '{s}' is not one tkg has (DDIM)");
-        }
+        // Before A1111 1.9 the schedule was part of the sampler's name ("DPM++ 2M Karras").
+        let (kind, named_schedule) = match get("Sampler") {
+            None => (SamplerKind::Ddim, None),
+            Some(s) => SamplerKind::from_a1111(s).with_context(|| {
+                let names: Vec<&str> = SamplerKind::ALL.iter().map(|k| k.a1111_name()).collect();
+                format!("sampler '{s}' is not one tkg has ({})", names.join(", "))
+            })?,
+        };
+        let schedule = match get("Schedule type") {
+            Some(t) => text("Schedule type", Schedule::parse(t))?,
+            None => named_schedule.unwrap_or_default(),
+        };
+        let sampler = SamplerSettings {
+            kind,
+            schedule,
+            eta: get("Eta DDIM")
+                .map(|v| num("Eta DDIM", v))
+                .transpose()?
+                .unwrap_or(0.0),
+            spacing: get("TKG timestep spacing")
+                .map(|v| text("TKG timestep spacing", Spacing::parse(v)))
+                .transpose()?,
+        };
         let seed = get("Seed").context("no Seed")?;
         let seed = seed
             .parse::<u64>()
@@ -348,6 +377,7 @@ impl Recipe {
             seed,
             steps: count("Steps", get("Steps").context("no Steps")?)?,
             guidance: num("CFG scale", get("CFG scale").context("no CFG scale")?)?,
+            sampler,
             size,
             clip_skip: get("Clip skip")
                 .map(|v| count("Clip skip", v))
@@ -406,6 +436,17 @@ impl Recipe {
         push("--seed", &self.seed.to_string());
         push("--steps", &self.steps.to_string());
         push("--guidance", &fmt_num(self.guidance));
+        // Always named: the model's registry entry may default to another sampler.
+        push("--sampler", self.sampler.kind.name());
+        if self.sampler.kind.takes_schedule() {
+            push("--schedule", self.sampler.schedule.name());
+        }
+        if self.sampler.eta != 0.0 {
+            push("--eta", &fmt_num(self.sampler.eta));
+        }
+        if let Some(sp) = self.sampler.spacing {
+            push("--timestep-spacing", sp.name());
+        }
         push("--width", &self.size.width.to_string());
         push("--height", &self.size.height.to_string());
         if let Some(c) = self.clip_skip {
@@ -484,8 +525,10 @@ impl ManifestRecord<'_> {
             "model_dir": r.model_dir,
             "color": s.color.to_string(),
             "method": s.method.name(),
-            "steps": s.steps,
-            "guidance": s.guidance,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "sampler": r.sampler.kind.name(),
+            "schedule": r.sampler.schedule.name(),
             "width": r.size.width,
             "height": r.size.height,
             "shift": r.shift,
@@ -567,6 +610,12 @@ mod tests {
             seed: 42,
             steps: 20,
             guidance: 7.5,
+            sampler: SamplerSettings {
+                kind: SamplerKind::DpmPp2m,
+                schedule: Schedule::Karras,
+                eta: 0.0,
+                spacing: Some(Spacing::Trailing),
+            },
             size: Size::new(64, 48),
             clip_skip: Some(2),
             rng: RngKind::TorchCpu,
@@ -609,7 +658,8 @@ mod tests {
         assert_eq!(
             c,
             "tkg generate --prompt 'a car, red' --negative-prompt blurry --model tiny-sdxl \
-             --seed 42 --steps 20 --guidance 7.5 --width 64 --height 48 --clip-skip 2 \
+             --seed 42 --steps 20 --guidance 7.5 --sampler dpm++2m --schedule karras \
+             --timestep-spacing trailing --width 64 --height 48 --clip-skip 2 \
              --rng torch-cpu --original-size 128x96 --crop-top-left 4,8 --method tkg \
              --color '#3050ff' --shift 0.11 --mask-sigma 0.5 --subject-center=-0.5,0 \
              --subject-center 0.25,0.5 --out o.png"
@@ -640,9 +690,50 @@ mod tests {
             "{c}"
         );
         let p = Parameters::parse(
-            "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512, Model: x",
+            "a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 5, Size: 512x512, Model: x",
         )
         .unwrap();
-        assert!(Recipe::from_parameters(&p).is_err());
+        let e = Recipe::from_parameters(&p).unwrap_err().to_string();
+        assert!(e.contains("'DPM++ SDE'") && e.contains("Euler a"), "{e}");
+    }
+
+    #[test]
+    fn a1111_sampler_names_old_and_new() {
+        let read = |extra: &str| {
+            let p = Parameters::parse(&format!(
+                "a cat\nSteps: 20, {extra}, CFG scale: 7, Seed: 5, Size: 512x512, Model: x"
+            ))
+            .unwrap();
+            let r = Recipe::from_parameters(&p).unwrap();
+            (r.sampler.kind, r.sampler.schedule)
+        };
+        use SamplerKind::*;
+        assert_eq!(
+            read("Sampler: DPM++ 2M, Schedule type: Karras"),
+            (DpmPp2m, Schedule::Karras)
+        );
+        assert_eq!(
+            read("Sampler: DPM++ 2M Karras"),
+            (DpmPp2m, Schedule::Karras)
+        );
+        assert_eq!(
+            read("Sampler: Euler a"),
+            (EulerAncestral, Schedule::Default)
+        );
+        assert_eq!(read("Sampler: UniPC"), (UniPc, Schedule::Default));
+        assert_eq!(
+            read("Sampler: DPM++ 2M SDE, Schedule type: Exponential"),
+            (DpmPp2mSde, Schedule::Exponential)
+        );
+        assert_eq!(
+            read("Sampler: Euler, Schedule type: Automatic"),
+            (Euler, Schedule::Default)
+        );
+        let r = recipe();
+        let text = r.to_parameters().to_string();
+        assert!(
+            text.contains("Sampler: DPM++ 2M, Schedule type: Karras, "),
+            "{text}"
+        );
     }
 }

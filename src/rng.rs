@@ -56,9 +56,45 @@ impl fmt::Display for RngKind {
 /// `n` standard-normal float32 values for `seed`, as torch draws a fresh tensor of `n`
 /// elements from a freshly seeded generator.
 pub fn randn(kind: RngKind, seed: u64, n: usize) -> Vec<f32> {
-    match kind {
-        RngKind::TorchCpu => torch_cpu_randn(seed, n),
-        RngKind::TorchCuda => torch_cuda_randn(seed, n),
+    Generator::new(kind, seed).randn(n)
+}
+
+/// A seeded torch generator whose draws continue one stream, as successive `torch.randn`
+/// calls with one `generator` do: the initial latents first, then a stochastic sampler's
+/// per-step noise.
+pub struct Generator {
+    kind: RngKind,
+    seed: u64,
+    mt: Mt19937,
+    /// Values drawn so far (the CUDA generator's Philox offset follows from them).
+    draws: u64,
+}
+
+impl Generator {
+    pub fn new(kind: RngKind, seed: u64) -> Self {
+        Self {
+            kind,
+            seed,
+            mt: Mt19937::new(seed),
+            draws: 0,
+        }
+    }
+
+    pub fn kind(&self) -> RngKind {
+        self.kind
+    }
+
+    /// The next `torch.randn(n)` (float32) from this generator.
+    pub fn randn(&mut self, n: usize) -> Vec<f32> {
+        let out = match self.kind {
+            RngKind::TorchCpu => torch_cpu_randn_from(&mut self.mt, n),
+            RngKind::TorchCuda => {
+                assert_eq!(self.draws, 0, "TODO(samplers): CUDA Philox offsets");
+                torch_cuda_randn(self.seed, n)
+            }
+        };
+        self.draws += 1;
+        out
     }
 }
 
@@ -216,9 +252,13 @@ fn box_muller_16(data: &mut [f32]) {
 
 /// `torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed))` for float32.
 pub fn torch_cpu_randn(seed: u64, n: usize) -> Vec<f32> {
-    let mut g = Mt19937::new(seed);
+    torch_cpu_randn_from(&mut Mt19937::new(seed), n)
+}
+
+/// The next `torch.randn(n)` from a CPU generator in state `g`.
+fn torch_cpu_randn_from(g: &mut Mt19937, n: usize) -> Vec<f32> {
     if n < 16 {
-        return torch_cpu_randn_scalar(&mut g, n);
+        return torch_cpu_randn_scalar(g, n);
     }
     let mut data: Vec<f32> = (0..n).map(|_| g.uniform_f32()).collect();
     for chunk in data.chunks_exact_mut(16) {

@@ -6,6 +6,7 @@
 use crate::color::KeyColor;
 use crate::limits;
 use crate::rng::RngKind;
+use crate::sampling::{SamplerKind, Schedule, Spacing};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -156,8 +157,18 @@ pub struct Settings {
     /// The first image's seed; `None` = the run's base seed plus the image index.
     pub seed: Option<u64>,
     pub num_images: usize,
-    pub steps: usize,
-    pub guidance: f64,
+    /// `None`: the model's, else [`DEFAULT_STEPS`].
+    pub steps: Option<usize>,
+    /// `None`: the model's, else [`DEFAULT_GUIDANCE`].
+    pub guidance: Option<f64>,
+    /// `None`: the model's, else DDIM.
+    pub sampler: Option<SamplerKind>,
+    /// `None`: the model's, else the sampler's own spacing of noise levels.
+    pub schedule: Option<Schedule>,
+    /// DDIM's eta: 0 is deterministic.
+    pub eta: f64,
+    /// `None`: the model's, else the scheduler config's `timestep_spacing`.
+    pub spacing: Option<Spacing>,
     /// `None`: the model's.
     pub width: Option<usize>,
     pub height: Option<usize>,
@@ -183,8 +194,14 @@ fn as_text<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, 
     s.collect_str(v)
 }
 
+/// Steps when neither the user nor the model says.
+pub const DEFAULT_STEPS: usize = 50;
+/// Guidance when neither the user nor the model says.
+pub const DEFAULT_GUIDANCE: f64 = 7.5;
+
 impl Default for Settings {
-    /// The defaults of `tkg generate`: DDIM 50 steps, guidance 7.5, TKG-DM on green.
+    /// The defaults of `tkg generate`: the model's sampler, steps and guidance (DDIM, 50, 7.5
+    /// unless the registry says otherwise), TKG-DM on green.
     fn default() -> Self {
         Self {
             model: "sd15".into(),
@@ -195,8 +212,12 @@ impl Default for Settings {
             color: KeyColor::green(),
             seed: None,
             num_images: 1,
-            steps: 50,
-            guidance: 7.5,
+            steps: None,
+            guidance: None,
+            sampler: None,
+            schedule: None,
+            eta: 0.0,
+            spacing: None,
             width: None,
             height: None,
             method: Method::Tkg,
@@ -235,6 +256,10 @@ pub struct SettingsPatch {
     pub num_images: Option<usize>,
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
+    pub sampler: Option<SamplerKind>,
+    pub schedule: Option<Schedule>,
+    pub eta: Option<f64>,
+    pub spacing: Option<Spacing>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub method: Option<Method>,
@@ -288,8 +313,12 @@ impl SettingsPatch {
         set(&mut s.color, &self.color);
         set_opt(&mut s.seed, &self.seed);
         set(&mut s.num_images, &self.num_images);
-        set(&mut s.steps, &self.steps);
-        set(&mut s.guidance, &self.guidance);
+        set_opt(&mut s.steps, &self.steps);
+        set_opt(&mut s.guidance, &self.guidance);
+        set_opt(&mut s.sampler, &self.sampler);
+        set_opt(&mut s.schedule, &self.schedule);
+        set(&mut s.eta, &self.eta);
+        set_opt(&mut s.spacing, &self.spacing);
         set_opt(&mut s.width, &self.width);
         set_opt(&mut s.height, &self.height);
         set(&mut s.method, &self.method);
@@ -358,6 +387,10 @@ struct RawPatch {
     steps: Option<usize>,
     #[serde(alias = "cfg_scale")]
     guidance: Option<f64>,
+    sampler: Option<String>,
+    schedule: Option<String>,
+    eta: Option<f64>,
+    timestep_spacing: Option<String>,
     width: Option<usize>,
     height: Option<usize>,
     method: Option<String>,
@@ -417,6 +450,10 @@ impl RawPatch {
             num_images: self.num_images,
             steps: self.steps,
             guidance: self.guidance,
+            sampler: field("sampler", self.sampler, SamplerKind::parse)?,
+            schedule: field("schedule", self.schedule, Schedule::parse)?,
+            eta: self.eta,
+            spacing: field("timestep_spacing", self.timestep_spacing, Spacing::parse)?,
             width: self.width,
             height: self.height,
             method: field("method", self.method, Method::parse)?,
@@ -491,20 +528,26 @@ impl Settings {
                 "the prompt contains a NUL character".into(),
             ));
         }
-        if self.steps == 0 || self.steps > limits::MAX_STEPS {
+        if let Some(steps) = self.steps
+            && (steps == 0 || steps > limits::MAX_STEPS)
+        {
             return Err(FieldError::new(
                 &["steps"],
-                format!(
-                    "{{0}} must be 1 to {}, not {}",
-                    limits::MAX_STEPS,
-                    self.steps
-                ),
+                format!("{{0}} must be 1 to {}, not {steps}", limits::MAX_STEPS),
             ));
         }
-        if !(self.guidance.is_finite() && self.guidance >= 0.0) {
+        if let Some(g) = self.guidance
+            && !(g.is_finite() && g >= 0.0)
+        {
             return Err(FieldError::new(
                 &["guidance"],
-                format!("{{0}} must be a non-negative number, not {}", self.guidance),
+                format!("{{0}} must be a non-negative number, not {g}"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.eta) {
+            return Err(FieldError::new(
+                &["eta"],
+                format!("{{0}} must be between 0 and 1, not {}", self.eta),
             ));
         }
         if self.num_images == 0 || self.num_images > limits::MAX_IMAGES {
@@ -590,7 +633,7 @@ mod tests {
         let s = p.apply(&base);
         assert_eq!(
             (s.steps, s.prompt.as_str(), s.width),
-            (3, "a car", Some(64))
+            (Some(3), "a car", Some(64))
         );
         assert_eq!(s.color.name, Some("blue"));
         assert_eq!(

@@ -355,7 +355,7 @@ fn sizes_that_do_not_fit_in_memory_are_refused_up_front() {
     let settings = tkg::settings::Settings {
         model_dir: Some(cli::hf_home().join("hub/tkg--builtin--tiny-sd15")),
         prompt: "a red car".into(),
-        steps: 2,
+        steps: Some(2),
         width: Some(512),
         height: Some(512),
         out: d.join("o.png").display().to_string(),

@@ -76,12 +76,11 @@ fn check(case: &str) {
         .encode_prompt(settings["prompt"].as_str().unwrap(), neg, true)
         .unwrap();
     let fin = pipe
-        .denoise(
+        .denoise_ddim(
             &init,
             &cond,
             settings["steps"].as_u64().unwrap() as usize,
             settings["guidance"].as_f64().unwrap(),
-            &mut |_, _| {},
         )
         .unwrap();
     let err = common::rel_l2(&fin, &want);

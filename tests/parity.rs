@@ -140,7 +140,7 @@ fn check(family: &str, variant: &str, stem: &str) {
     let guidance = g.json["guidance"].as_f64().unwrap();
     let fin = g
         .pipe
-        .denoise(&g.t["init"], &cond, steps, guidance, &mut |_, _| {})
+        .denoise_ddim(&g.t["init"], &cond, steps, guidance)
         .unwrap();
     let fin_err = rel_l2(&fin, &g.t["final"]);
     assert!(fin_err <= 1e-4, "final latent rel L2 {fin_err}");

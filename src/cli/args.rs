@@ -12,6 +12,7 @@ use tkg::key::{self, KeyOptions, KeyOutputFlags};
 use tkg::models::registry::UserFile;
 use tkg::rng::RngKind;
 use tkg::run::{KeySettings, RunConfig, Shard};
+use tkg::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
 use tkg::settings::{Method, ModelChoice, Offset, Settings, SettingsPatch, Size, parse_center};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,12 +66,15 @@ pub struct JobOptions {
     pub model: ModelArgs,
     #[command(flatten)]
     pub extra: ExtraModelArgs,
-    /// Denoising steps (DDIM).
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (1 or less turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Denoising steps [default: the model's, else 50].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass a step)
+    /// [default: the model's, else 7.5].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Random seed of the first image; the next images use seed+1, seed+2, ...
     /// [default: random for `generate`, 0 for `batch`; a batch job without a seed gets
     /// SEED + its image index]
@@ -131,6 +135,37 @@ pub struct JobOptions {
     pub key: KeyFlags,
     #[command(flatten)]
     pub run: RunOptions,
+}
+
+/// The sampler flags of `generate`, `batch` and `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct SamplerArgs {
+    /// ddim, euler, euler-a, heun, dpm++2m, dpm++2m-sde, unipc or lcm (the diffusers
+    /// schedulers of those names) [default: the model's, else ddim].
+    #[arg(long, value_parser = SamplerKind::parse)]
+    pub sampler: Option<SamplerKind>,
+    /// How the noise levels are spaced: default (the sampler's own), karras or exponential.
+    #[arg(long, value_parser = Schedule::parse)]
+    pub schedule: Option<Schedule>,
+    /// DDIM's eta: 0 is deterministic, 1 adds DDPM's full noise each step.
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Where the steps sit among the training timesteps: leading, trailing or linspace
+    /// [default: the model's, else its scheduler config's].
+    #[arg(long, value_parser = Spacing::parse)]
+    pub timestep_spacing: Option<Spacing>,
+}
+
+impl SamplerArgs {
+    /// The flags alone, over tkg's defaults (for `tkg bench`, which has no model defaults).
+    pub fn settings(&self) -> SamplerSettings {
+        SamplerSettings {
+            kind: self.sampler.unwrap_or_default(),
+            schedule: self.schedule.unwrap_or_default(),
+            eta: self.eta.unwrap_or(0.0),
+            spacing: self.timestep_spacing,
+        }
+    }
 }
 
 /// How a run of several images goes.
@@ -334,8 +369,12 @@ impl JobOptions {
             color: Some(self.color.clone()),
             seed: None,
             num_images: Some(self.run.num_images as usize),
-            steps: Some(self.steps),
-            guidance: Some(self.guidance),
+            steps: self.steps,
+            guidance: self.guidance,
+            sampler: self.sampler.sampler,
+            schedule: self.sampler.schedule,
+            eta: self.sampler.eta,
+            spacing: self.sampler.timestep_spacing,
             width: self.width,
             height: self.height,
             method: Some(self.method),

@@ -37,6 +37,8 @@ pub struct BenchArgs {
     /// Denoising steps (each one UNet call on a batch of 2); the median step is reported.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    #[command(flatten)]
+    pub sampler: super::args::SamplerArgs,
     /// CPU threads for candle and tkg's kernels (default: candle's choice, the physical cores
     /// or RAYON_NUM_THREADS).
     #[arg(long)]
@@ -79,6 +81,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         width: args.width,
         height: args.height,
         steps: args.steps,
+        sampler: args.sampler.settings(),
         dtype,
         device,
         prompt: args.prompt.clone(),

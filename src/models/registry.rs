@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 
 use super::hub::{ModelFolder, builtin_cache_dir};
+use crate::sampling::{SamplerKind, SamplingDefaults, Schedule, Spacing};
 
 /// The built-in registry text (models.toml at the repository root).
 pub const BUILTIN_MODELS_TOML: &str = include_str!("../../models.toml");
@@ -77,6 +78,8 @@ pub struct ModelEntry {
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub tkg_shift: Option<f64>,
+    /// The sampler, steps and guidance the model is made for (Turbo, Lightning, LCM).
+    pub sampling: SamplingDefaults,
     /// Another registry entry, or a Hub repo `ORG/NAME`, used as the VAE for f16/bf16.
     pub vae: Option<String>,
     /// The user file this entry came from; `None` for built-in entries.
@@ -214,6 +217,11 @@ struct RawEntry {
     width: Option<u32>,
     height: Option<u32>,
     tkg_shift: Option<f64>,
+    sampler: Option<SamplerKind>,
+    schedule: Option<Schedule>,
+    steps: Option<usize>,
+    guidance: Option<f64>,
+    timestep_spacing: Option<Spacing>,
     vae: Option<String>,
     #[serde(default)]
     description: String,
@@ -371,6 +379,7 @@ impl Registry {
                 width: None,
                 height: None,
                 tkg_shift: None,
+                sampling: SamplingDefaults::default(),
                 vae: None,
                 origin: entry.origin.clone(),
             }));
@@ -481,6 +490,15 @@ fn parse_entry(
     if raw.tkg_shift.is_some_and(|s| !s.is_finite()) {
         bail!("`tkg_shift` must be a finite number");
     }
+    if raw
+        .steps
+        .is_some_and(|n| n == 0 || n > crate::limits::MAX_STEPS)
+    {
+        bail!("`steps` must be 1 to {}", crate::limits::MAX_STEPS);
+    }
+    if raw.guidance.is_some_and(|g| !(g.is_finite() && g >= 0.0)) {
+        bail!("`guidance` must be a non-negative number");
+    }
     if raw.kind == ModelKind::Vae && raw.vae.is_some() {
         bail!("a `kind = \"vae\"` entry cannot name another `vae`");
     }
@@ -494,6 +512,13 @@ fn parse_entry(
         width: raw.width,
         height: raw.height,
         tkg_shift: raw.tkg_shift,
+        sampling: SamplingDefaults {
+            sampler: raw.sampler,
+            schedule: raw.schedule,
+            steps: raw.steps,
+            guidance: raw.guidance,
+            spacing: raw.timestep_spacing,
+        },
         vae: raw.vae,
         origin: None,
     })

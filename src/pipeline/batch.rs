@@ -2,7 +2,8 @@
 //! elsewhere; one step callback and one stop for all of them.
 
 use super::{Conditioning, Generated, Pipeline, Request, Timings};
-use crate::rng::RngKind;
+use crate::rng::{Generator, RngKind};
+use crate::scheduler::StepNoise;
 use anyhow::{Context, Result, ensure};
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -41,28 +42,33 @@ impl Pipeline {
             });
             return gate.result(made);
         }
-        let cfg = first.guidance > 1.0;
+        let cfg = first.sampling.uses_cfg();
         let encoded = self.per_image(reqs.len(), |i| {
             let r = &reqs[i];
             let t0 = Instant::now();
             let mut cond = self.encode_prompt(&r.prompt, &r.negative_prompt, cfg)?;
             cond.micro = r.micro;
-            Ok((cond, t0.elapsed(), self.initial_latents_with(r, rng)?))
+            let mut generator = Generator::new(rng, r.seed);
+            let init = self.initial_latents_from(r, &mut generator)?;
+            Ok((cond, t0.elapsed(), init, generator))
         })?;
         let mut conds = Vec::with_capacity(reqs.len());
         let mut text_times = Vec::with_capacity(reqs.len());
         let mut inits = Vec::with_capacity(reqs.len());
-        for (cond, time, init) in encoded {
+        let mut generators = Vec::with_capacity(reqs.len());
+        for (cond, time, init, generator) in encoded {
             conds.push(cond);
             text_times.push(time);
             inits.push(init);
+            generators.push(generator);
         }
         let t1 = Instant::now();
         let cond = stack_conditioning(&conds, cfg)?;
         let init_refs: Vec<&Tensor> = inits.iter().map(|(_, i, _)| i).collect();
         let init = Tensor::cat(&init_refs, 0)?;
+        let mut step_noise = StepNoise::new(generators);
         let final_latents =
-            self.denoise_checked(&init, &cond, first.steps, first.guidance, control)?;
+            self.denoise(&init, &cond, &first.sampling, &mut step_noise, control)?;
         let denoise = t1.elapsed() / reqs.len() as u32;
         let decoded = self.per_image(reqs.len(), |i| {
             let t2 = Instant::now();

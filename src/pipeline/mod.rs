@@ -1,5 +1,5 @@
-//! Text-to-image with classifier-free guidance and DDIM, as diffusers' StableDiffusionPipeline
-//! computes it. One loop serves every model family; families differ only in conditioning
+//! Text-to-image with classifier-free guidance and any of the [`scheduler`]s, as diffusers'
+//! StableDiffusionPipeline computes it. One loop serves every model family; families differ only in conditioning
 //! ([`conditioning`]). Loading is [`load`]; several images at once is [`batch`].
 
 mod batch;
@@ -13,8 +13,9 @@ use crate::models::config::SchedulerConfig;
 use crate::models::lora::LoraReport;
 use crate::models::unet::UNet;
 use crate::models::vae::{self, Vae};
-use crate::rng::RngKind;
-use crate::scheduler::Ddim;
+use crate::rng::{Generator, RngKind};
+pub use crate::sampling::Sampling;
+use crate::scheduler::{self, StepNoise};
 use crate::settings::{Offset, Size};
 use crate::tkg::{self, ShiftReport, TkgSettings};
 use anyhow::{Result, bail, ensure};
@@ -95,8 +96,7 @@ pub struct Request {
     pub prompt: String,
     pub negative_prompt: String,
     pub size: Size,
-    pub steps: usize,
-    pub guidance: f64,
+    pub sampling: Sampling,
     pub seed: u64,
     pub init: InitNoise,
     /// SDXL size conditioning (ignored by SD1.x); `None` for diffusers' defaults.
@@ -105,8 +105,8 @@ pub struct Request {
 
 impl Request {
     /// What images must share to be denoised in one batch.
-    pub fn shape_key(&self) -> (Size, usize, f64, Option<MicroCond>) {
-        (self.size, self.steps, self.guidance, self.micro)
+    pub fn shape_key(&self) -> (Size, Sampling, Option<MicroCond>) {
+        (self.size, self.sampling, self.micro)
     }
 }
 
@@ -177,14 +177,25 @@ impl Pipeline {
         self.vae.downscale_factor()
     }
 
-    /// Checks a request's size, steps and guidance before any work.
-    pub(super) fn check_request(&self, req: &Request) -> Result<()> {
+    /// How many UNet calls (each one CFG pair) `sampling` makes: its steps, or nearly twice
+    /// as many for Heun.
+    pub fn denoise_calls(&self, sampling: &Sampling) -> Result<usize> {
+        Ok(
+            scheduler::build(&self.scheduler, &sampling.sampler, sampling.steps)?
+                .timesteps()
+                .len(),
+        )
+    }
+
+    /// Checks a request's size, sampler, steps and guidance before any work.
+    pub fn check_request(&self, req: &Request) -> Result<()> {
         self.check_size(req.size)?;
-        ensure!(req.steps > 0, "--steps must be at least 1");
+        let s = &req.sampling;
         ensure!(
-            req.guidance.is_finite() && req.guidance >= 0.0,
+            s.guidance.is_finite() && s.guidance >= 0.0,
             "--guidance must be a non-negative number"
         );
+        scheduler::build(&self.scheduler, &s.sampler, s.steps)?;
         Ok(())
     }
 
@@ -232,21 +243,23 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Draws the noise for `seed` and shapes the initial latents.
+    /// Draws the noise for `req.seed` from torch's CPU generator and shapes the initial
+    /// latents.
     pub fn initial_latents(&self, req: &Request) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
-        self.initial_latents_with(req, RngKind::TorchCpu)
+        self.initial_latents_from(req, &mut Generator::new(RngKind::TorchCpu, req.seed))
     }
 
-    /// [`Self::initial_latents`] with a chosen noise generator.
-    pub fn initial_latents_with(
+    /// [`Self::initial_latents`] with the next draw of `generator` (seeded with the
+    /// request's seed; a stochastic sampler continues it).
+    pub fn initial_latents_from(
         &self,
         req: &Request,
-        rng: RngKind,
+        generator: &mut Generator,
     ) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
         let f = self.vae_factor();
         let (h, w) = (req.size.height / f, req.size.width / f);
         let c = self.unet.config.in_channels;
-        let noise = crate::rng::randn(rng, req.seed, c * h * w);
+        let noise = generator.randn(c * h * w);
         let noise = Tensor::from_vec(noise, (1, c, h, w), &Device::Cpu)?;
         let (init, report) = match &req.init {
             InitNoise::Plain => (noise.clone(), None),
@@ -258,63 +271,63 @@ impl Pipeline {
         Ok((noise, init, report))
     }
 
-    /// Runs the DDIM loop from `init` (f32) and returns the final latents (f32).
+    /// Runs the denoise loop from `init` (f32, [B, C, h, w]) and returns the final latents
+    /// (f32). `cond` has rows [negative 1..B, positive 1..B] with CFG (else [positive
+    /// 1..B]), as [`stack_conditioning`] makes them. `noise` continues the generators that
+    /// drew `init`, one per row. `control` runs after every UNet call; an error from it
+    /// (e.g. an interrupt) stops the loop.
     pub fn denoise(
         &self,
         init: &Tensor,
         cond: &Conditioning,
-        steps: usize,
-        guidance: f64,
-        progress: &mut dyn FnMut(usize, usize),
+        sampling: &Sampling,
+        noise: &mut StepNoise,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
-        self.denoise_checked(init, cond, steps, guidance, &mut |i, n| {
-            progress(i, n);
-            Ok(())
-        })
+        let batch = init.dim(0)?;
+        let mut sampler = scheduler::build(&self.scheduler, &sampling.sampler, sampling.steps)?;
+        let cfg = sampling.uses_cfg();
+        let mut latents =
+            (init.to_device(&self.device)?.to_dtype(self.dtype)? * sampler.init_noise_sigma())?;
+        let context = cond.context.to_dtype(self.dtype)?;
+        let (_, _, lh, lw) = init.dims4()?;
+        let added = self.added_cond(cond, (lh, lw))?;
+        let timesteps = sampler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let scaled = sampler.scale_model_input(&latents, i)?;
+            let input = if cfg {
+                Tensor::cat(&[&scaled, &scaled], 0)?
+            } else {
+                scaled
+            };
+            let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
+            let pred = if cfg {
+                let uncond = pred.narrow(0, 0, batch)?;
+                let text = pred.narrow(0, batch, batch)?;
+                (&uncond + ((text - &uncond)? * sampling.guidance)?)?
+            } else {
+                pred
+            };
+            latents = sampler.step(&pred, i, &latents, noise)?;
+            check_finite(&latents, &format!("latents after denoising step {}", i + 1))?;
+            control(i + 1, total)?;
+        }
+        Ok(latents.to_dtype(DType::F32)?)
     }
 
-    /// [`Self::denoise`] for a batch: `init` is [B, C, h, w] and `cond` has rows
-    /// [negative 1..B, positive 1..B] with CFG (else [positive 1..B]), as
-    /// [`stack_conditioning`] makes them. `control` runs after every step; an error from it
-    /// (e.g. an interrupt) stops the loop.
-    pub fn denoise_checked(
+    /// [`Self::denoise`] with DDIM at eta 0 (diffusers' default here), which draws no
+    /// noise.
+    pub fn denoise_ddim(
         &self,
         init: &Tensor,
         cond: &Conditioning,
         steps: usize,
         guidance: f64,
-        control: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
-        let batch = init.dim(0)?;
-        let scheduler = Ddim::new(&self.scheduler, steps)?;
-        let cfg = guidance > 1.0;
-        let mut latents =
-            (init.to_device(&self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
-        let context = cond.context.to_dtype(self.dtype)?;
-        let (_, _, lh, lw) = init.dims4()?;
-        let added = self.added_cond(cond, (lh, lw))?;
-        let total = scheduler.timesteps().len();
-        for (i, &t) in scheduler.timesteps().iter().enumerate() {
-            let input = if cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let pred = self
-                .unet
-                .forward(&input, t as f64, &context, added.as_ref())?;
-            let pred = if cfg {
-                let uncond = pred.narrow(0, 0, batch)?;
-                let text = pred.narrow(0, batch, batch)?;
-                (&uncond + ((text - &uncond)? * guidance)?)?
-            } else {
-                pred
-            };
-            latents = scheduler.step(&pred, t, &latents)?;
-            check_finite(&latents, &format!("latents after denoising step {}", i + 1))?;
-            control(i + 1, total)?;
-        }
-        Ok(latents.to_dtype(DType::F32)?)
+        let sampling = Sampling::new(steps, guidance);
+        let mut noise = StepNoise::new(Vec::new());
+        self.denoise(init, cond, &sampling, &mut noise, &mut |_, _| Ok(()))
     }
 
     /// Decodes final latents into RGB8 pixels.
@@ -348,11 +361,14 @@ impl Pipeline {
     ) -> Result<Generated> {
         self.check_request(req)?;
         let t0 = Instant::now();
-        let mut cond = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance > 1.0)?;
+        let mut cond =
+            self.encode_prompt(&req.prompt, &req.negative_prompt, req.sampling.uses_cfg())?;
         cond.micro = req.micro;
         let t1 = Instant::now();
-        let (noise, init, shift) = self.initial_latents_with(req, rng)?;
-        let final_latents = self.denoise_checked(&init, &cond, req.steps, req.guidance, control)?;
+        let mut generator = Generator::new(rng, req.seed);
+        let (noise, init, shift) = self.initial_latents_from(req, &mut generator)?;
+        let mut step_noise = StepNoise::new(vec![generator]);
+        let final_latents = self.denoise(&init, &cond, &req.sampling, &mut step_noise, control)?;
         let t2 = Instant::now();
         let rgb = self.decode(&final_latents)?;
         let t3 = Instant::now();

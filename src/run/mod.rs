@@ -329,7 +329,7 @@ impl Runner<'_> {
         let first = &batch[0].2;
         self.events.event(&Event::BatchStart {
             indices: &indices,
-            steps: first.steps,
+            steps: loaded.pipe.denoise_calls(&first.sampling)?,
             done,
             todo,
         });

@@ -19,6 +19,7 @@ pub struct ModelDefaults {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub tkg_shift: Option<f64>,
+    pub sampling: crate::sampling::SamplingDefaults,
 }
 
 /// A model resolved to its files.
@@ -90,6 +91,7 @@ pub fn resolve(s: &Settings, cfg: &RunConfig, notice: &dyn Fn(String)) -> Result
             width: entry.width.map(|v| v as usize),
             height: entry.height.map(|v| v as usize),
             tkg_shift: entry.tkg_shift,
+            sampling: entry.sampling,
         },
         fp16_files: entry.fp16_variant,
         half_vae: registry.vae_for(entry)?,

@@ -597,7 +597,7 @@ mod tests {
         Settings {
             model: "tiny-sd15".into(),
             prompt: "a red car".into(),
-            steps: 2,
+            steps: Some(2),
             out: "{index:05}-{slug}-{seed}.png".into(),
             ..Settings::default()
         }
@@ -630,7 +630,7 @@ mod tests {
             imgs.iter().map(|i| i.seed).collect::<Vec<_>>(),
             [100, 101, 1002, 1003]
         );
-        assert_eq!(imgs[2].settings.steps, 3);
+        assert_eq!(imgs[2].settings.steps, Some(3));
         assert_eq!(imgs[2].settings.color, KeyColor::parse("blue").unwrap());
         assert_eq!(
             imgs[3].settings.subject_center,

@@ -5,8 +5,9 @@ use super::model::ModelDefaults;
 use super::plan::ImageJob;
 use crate::family::Family;
 use crate::metadata::Recipe;
-use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request};
-use crate::settings::{Method, Offset, Settings, Size};
+use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request, Sampling};
+use crate::sampling::SamplerSettings;
+use crate::settings::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Method, Offset, Settings, Size};
 use crate::tkg::TkgSettings;
 use anyhow::Result;
 
@@ -43,6 +44,22 @@ impl LoadedModel {
             .unwrap_or(self.pipe.family.spec().tkg_shift)
     }
 
+    /// Each field: the setting, else the registry's, else tkg's default (DDIM, 50 steps,
+    /// guidance 7.5, the sampler's own schedule, the config's timestep spacing).
+    pub fn sampling(&self, s: &Settings) -> Sampling {
+        let d = &self.defaults.sampling;
+        Sampling {
+            sampler: SamplerSettings {
+                kind: s.sampler.or(d.sampler).unwrap_or_default(),
+                schedule: s.schedule.or(d.schedule).unwrap_or_default(),
+                eta: s.eta,
+                spacing: s.spacing.or(d.spacing),
+            },
+            steps: s.steps.or(d.steps).unwrap_or(DEFAULT_STEPS),
+            guidance: s.guidance.or(d.guidance).unwrap_or(DEFAULT_GUIDANCE),
+        }
+    }
+
     pub fn request(&self, img: &ImageJob) -> Result<Request> {
         let s = &img.settings;
         let size = self.size(s);
@@ -69,8 +86,7 @@ impl LoadedModel {
             prompt: s.method.prompt_text(&s.prompt, &s.color),
             negative_prompt: s.negative_prompt.clone(),
             size,
-            steps: s.steps,
-            guidance: s.guidance,
+            sampling: self.sampling(s),
             seed: img.seed,
             init,
             micro: Some(MicroCond {
@@ -97,8 +113,9 @@ impl LoadedModel {
             model_hash: self.hash.clone(),
             lora_hashes: (!lora_hashes.is_empty()).then_some(lora_hashes),
             seed: img.seed,
-            steps: s.steps,
-            guidance: s.guidance,
+            steps: req.sampling.steps,
+            guidance: req.sampling.guidance,
+            sampler: req.sampling.sampler,
             size,
             clip_skip: s.clip_skip,
             rng: s.rng,

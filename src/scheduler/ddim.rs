@@ -1,27 +1,24 @@
-//! DDIM (diffusers `DDIMScheduler`, eta = 0), configured from `scheduler_config.json`.
+//! DDIM (diffusers `DDIMScheduler`), configured from `scheduler_config.json`.
 //!
 //! The noise schedule is computed in f32 with the same operations torch uses (linspace,
 //! 1 - beta, cumprod), so the per-step coefficients match diffusers bit for bit or within an ulp.
 
+use super::{Prediction, SamplerSettings, StepNoise};
 use crate::models::config::SchedulerConfig;
 use anyhow::{Result, bail, ensure};
 use candle_core::Tensor;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prediction {
-    Epsilon,
-    VPrediction,
-    Sample,
-}
 
 #[derive(Debug, Clone)]
 pub struct Ddim {
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
     timesteps: Vec<usize>,
+    /// The same timesteps as the UNet is called with.
+    timesteps_f64: Vec<f64>,
     step_ratio: usize,
     prediction: Prediction,
     clip_sample: Option<f32>,
+    eta: f32,
 }
 
 /// torch.linspace(start, end, steps, dtype=float32) on CPU.
@@ -44,7 +41,11 @@ fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
 }
 
 impl Ddim {
-    pub fn new(cfg: &SchedulerConfig, inference_steps: usize) -> Result<Self> {
+    pub fn new(
+        cfg: &SchedulerConfig,
+        settings: &SamplerSettings,
+        inference_steps: usize,
+    ) -> Result<Self> {
         ensure!(inference_steps > 0, "--steps must be at least 1");
         let n = cfg.num_train_timesteps;
         crate::limits::check_dim("scheduler config: num_train_timesteps", n, 100_000)?;
@@ -97,7 +98,10 @@ impl Ddim {
             alphas_cumprod[0]
         };
         let step_ratio = n / inference_steps;
-        let timesteps: Vec<usize> = match cfg.timestep_spacing.as_str() {
+        let spacing = settings
+            .spacing
+            .map_or(cfg.timestep_spacing.as_str(), |s| s.name());
+        let timesteps: Vec<usize> = match spacing {
             "leading" => (0..inference_steps)
                 .rev()
                 .map(|i| i * step_ratio + cfg.steps_offset)
@@ -126,12 +130,12 @@ impl Ddim {
             timesteps.iter().all(|&t| t < n),
             "scheduler config: steps_offset pushes timesteps past {n}"
         );
-        let prediction = match cfg.prediction_type.as_str() {
-            "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
-            "sample" => Prediction::Sample,
-            other => bail!("scheduler config: unsupported prediction_type {other}"),
-        };
+        let prediction = Prediction::from_config(cfg)?;
+        ensure!(
+            settings.eta.is_finite() && (0.0..=1.0).contains(&settings.eta),
+            "--eta {} is not between 0 and 1",
+            settings.eta
+        );
         let clip_sample = cfg
             .clip_sample
             .unwrap_or(true)
@@ -139,28 +143,27 @@ impl Ddim {
         Ok(Self {
             alphas_cumprod,
             final_alpha_cumprod,
+            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
             timesteps,
             step_ratio,
             prediction,
             clip_sample,
+            eta: settings.eta as f32,
         })
-    }
-
-    pub fn timesteps(&self) -> &[usize] {
-        &self.timesteps
-    }
-
-    /// DDIM starts from unit-variance noise.
-    pub fn init_noise_sigma(&self) -> f64 {
-        1.0
     }
 
     pub fn prediction(&self) -> Prediction {
         self.prediction
     }
 
-    /// One deterministic DDIM step (eta = 0): x_t → x_{t-Δ}.
-    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> Result<Tensor> {
+    /// One DDIM step: x_t → x_{t-Δ}; with eta > 0 it adds fresh noise (`variance_noise`).
+    fn ddim_step(
+        &self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+        noise: &mut StepNoise,
+    ) -> Result<Tensor> {
         let dev = sample.device();
         let prev = timestep as i64 - self.step_ratio as i64;
         let alpha_t = self.alphas_cumprod[timestep];
@@ -200,11 +203,43 @@ impl Ddim {
             Some(r) => pred_x0.clamp(-r, r)?,
             None => pred_x0,
         };
-        let dir = pred_eps.broadcast_mul(&s((1.0 - alpha_prev).sqrt())?)?;
+        // diffusers' `_get_variance`, times eta squared.
+        let variance = (1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev);
+        let std_dev = self.eta * variance.sqrt();
+        let dir = pred_eps.broadcast_mul(&s((1.0 - alpha_prev - std_dev * std_dev).sqrt())?)?;
         let prev_sample = pred_x0
             .broadcast_mul(&s(alpha_prev.sqrt())?)?
             .broadcast_add(&dir)?;
+        if self.eta > 0.0 {
+            let z = noise.randn_like(model_output)?;
+            return Ok(prev_sample.broadcast_add(&z.broadcast_mul(&s(std_dev)?)?)?);
+        }
         Ok(prev_sample)
+    }
+}
+
+impl super::Sampler for Ddim {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps_f64
+    }
+
+    /// DDIM starts from unit-variance noise.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut StepNoise,
+    ) -> Result<Tensor> {
+        self.ddim_step(model_output, self.timesteps[index], sample, noise)
     }
 }
 
@@ -229,6 +264,11 @@ fn round_half_even(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::Sampler;
+
+    fn ddim(c: &SchedulerConfig, steps: usize) -> Result<Ddim> {
+        Ddim::new(c, &SamplerSettings::default(), steps)
+    }
 
     fn sd15() -> SchedulerConfig {
         serde_json::from_value(serde_json::json!({
@@ -241,44 +281,45 @@ mod tests {
 
     #[test]
     fn sd15_leading_timesteps() {
-        let d = Ddim::new(&sd15(), 50).unwrap();
-        assert_eq!(d.timesteps().len(), 50);
-        assert_eq!(d.timesteps()[0], 981);
-        assert_eq!(d.timesteps()[1], 961);
-        assert_eq!(*d.timesteps().last().unwrap(), 1);
+        let d = ddim(&sd15(), 50).unwrap();
+        assert_eq!(d.timesteps.len(), 50);
+        assert_eq!(d.timesteps[0], 981);
+        assert_eq!(d.timesteps[1], 961);
+        assert_eq!(*d.timesteps.last().unwrap(), 1);
     }
 
     #[test]
     fn trailing_timesteps() {
         let mut c = sd15();
         c.timestep_spacing = "trailing".into();
-        let d = Ddim::new(&c, 50).unwrap();
-        assert_eq!(d.timesteps()[0], 999);
-        assert_eq!(*d.timesteps().last().unwrap(), 19);
+        let d = ddim(&c, 50).unwrap();
+        assert_eq!(d.timesteps[0], 999);
+        assert_eq!(*d.timesteps.last().unwrap(), 19);
     }
 
     #[test]
     fn zero_steps_is_an_error() {
-        assert!(Ddim::new(&sd15(), 0).is_err());
+        assert!(ddim(&sd15(), 0).is_err());
     }
 
     #[test]
     fn a_perfect_noise_prediction_lands_on_the_previous_marginal() {
         // With x_t = sqrt(a) x0 + sqrt(1-a) eps and the model predicting eps exactly, DDIM
         // (eta = 0) lands on sqrt(a_prev) x0 + sqrt(1-a_prev) eps.
-        let d = Ddim::new(&sd15(), 10).unwrap();
+        let mut d = ddim(&sd15(), 10).unwrap();
+        let mut noise = StepNoise::new(Vec::new());
         let dev = candle_core::Device::Cpu;
         let x0 = Tensor::new(&[0.5f32, -0.25, 0.1], &dev).unwrap();
         let eps = Tensor::new(&[0.3f32, 1.2, -0.7], &dev).unwrap();
-        for (k, &t) in d.timesteps().iter().enumerate() {
+        for (k, t) in d.timesteps.clone().into_iter().enumerate() {
             let a = d.alphas_cumprod[t] as f64;
-            let ap = match d.timesteps().get(k + 1) {
+            let ap = match d.timesteps.get(k + 1) {
                 Some(&p) => d.alphas_cumprod[p] as f64,
                 None => d.alphas_cumprod[0] as f64,
             };
             let mix =
                 |a: f64| ((&x0 * a.sqrt()).unwrap() + (&eps * (1.0 - a).sqrt()).unwrap()).unwrap();
-            let out = d.step(&eps, t, &mix(a)).unwrap();
+            let out = d.step(&eps, k, &mix(a), &mut noise).unwrap();
             let diff: f32 = (out - mix(ap))
                 .unwrap()
                 .abs()

@@ -1,0 +1,116 @@
+//! Samplers: one interface ([`Sampler`]) for diffusers' schedulers, each configured from the
+//! model's `scheduler_config.json` plus the user's [`SamplerSettings`].
+//!
+//! The denoise loop is the same for every sampler (diffusers' pipelines):
+//! `latents = init * init_noise_sigma`, then for each index `i` of [`Sampler::timesteps`]:
+//! scale the input, call the UNet at `timesteps()[i]`, apply CFG, and [`Sampler::step`].
+//! Stochastic samplers draw their per-step noise from [`StepNoise`], the continuation of the
+//! generators that drew the initial latents.
+
+mod ddim;
+
+pub use ddim::Ddim;
+
+pub use crate::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
+
+use crate::models::config::SchedulerConfig;
+use crate::rng::Generator;
+use anyhow::{Result, bail, ensure};
+use candle_core::Tensor;
+
+/// What a model's UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+impl Prediction {
+    pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
+        match cfg.prediction_type.as_str() {
+            "epsilon" => Ok(Prediction::Epsilon),
+            "v_prediction" => Ok(Prediction::VPrediction),
+            "sample" => Ok(Prediction::Sample),
+            other => bail!("scheduler config: unsupported prediction_type {other}"),
+        }
+    }
+}
+
+/// One diffusers scheduler, set for a number of inference steps.
+pub trait Sampler: Send {
+    /// The timestep of each UNet call, in order (Heun calls twice per step but the last).
+    fn timesteps(&self) -> &[f64];
+    /// What the initial latents are multiplied by.
+    fn init_noise_sigma(&self) -> f64;
+    /// The UNet input at call `index` (diffusers' `scale_model_input`).
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    /// The latents after call `index`, from the guided model output.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut StepNoise,
+    ) -> Result<Tensor>;
+}
+
+/// The sampler `settings` ask for, on `cfg`, for `steps` inference steps. Every check that
+/// can fail (prediction type, step count, config values) runs here, before any UNet call.
+pub fn build(
+    cfg: &SchedulerConfig,
+    settings: &SamplerSettings,
+    steps: usize,
+) -> Result<Box<dyn Sampler>> {
+    ensure!(steps > 0, "--steps must be at least 1");
+    crate::limits::check_dim(
+        "scheduler config: num_train_timesteps",
+        cfg.num_train_timesteps,
+        100_000,
+    )?;
+    if settings.kind != SamplerKind::Ddim && settings.eta != 0.0 {
+        bail!("--eta is DDIM's; {} has none", settings.kind);
+    }
+    if !settings.kind.takes_schedule() && settings.schedule != Schedule::Default {
+        bail!(
+            "--schedule {} does not apply to {}",
+            settings.schedule,
+            settings.kind
+        );
+    }
+    match settings.kind {
+        SamplerKind::Ddim => Ok(Box::new(Ddim::new(cfg, settings, steps)?)),
+        other => bail!("sampler {other} is not built yet"),
+    }
+}
+
+/// Per-step noise for a batch: row `b` of every draw comes from `generators[b]`, as diffusers'
+/// `randn_tensor` draws with a list of generators.
+pub struct StepNoise {
+    generators: Vec<Generator>,
+}
+
+impl StepNoise {
+    pub fn new(generators: Vec<Generator>) -> Self {
+        Self { generators }
+    }
+
+    /// Noise shaped, typed and placed like `like` ([B, ...], one generator per row).
+    pub fn randn_like(&mut self, like: &Tensor) -> Result<Tensor> {
+        let dims = like.dims();
+        ensure!(
+            dims.first() == Some(&self.generators.len()),
+            "step noise for {:?} from {} generator(s)",
+            dims,
+            self.generators.len()
+        );
+        let per_row: usize = dims[1..].iter().product();
+        let mut values = Vec::with_capacity(per_row * self.generators.len());
+        for g in &mut self.generators {
+            values.extend(g.randn(per_row));
+        }
+        Ok(Tensor::from_vec(values, dims, &candle_core::Device::Cpu)?
+            .to_device(like.device())?
+            .to_dtype(like.dtype())?)
+    }
+}
