@@ -26,4 +26,5 @@ pub mod run;
 pub mod sampling;
 pub mod scheduler;
 pub mod settings;
+pub mod text;
 pub mod tkg;

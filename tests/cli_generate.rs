@@ -4,23 +4,10 @@
 #[path = "common/cli.rs"]
 mod cli;
 
-use cli::{hf_home, scratch};
+use cli::{hf_home, s, scratch, tkg};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn tkg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tkg"))
-        .args(args)
-        .env("HF_HOME", hf_home())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::Output;
 
 /// A failure: non-zero exit, one line on stderr mentioning `needle`, no panic.
 fn assert_fails(out: &Output, needle: &str) {
@@ -430,4 +417,155 @@ fn models_list_shows_the_builtins() {
     );
     let tiny = text.lines().find(|l| l.starts_with("tiny-sd15")).unwrap();
     assert!(tiny.contains("yes"), "{tiny}");
+}
+
+#[test]
+fn sampler_flags_are_checked_before_any_work() {
+    let d = scratch("badsampler");
+    let out = generate(&d, "x.png", &["--sampler", "dpm++3m"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dpm++3m") && err.contains("euler-a") && err.contains("unipc"),
+        "the error lists the names: {err}"
+    );
+    assert_fails(
+        &generate(&d, "x.png", &["--sampler", "euler", "--eta", "0.5"]),
+        "--eta is DDIM's",
+    );
+    assert_fails(
+        &generate(&d, "x.png", &["--sampler", "ddim", "--schedule", "karras"]),
+        "does not apply to ddim",
+    );
+    assert_fails(&generate(&d, "x.png", &["--eta", "2"]), "--eta must be");
+    assert_eq!(fs::read_dir(&d).unwrap().count(), 0, "nothing written");
+}
+
+/// Each sampler (with Karras where it takes a schedule, and DDIM with eta) makes its own
+/// image, and `tkg info`'s command makes it again, byte for byte.
+#[test]
+fn every_sampler_reproduces_from_its_info_command() {
+    let d = scratch("samplers");
+    let cases: &[&[&str]] = &[
+        &["--sampler", "ddim", "--eta", "0.5"],
+        &["--sampler", "euler"],
+        &["--sampler", "euler-a"],
+        &["--sampler", "heun"],
+        &["--sampler", "dpm++2m", "--schedule", "karras"],
+        &["--sampler", "dpm++2m-sde", "--schedule", "karras"],
+        &["--sampler", "unipc"],
+        &["--sampler", "lcm", "--guidance", "1.5"],
+        &[
+            "--sampler",
+            "euler-a",
+            "--timestep-spacing",
+            "trailing",
+            "--guidance",
+            "0",
+        ],
+    ];
+    let mut images: Vec<Vec<u8>> = vec![
+        decode(&{
+            let out = generate(&d, "ddim.png", &["--no-key", "--steps", "4"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            d.join("ddim.png")
+        })
+        .3,
+    ];
+    for (i, flags) in cases.iter().enumerate() {
+        let name = format!("s{i}.png");
+        let mut args = vec!["--no-key", "--steps", "4"];
+        args.extend_from_slice(flags);
+        let out = generate(&d, &name, &args);
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info = tkg(&["info", s(&d.join(&name))]);
+        let text = String::from_utf8_lossy(&info.stdout);
+        let command = text.lines().last().unwrap();
+        assert!(command.contains(flags[1]), "{flags:?}: {command}");
+        let rerun = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command.replacen("tkg ", "\"$TKG\" ", 1) + " --no-key")
+            .current_dir(&d)
+            .env("TKG", env!("CARGO_BIN_EXE_tkg"))
+            .env("HF_HOME", hf_home())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            rerun.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&rerun.stderr)
+        );
+        let repro = d.join(format!("s{i}-repro.png"));
+        assert_eq!(
+            fs::read(d.join(&name)).unwrap(),
+            fs::read(&repro).unwrap(),
+            "{flags:?}: the reproduced file differs"
+        );
+        let pixels = decode(&repro).3;
+        assert!(
+            images.iter().all(|p| *p != pixels),
+            "{flags:?} gives the same image as an earlier sampler"
+        );
+        images.push(pixels);
+    }
+}
+
+#[test]
+fn a_models_sampling_defaults_apply_where_flags_are_silent() {
+    let d = scratch("modeldefaults");
+    let toml = d.join("models.toml");
+    let model = hf_home().join("hub/tkg--builtin--tiny-sd15");
+    fs::write(
+        &toml,
+        format!(
+            "[models.fast]\nfamily = \"sd15\"\ndir = \"{}\"\nsteps = 3\nguidance = 1\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let params = |name: &str, extra: &[&str]| {
+        let out = d.join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            "fast",
+            "--models-file",
+            s(&toml),
+            "--prompt",
+            "a car",
+            "--seed",
+            "1",
+            "--no-key",
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        let run = tkg(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let text = tkg::output::read_png_text(&out).unwrap();
+        text.into_iter().find(|(k, _)| k == "parameters").unwrap().1
+    };
+    let p = params("a.png", &[]);
+    assert!(
+        p.contains("Steps: 3,") && p.contains("CFG scale: 1,"),
+        "{p}"
+    );
+    let p = params("b.png", &["--steps", "2", "--guidance", "3"]);
+    assert!(
+        p.contains("Steps: 2,") && p.contains("CFG scale: 3,"),
+        "{p}"
+    );
 }

@@ -276,24 +276,6 @@ pub struct KeyFlags {
     pub composite: Option<PathBuf>,
 }
 
-impl Default for KeyFlags {
-    fn default() -> Self {
-        Self {
-            clip_black: None,
-            clip_white: None,
-            despill: 1.0,
-            screen: None,
-            flat_screen: false,
-            no_cleanup: false,
-            refine: false,
-            matte_depth: 8,
-            premultiplied: false,
-            clean_plate: false,
-            composite: None,
-        }
-    }
-}
-
 fn unit_interval(s: &str) -> Result<f32, String> {
     let v: f32 = s
         .trim()

@@ -19,6 +19,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tkg::run::{JobFile, Plan, RunConfig, Runner};
 use tkg::settings::Settings;
+use tkg::text::terminal_safe;
 
 /// Chroma-key image generation with Stable Diffusion (TKG-DM), and keying.
 #[derive(Debug, Parser)]
@@ -67,22 +68,23 @@ impl Ui {
         tkg::models::hub::Notices::new(move |m| self.info(format!("tkg: {m}")))
     }
 
-    /// A progress or status line (stderr), unless quiet.
+    /// A progress or status line (stderr), unless quiet. Every stderr line goes through
+    /// [`terminal_safe`]: warnings quote prompts and job files.
     pub fn info(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            errln!("{}", msg.as_ref());
+            errln!("{}", terminal_safe(msg.as_ref()));
         }
     }
     /// A warning (stderr), unless quiet.
     pub fn warn(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            errln!("warning: {}", msg.as_ref());
+            errln!("warning: {}", terminal_safe(msg.as_ref()));
         }
     }
     /// Detail shown with --verbose.
     pub fn detail(&self, msg: impl AsRef<str>) {
         if self.verbose && !self.quiet {
-            errln!("{}", msg.as_ref());
+            errln!("{}", terminal_safe(msg.as_ref()));
         }
     }
 }
@@ -140,26 +142,11 @@ pub fn run_jobs(
     };
     if run.dry_run {
         runner.plan_event(&plan, true);
-        for &(i, t) in &plan.selected {
-            let img = &plan.images[i];
-            outln!(
-                "{}\t{}\t{}\t{}",
-                img.index,
-                img.seed,
-                img.out.display(),
-                t.name()
-            );
+        let (lines, summary) = plan.dry_run_listing();
+        for line in lines {
+            outln!("{line}");
         }
-        ui.info(format!(
-            "{}: {} image(s) in all; shard {}: {} selected, {} to make, {} already done \
-             (dry run: nothing generated)",
-            plan.label,
-            plan.images.len(),
-            plan.shard,
-            plan.selected.len(),
-            plan.todo().len(),
-            plan.skipped()
-        ));
+        ui.info(summary);
         return Ok(());
     }
     runtime::install_interrupt_handler();
@@ -195,7 +182,7 @@ pub fn one_line_error(err: &anyhow::Error) -> String {
             said.push(c);
         }
     }
-    format!("error: {}", said.join(": "))
+    format!("error: {}", terminal_safe(&said.join(": ")))
 }
 
 /// A command line clap refused, worded in one line.

@@ -4,12 +4,12 @@
 use super::Ui;
 use super::args::ProgressMode;
 use super::stdio::{errln, outln};
-use serde_json::json;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tkg::run::{Event, Events};
+use tkg::text::{json_terminal_safe, terminal_safe};
 
 pub struct Reporter {
     ui: Ui,
@@ -38,14 +38,9 @@ impl Reporter {
         }
     }
 
-    fn json(&self, v: serde_json::Value) {
-        if self.mode == ProgressMode::Json {
-            errln!("{v}");
-        }
-    }
-
     /// A human status line (plain and bar modes).
     fn line(&self, msg: String) {
+        let msg = terminal_safe(&msg);
         match self.mode {
             ProgressMode::Plain => errln!("{msg}"),
             ProgressMode::Bar => match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -59,8 +54,6 @@ impl Reporter {
     fn start_batch(&self, indices: &[usize], steps: usize, done: usize, total: usize) {
         *self.start.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.last_step.store(0, Ordering::Relaxed);
-        self.json(json!({"event": "batch", "indices": indices, "steps": steps,
-            "done": done, "todo": total}));
         if self.mode == ProgressMode::Bar {
             let b = indicatif::ProgressBar::new(steps as u64);
             b.set_style(
@@ -76,7 +69,7 @@ impl Reporter {
         }
     }
 
-    fn step(&self, indices: &[usize], i: usize, n: usize) {
+    fn step(&self, event: &Event, i: usize, n: usize) {
         if self.last_step.fetch_max(i, Ordering::Relaxed) >= i {
             return;
         }
@@ -86,11 +79,12 @@ impl Reporter {
             .unwrap_or_else(|e| e.into_inner())
             .elapsed();
         match self.mode {
-            ProgressMode::Json => errln!(
-                "{}",
-                json!({"event": "step", "indices": indices, "step": i, "steps": n,
-                    "elapsed_s": elapsed.as_secs_f64()})
-            ),
+            ProgressMode::Json => {
+                if let Some(mut v) = event.to_json() {
+                    v["elapsed_s"] = elapsed.as_secs_f64().into();
+                    errln!("{}", json_terminal_safe(&v.to_string()));
+                }
+            }
             ProgressMode::Bar => {
                 if let Some(b) = &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
                     b.set_position(i as u64);
@@ -107,51 +101,43 @@ impl Reporter {
 
 impl Events for Reporter {
     fn event(&self, event: &Event) {
+        if self.mode == ProgressMode::Json
+            && !matches!(event, Event::Step { .. })
+            && let Some(v) = event.to_json()
+        {
+            errln!("{}", json_terminal_safe(&v.to_string()));
+        }
         match event {
             Event::Plan {
                 images,
                 shard,
-                selected,
                 skipped,
                 todo,
-                batch_size,
                 dry_run,
+                ..
             } => {
-                self.json(json!({
-                    "event": "plan", "images": images, "shard": shard.to_string(),
-                    "selected": selected, "skipped": skipped, "todo": todo,
-                    "batch_size": batch_size, "dry_run": dry_run,
-                }));
                 if !dry_run && (*images > 1 || *skipped > 0) {
                     self.line(format!(
                         "{images} image(s); shard {shard}: {todo} to make, {skipped} already done"
                     ));
                 }
             }
-            Event::Skip { index, seed, path } => self.json(json!({"event": "skip",
-                "index": index, "seed": seed, "path": path.display().to_string()})),
             Event::Notice(m) => self.ui.info(m),
             Event::Warning(w) => self.ui.warn(w),
             Event::Loaded {
                 model,
                 source,
                 seconds,
-            } => {
-                self.json(json!({"event": "load", "model": model, "seconds": seconds}));
-                self.ui
-                    .detail(format!("loaded {model} ({source}) in {seconds:.2}s"));
-            }
+            } => self
+                .ui
+                .detail(format!("loaded {model} ({source}) in {seconds:.2}s")),
             Event::BatchStart {
                 indices,
                 steps,
                 done,
                 todo,
             } => self.start_batch(indices, *steps, *done, *todo),
-            Event::Step {
-                indices,
-                step,
-                steps,
-            } => self.step(indices, *step, *steps),
+            Event::Step { step, steps, .. } => self.step(event, *step, *steps),
             Event::BatchEnd => {
                 if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     b.finish_and_clear();
@@ -165,8 +151,6 @@ impl Events for Reporter {
                     outln!("{}", p.display());
                 }
                 self.ui.detail(&f.detail);
-                self.json(json!({"event": "image", "index": f.index, "seed": f.seed,
-                    "paths": f.paths, "seconds": f.seconds, "done": f.done, "todo": f.todo}));
                 if f.todo > 1 {
                     self.line(format!(
                         "[{}/{}] {} (seed {})",
@@ -177,16 +161,7 @@ impl Events for Reporter {
                     ));
                 }
             }
-            Event::Interrupted { written, abandoned } => self.json(json!({"event": "interrupted",
-                "written": written, "abandoned": abandoned})),
-            Event::Done {
-                written,
-                skipped,
-                seconds,
-            } => self.json(
-                json!({"event": "done", "written": written, "skipped": skipped,
-                "seconds": seconds}),
-            ),
+            Event::Skip { .. } | Event::Interrupted { .. } | Event::Done { .. } => {}
         }
     }
 }

@@ -648,7 +648,7 @@ mod tests {
         ] {
             r.get(n).unwrap();
         }
-        assert_eq!(r.entries().count(), 7);
+        assert_eq!(r.entries().count(), 9);
         assert!(duplicate_names(&r).is_empty());
 
         let sd15 = r.get("sd15").unwrap();
@@ -689,6 +689,21 @@ mod tests {
             }
         );
         assert!(r.vae_for(sd15).unwrap().is_none());
+        assert_eq!(sd15.sampling, SamplingDefaults::default());
+
+        // Turbo models carry their sampling, so `--model sdxl-turbo` needs no flags.
+        let turbo = r.get("sdxl-turbo").unwrap();
+        assert_eq!(
+            turbo.sampling,
+            SamplingDefaults {
+                sampler: Some(SamplerKind::EulerAncestral),
+                schedule: None,
+                steps: Some(1),
+                guidance: Some(0.0),
+                spacing: Some(Spacing::Trailing),
+            }
+        );
+        assert_eq!(r.get("sd-turbo").unwrap().sampling, turbo.sampling);
 
         let tiny = r.get("tiny-sd15").unwrap();
         assert_eq!(tiny.source, Source::Builtin);
@@ -738,6 +753,11 @@ mod tests {
             file = "ckpt/mine.safetensors"
             width = 832
             height = 1216
+            sampler = "euler"
+            schedule = "karras"
+            steps = 4
+            guidance = 1.5
+            timestep_spacing = "trailing"
 
             [models.abs]
             family = "sd15"
@@ -769,6 +789,16 @@ mod tests {
             Source::File(base.join("ckpt/mine.safetensors"))
         );
         assert_eq!((mine.width, mine.height), (Some(832), Some(1216)));
+        assert_eq!(
+            mine.sampling,
+            SamplingDefaults {
+                sampler: Some(SamplerKind::Euler),
+                schedule: Some(Schedule::Karras),
+                steps: Some(4),
+                guidance: Some(1.5),
+                spacing: Some(Spacing::Trailing),
+            }
+        );
 
         assert_eq!(
             r.get("abs").unwrap().source,
@@ -841,6 +871,29 @@ mod tests {
             .unwrap_err()
         );
         assert!(err.contains("top.toml") && err.contains("model"), "{err}");
+    }
+
+    #[test]
+    fn bad_sampling_defaults_are_errors_naming_the_entry() {
+        let t = TempDir::new("bad-sampling");
+        for (body, want) in [
+            ("sampler = \"dpm++3m\"", "dpm++3m"),
+            ("steps = 0", "`steps` must be 1 to"),
+            ("guidance = -1.0", "`guidance` must be"),
+            ("timestep_spacing = \"sideways\"", "sideways"),
+        ] {
+            let file = write(
+                &t.0,
+                "models.toml",
+                &format!("[models.fast]\nfamily = \"sd15\"\ndir = \"x\"\n{body}\n"),
+            );
+            let user = UserFile {
+                path: file,
+                home: None,
+            };
+            let err = format!("{:#}", Registry::load(Some(&user)).unwrap_err());
+            assert!(err.contains("fast") && err.contains(want), "{body}: {err}");
+        }
     }
 
     #[test]

@@ -80,6 +80,56 @@ pub enum Event<'a> {
     },
 }
 
+impl Event<'_> {
+    /// The event as one NDJSON object (`tkg --progress json`), keyed by `"event"`. A step
+    /// carries no time: the listener adds `elapsed_s`. Notices and warnings are `None`: they
+    /// are text for people.
+    pub fn to_json(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        Some(match self {
+            Event::Plan {
+                images,
+                shard,
+                selected,
+                skipped,
+                todo,
+                batch_size,
+                dry_run,
+            } => json!({"event": "plan", "images": images, "shard": shard.to_string(),
+                "selected": selected, "skipped": skipped, "todo": todo,
+                "batch_size": batch_size, "dry_run": dry_run}),
+            Event::Skip { index, seed, path } => json!({"event": "skip", "index": index,
+                "seed": seed, "path": path.display().to_string()}),
+            Event::Notice(_) | Event::Warning(_) | Event::BatchEnd => return None,
+            Event::Loaded { model, seconds, .. } => {
+                json!({"event": "load", "model": model, "seconds": seconds})
+            }
+            Event::BatchStart {
+                indices,
+                steps,
+                done,
+                todo,
+            } => json!({"event": "batch", "indices": indices, "steps": steps,
+                "done": done, "todo": todo}),
+            Event::Step {
+                indices,
+                step,
+                steps,
+            } => json!({"event": "step", "indices": indices, "step": step, "steps": steps}),
+            Event::Image(f) => json!({"event": "image", "index": f.index, "seed": f.seed,
+                "paths": f.paths, "seconds": f.seconds, "done": f.done, "todo": f.todo}),
+            Event::Interrupted { written, abandoned } => json!({"event": "interrupted",
+                "written": written, "abandoned": abandoned}),
+            Event::Done {
+                written,
+                skipped,
+                seconds,
+            } => json!({"event": "done", "written": written, "skipped": skipped,
+                "seconds": seconds}),
+        })
+    }
+}
+
 /// Hears a run's events. Steps arrive from the threads that denoise, so it is `Sync`.
 pub trait Events: Sync {
     fn event(&self, event: &Event);

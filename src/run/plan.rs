@@ -533,6 +533,31 @@ impl Plan {
             .count()
     }
 
+    /// What `--dry-run` prints: one tab-separated line per selected image (index, seed, file,
+    /// what is to do), and a summary.
+    pub fn dry_run_listing(&self) -> (Vec<String>, String) {
+        let lines = self
+            .selected
+            .iter()
+            .map(|&(i, t)| {
+                let img = &self.images[i];
+                let out = img.out.display();
+                format!("{}\t{}\t{out}\t{}", img.index, img.seed, t.name())
+            })
+            .collect();
+        let summary = format!(
+            "{}: {} image(s) in all; shard {}: {} selected, {} to make, {} already done \
+             (dry run: nothing generated)",
+            self.label,
+            self.images.len(),
+            self.shard,
+            self.selected.len(),
+            self.todo().len(),
+            self.skipped()
+        );
+        (lines, summary)
+    }
+
     /// The selected images to make, in index order.
     pub fn todo(&self) -> Vec<(usize, Todo)> {
         self.selected
