@@ -4,7 +4,7 @@
 //!
 //!   cargo run --release --example dtype_parity
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use candle_core::{DType, Device};

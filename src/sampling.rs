@@ -111,9 +111,13 @@ impl SamplerKind {
         }
     }
 
-    /// Whether `--schedule` (the sigma spacing) means something for this sampler.
+    /// Whether `--schedule` (the sigma spacing) means something for this sampler: its
+    /// diffusers class has `use_karras_sigmas` and `use_exponential_sigmas`.
     pub fn takes_schedule(self) -> bool {
-        !matches!(self, SamplerKind::Ddim | SamplerKind::Lcm)
+        !matches!(
+            self,
+            SamplerKind::Ddim | SamplerKind::EulerAncestral | SamplerKind::Lcm
+        )
     }
 }
 

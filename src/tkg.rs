@@ -116,7 +116,7 @@ pub fn gaussian_mask(h: usize, w: usize, sigma: f64, centers: &[(f64, f64)]) -> 
 ///
 /// Checked against torch 2.15: fed the golden Gaussian grids, it reproduces all 9 golden masks
 /// (tests/golden/tkg) with 0 differing elements. The masks that remain are 1 ulp off only where
-/// libm's exp differs from torch's (see tests/tkg_reference.rs).
+/// libm's exp differs from torch's (see tests/it/tkg_reference.rs).
 fn resize_bilinear(src: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<f32> {
     // torch's compute_source_index_and_lambda: (index0, index1, lambda0, lambda1).
     let axis = |insz: usize, outsz: usize| -> Vec<(usize, usize, f32, f32)> {

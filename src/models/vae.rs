@@ -246,7 +246,7 @@ mod tests {
     use crate::kernels::testing::max_abs;
     use crate::models::weights::RandomWeights;
     use candle_core::{DType, Device};
-    /// The decode's values are held to diffusers by the pipeline goldens (tests/parity.rs);
+    /// The decode's values are held to diffusers by the pipeline goldens (tests/it/parity.rs);
     /// here the shapes and dtype of both directions at a size the goldens lack.
     #[test]
     fn decode_and_encode_shapes() {

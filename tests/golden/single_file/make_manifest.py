@@ -14,7 +14,7 @@ folder's files: ["ldm name", op, "component file", ["source tensor", ...]] with 
   cat       q, k, v concatenated along dim 0 (OpenCLIP's fused in_proj)
   t         transposed (OpenCLIP's text_projection, stored [in, out])
   conv1x1   a [C, C] linear weight stored as a [C, C, 1, 1] conv (VAE mid-block attention)
-The Rust test (tests/single_file_load.rs) builds the file from the manifest and checks that
+The Rust test (tests/it/single_file_load.rs) builds the file from the manifest and checks that
 loading it gives exactly what loading the folder gives.
 
 Usage: /work/pyenv/bin/python tests/golden/single_file/make_manifest.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the CLIP tokenizer goldens used by tests/tokenizer_parity.rs.
+"""Regenerate the CLIP tokenizer goldens used by tests/it/tokenizer_parity.rs.
 
 Run from the repository root with the project's Python environment:
 
@@ -235,7 +235,7 @@ def main():
         # transformers 5 rebuilds CLIP's pipeline from tokenizer.json's vocab and merges
         # and ignores the rest of the file: a bare BPE tokenizer.json (no normalizer,
         # pre-tokenizer or "</w>" suffix) must tokenize exactly like vocab.json + merges.txt.
-        # tests/tokenizer_parity.rs writes the same file and checks the same thing.
+        # tests/it/tokenizer_parity.rs writes the same file and checks the same thing.
         d = os.path.join(tmp, "sd15_tokenizer_json")
         os.makedirs(d)
         with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:

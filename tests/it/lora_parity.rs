@@ -2,7 +2,7 @@
 //! (tests/golden/lora, made by make_golden.py): a PEFT file and a kohya file (LoCon convs
 //! included) for SD1.5 and SDXL. Bar: final latent relative L2 <= 1e-4.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;

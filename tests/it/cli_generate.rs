@@ -1,8 +1,7 @@
 //! The real binary on the built-in tiny model: outputs, metadata, determinism, and every
 //! kind of bad input failing with one line and leaving nothing behind.
 
-#[path = "common/cli.rs"]
-mod cli;
+use crate::common::cli;
 
 use cli::{hf_home, s, scratch, tkg};
 use std::fs;

@@ -3,8 +3,7 @@
 //! correct work; never a panic, a file written through a link, or a half-written output.
 //! docs/reliability.md lists the promises these tests hold.
 
-#[path = "common/cli.rs"]
-mod cli;
+use crate::common::cli;
 
 use cli::{assert_fails, command, s, scratch, tkg};
 use std::fs;

@@ -1,6 +1,9 @@
 //! Helpers shared by the parity tests (and examples/dtype_parity.rs).
 #![allow(dead_code)]
 
+#[cfg(test)]
+pub mod cli;
+
 use candle_core::{DType, Tensor};
 use std::path::PathBuf;
 use tkg::pipeline::LoadOptions;

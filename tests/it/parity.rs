@@ -4,7 +4,7 @@
 //! Bars: final latent relative L2 <= 1e-4, 8-bit image max abs difference <= 1, TKG-DM init
 //! within 1e-6 of the reference code's.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::{max_abs, max_u8_diff, rel_l2};

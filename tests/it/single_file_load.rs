@@ -2,7 +2,7 @@
 //! (LDM names) by tests/golden/single_file/make_manifest.py load to exactly what their
 //! diffusers folders load to, for SD1.5 and SDXL.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
