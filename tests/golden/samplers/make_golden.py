@@ -23,6 +23,7 @@ bit patterns (8 hex digits per value, concatenated). Plus `generator`: successiv
 on one CPU generator.
 
 Usage (from the repository root, no network): /work/pyenv/bin/python tests/golden/samplers/make_golden.py
+    [--out PATH]
 """
 import json
 import math
@@ -49,6 +50,8 @@ torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden.json")
+if "--out" in sys.argv:
+    OUT = sys.argv[sys.argv.index("--out") + 1]
 
 SHAPE = (2, 4, 3, 5)  # 60 values per row: not a multiple of 16 (torch's tail redraw)
 SEEDS = [42, 1234]
