@@ -113,7 +113,7 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn every_case_matches_diffusers() {
-    let mut worst: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let mut worst: BTreeMap<String, (f64, usize, String)> = BTreeMap::new();
     let mut failures = Vec::new();
     let cases = doc()["cases"].as_array().unwrap();
     assert!(cases.len() >= 150, "only {} cases", cases.len());
@@ -151,7 +151,7 @@ fn every_case_matches_diffusers() {
         if let (Some(m), Some(w)) = (&r.mid, case["mid"].as_str()) {
             err = err.max(max_rel(m, &hex_f32(w)));
         }
-        if !(err <= 1e-5) {
+        if err.is_nan() || err > 1e-5 {
             failures.push(format!("{name}: max relative error {err:.3e}"));
         }
         let key = format!(
@@ -159,12 +159,15 @@ fn every_case_matches_diffusers() {
             case["sampler"].as_str().unwrap(),
             case["schedule"].as_str().unwrap()
         );
-        let e = worst.entry(key).or_insert((0.0, 0));
-        e.0 = e.0.max(err);
+        let e = worst.entry(key).or_insert((0.0, 0, String::new()));
+        if err >= e.0 {
+            e.0 = err;
+            e.2 = name.to_string();
+        }
         e.1 += 1;
     }
-    for (k, (e, n)) in &worst {
-        println!("{k:28} {n:3} cases, max relative error {e:.2e}");
+    for (k, (e, n, at)) in &worst {
+        println!("{k:28} {n:3} cases, max relative error {e:.2e} ({at})");
     }
     assert!(
         failures.is_empty(),

@@ -241,11 +241,12 @@ fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Result<Vec<f32>> {
         a.swap(k, p);
         b.swap(k, p);
         let inv = 1.0 / a[k][k];
+        let pivot = a[k].clone();
         for i in k + 1..n {
             a[i][k] *= inv;
             let l = a[i][k];
-            for j in k + 1..n {
-                a[i][j] -= l * a[k][j];
+            for (x, &p) in a[i][k + 1..].iter_mut().zip(&pivot[k + 1..]) {
+                *x -= l * p;
             }
             b[i] -= l * b[k];
         }
