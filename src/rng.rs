@@ -62,12 +62,29 @@ pub fn randn(kind: RngKind, seed: u64, n: usize) -> Vec<f32> {
 /// A seeded torch generator whose draws continue one stream, as successive `torch.randn`
 /// calls with one `generator` do: the initial latents first, then a stochastic sampler's
 /// per-step noise.
+///
+/// - torch-cpu: the mt19937 state continues, and so does the cached second Box-Muller value
+///   of the scalar path (draws below 16 values), which torch keeps in the generator
+///   (`next_double_normal_sample`) until a later small draw uses it. Checked against torch for
+///   successive draws of 7, 16, 37, 60 and 64 values and a mixed sequence
+///   (`tests/golden/samplers/`).
+/// - torch-cuda: each draw of n values advances the Philox offset by ATen's
+///   `calc_execution_policy` increment, `((n - 1) / (256 * blocks * 4) + 1) * 4` (blocks of 256
+///   threads, unroll 4, 4 engine calls per curand_normal4), and the next draw's threads start
+///   at `curand_init(seed, thread, offset)`, i.e. Philox counter `offset / 4`. **Not checked on
+///   a GPU** (none was available): the first draw is the one `tests/golden/rng/` checks, and
+///   the later ones follow from that offset arithmetic, which the unit tests pin down.
 pub struct Generator {
     kind: RngKind,
     seed: u64,
     mt: Mt19937,
-    /// Values drawn so far (the CUDA generator's Philox offset follows from them).
-    draws: u64,
+    /// torch-cpu: the cached second value of `at::normal_distribution<double>`.
+    next_normal: Option<f64>,
+    /// torch-cuda: `philox_offset_per_thread`, a multiple of 4.
+    philox_offset: u64,
+    /// torch-cuda: the GPU's thread cap (SMs x max threads per SM); `None`: every element of
+    /// a draw gets its own thread (true for latents on current GPUs).
+    max_threads: Option<u64>,
 }
 
 impl Generator {
@@ -76,8 +93,16 @@ impl Generator {
             kind,
             seed,
             mt: Mt19937::new(seed),
-            draws: 0,
+            next_normal: None,
+            philox_offset: 0,
+            max_threads: None,
         }
+    }
+
+    /// For torch-cuda: the GPU's thread cap (see [`torch_cuda_randn_with`]).
+    pub fn with_max_threads(mut self, max_threads: Option<u64>) -> Self {
+        self.max_threads = max_threads;
+        self
     }
 
     pub fn kind(&self) -> RngKind {
@@ -86,15 +111,14 @@ impl Generator {
 
     /// The next `torch.randn(n)` (float32) from this generator.
     pub fn randn(&mut self, n: usize) -> Vec<f32> {
-        let out = match self.kind {
-            RngKind::TorchCpu => torch_cpu_randn_from(&mut self.mt, n),
+        match self.kind {
+            RngKind::TorchCpu => torch_cpu_randn_from(&mut self.mt, &mut self.next_normal, n),
             RngKind::TorchCuda => {
-                assert_eq!(self.draws, 0, "TODO(samplers): CUDA Philox offsets");
-                torch_cuda_randn(self.seed, n)
+                let out = torch_cuda_randn_at(self.seed, n, self.max_threads, self.philox_offset);
+                self.philox_offset += cuda_offset_increment(n, self.max_threads);
+                out
             }
-        };
-        self.draws += 1;
-        out
+        }
     }
 }
 
@@ -252,13 +276,13 @@ fn box_muller_16(data: &mut [f32]) {
 
 /// `torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed))` for float32.
 pub fn torch_cpu_randn(seed: u64, n: usize) -> Vec<f32> {
-    torch_cpu_randn_from(&mut Mt19937::new(seed), n)
+    torch_cpu_randn_from(&mut Mt19937::new(seed), &mut None, n)
 }
 
-/// The next `torch.randn(n)` from a CPU generator in state `g`.
-fn torch_cpu_randn_from(g: &mut Mt19937, n: usize) -> Vec<f32> {
+/// The next `torch.randn(n)` from a CPU generator in state `g` with normal cache `cached`.
+fn torch_cpu_randn_from(g: &mut Mt19937, cached: &mut Option<f64>, n: usize) -> Vec<f32> {
     if n < 16 {
-        return torch_cpu_randn_scalar(g, n);
+        return torch_cpu_randn_scalar(g, cached, n);
     }
     let mut data: Vec<f32> = (0..n).map(|_| g.uniform_f32()).collect();
     for chunk in data.chunks_exact_mut(16) {
@@ -276,9 +300,8 @@ fn torch_cpu_randn_from(g: &mut Mt19937, n: usize) -> Vec<f32> {
 }
 
 /// Below 16 elements torch draws each value from `at::normal_distribution<double>`, which
-/// caches the second Box-Muller value.
-fn torch_cpu_randn_scalar(g: &mut Mt19937, n: usize) -> Vec<f32> {
-    let mut cached: Option<f64> = None;
+/// caches the second Box-Muller value in the generator (it outlives the call).
+fn torch_cpu_randn_scalar(g: &mut Mt19937, cached: &mut Option<f64>, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| {
             if let Some(v) = cached.take() {
@@ -288,7 +311,7 @@ fn torch_cpu_randn_scalar(g: &mut Mt19937, n: usize) -> Vec<f32> {
             let u2 = g.uniform_f64();
             let r = (-2.0 * (-u2).ln_1p()).sqrt();
             let theta = 2.0 * std::f64::consts::PI * u1;
-            cached = Some(r * theta.sin());
+            *cached = Some(r * theta.sin());
             (r * theta.cos()) as f32
         })
         .collect()
@@ -356,21 +379,47 @@ fn curand_normal4(key: [u32; 2], subsequence: u64, call: u64) -> [f32; 4] {
 /// long as `n` is below the cap (SMs x max threads per SM, e.g. 270336 on an H100, 83968 on
 /// a T4); above it the layout depends on the GPU, and `max_threads` must be given.
 pub fn torch_cuda_randn_with(seed: u64, n: usize, max_threads: Option<u64>) -> Vec<f32> {
-    const BLOCK: u64 = 256;
-    const UNROLL: u64 = 4;
-    let n64 = n as u64;
-    let blocks = n64.div_ceil(BLOCK).max(1);
-    let blocks = match max_threads {
-        Some(t) => blocks.min((t / BLOCK).max(1)),
+    torch_cuda_randn_at(seed, n, max_threads, 0)
+}
+
+const CUDA_BLOCK: u64 = 256;
+const CUDA_UNROLL: u64 = 4;
+/// curand_normal4 consumes one Philox block of 4 values: ATen's `curand4_engine_calls`.
+const CURAND4_ENGINE_CALLS: u64 = 4;
+
+/// The grid ATen launches for `n` elements: blocks of 256, capped at max_threads / 256.
+fn cuda_blocks(n: u64, max_threads: Option<u64>) -> u64 {
+    let blocks = n.div_ceil(CUDA_BLOCK).max(1);
+    match max_threads {
+        Some(t) => blocks.min((t / CUDA_BLOCK).max(1)),
         None => blocks,
-    };
-    let threads = blocks * BLOCK;
+    }
+}
+
+/// How far one float randn of `n` values moves the CUDA generator's Philox offset
+/// (`calc_execution_policy`'s counter_offset, which `philox_cuda_state` rounds up to a
+/// multiple of 4; it already is one). An empty draw launches nothing.
+pub fn cuda_offset_increment(n: usize, max_threads: Option<u64>) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let n = n as u64;
+    let per_pass = CUDA_BLOCK * cuda_blocks(n, max_threads) * CUDA_UNROLL;
+    ((n - 1) / per_pass + 1) * CURAND4_ENGINE_CALLS
+}
+
+/// A float randn of `n` values on a CUDA generator whose Philox offset is `offset`: thread
+/// `idx` starts at `curand_init(seed, idx, offset)`, i.e. Philox counter `offset / 4`.
+pub fn torch_cuda_randn_at(seed: u64, n: usize, max_threads: Option<u64>, offset: u64) -> Vec<f32> {
+    let n64 = n as u64;
+    let threads = cuda_blocks(n64, max_threads) * CUDA_BLOCK;
+    let first_call = offset / 4;
     let key = [seed as u32, (seed >> 32) as u32];
     let mut out = vec![0f32; n];
     // distribution_elementwise_grid_stride_kernel: thread idx draws a float4 per loop and
     // writes lane ii to idx + ii * threads; the loop strides by threads * 4.
     for idx in 0..threads.min(n64) {
-        let mut call = 0u64;
+        let mut call = first_call;
         let mut base = idx;
         while base < n64 {
             let r = curand_normal4(key, idx, call);
@@ -381,7 +430,7 @@ pub fn torch_cuda_randn_with(seed: u64, n: usize, max_threads: Option<u64>) -> V
                 }
             }
             call += 1;
-            base += threads * UNROLL;
+            base += threads * CUDA_UNROLL;
         }
     }
     out
@@ -521,6 +570,82 @@ mod tests {
             }
         }
         assert!(checked >= 20, "only {checked} golden cases");
+    }
+
+    #[test]
+    fn cuda_first_draw_is_unchanged_and_later_ones_move_the_philox_counter() {
+        for n in [1usize, 10, 300, 5000] {
+            let mut g = Generator::new(RngKind::TorchCuda, 7);
+            assert_eq!(g.randn(n), torch_cuda_randn(7, n), "first draw of {n}");
+            // One element per thread: every draw advances the offset by 4, so the second
+            // draw's thread j starts at Philox counter 1 and the third at 2.
+            let second = g.randn(n);
+            let third = g.randn(n);
+            for j in [0, n / 2, n - 1] {
+                assert_eq!(
+                    second[j],
+                    curand_normal4([7, 0], j as u64, 1)[0],
+                    "n {n} j {j}"
+                );
+                assert_eq!(
+                    third[j],
+                    curand_normal4([7, 0], j as u64, 2)[0],
+                    "n {n} j {j}"
+                );
+            }
+            assert_ne!(second, third);
+        }
+    }
+
+    #[test]
+    fn cuda_offset_increment_follows_aten() {
+        // ((n - 1) / (256 * blocks * 4) + 1) * 4.
+        assert_eq!(cuda_offset_increment(0, None), 0);
+        assert_eq!(cuda_offset_increment(1, None), 4);
+        assert_eq!(cuda_offset_increment(16384, None), 4);
+        assert_eq!(cuda_offset_increment(1024, Some(256)), 4);
+        assert_eq!(cuda_offset_increment(1025, Some(256)), 8);
+        assert_eq!(cuda_offset_increment(65536, Some(40 * 1024)), 4);
+        assert_eq!(cuda_offset_increment(4 * 128 * 128, Some(40 * 1024)), 4);
+        assert_eq!(cuda_offset_increment(40 * 1024 * 4 + 1, Some(40 * 1024)), 8);
+        // A capped grid: the 2000-value draw takes two passes of 1024 per thread block, so the
+        // next draw starts two Philox blocks later.
+        let mut g = Generator::new(RngKind::TorchCuda, 3).with_max_threads(Some(256));
+        let first = g.randn(2000);
+        assert_eq!(first, torch_cuda_randn_with(3, 2000, Some(256)));
+        let second = g.randn(4);
+        assert_eq!(second[0], curand_normal4([3, 0], 0, 2)[0]);
+        // An empty draw moves nothing.
+        let mut a = Generator::new(RngKind::TorchCuda, 9);
+        let mut b = Generator::new(RngKind::TorchCuda, 9);
+        a.randn(0);
+        assert_eq!(a.randn(8), b.randn(8));
+    }
+
+    /// Successive torch.randn calls on one CPU generator, drawn by torch
+    /// (tests/golden/samplers/golden.json, `generator`).
+    #[test]
+    fn cpu_draws_continue_like_torch() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/golden/samplers/golden.json")).unwrap();
+        let cases = doc["generator"].as_array().unwrap();
+        assert!(cases.len() >= 8);
+        for case in cases {
+            let seed = case["seed"].as_u64().unwrap();
+            let mut g = Generator::new(RngKind::TorchCpu, seed);
+            let sizes = case["sizes"].as_array().unwrap();
+            let draws = case["draws"].as_array().unwrap();
+            assert_eq!(sizes.len(), draws.len());
+            for (k, (n, want)) in sizes.iter().zip(draws).enumerate() {
+                let v = g.randn(n.as_u64().unwrap() as usize);
+                let got: String = v.iter().map(|x| format!("{:08x}", x.to_bits())).collect();
+                assert_eq!(
+                    got,
+                    want.as_str().unwrap(),
+                    "seed {seed} sizes {sizes:?} draw {k}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -544,17 +544,24 @@ impl ClipTextConfig {
     }
 }
 
-/// `scheduler/scheduler_config.json` (diffusers `DDIMScheduler` and friends).
+/// `scheduler/scheduler_config.json`: the keys diffusers' schedulers read.
+///
+/// A diffusers user switching scheduler does `NewClass.from_config(pipe.scheduler.config)`: the
+/// keys the file has are kept, the missing ones take the *new* class's defaults, and those
+/// differ between classes (`timestep_spacing` is "leading" for DDIM and LCM but "linspace" for
+/// Euler, Heun, DPM-Solver and UniPC; Heun and LCM default to SD's betas). So every key whose
+/// default depends on the class is an `Option` here (`None`: the file does not set it), and
+/// each sampler resolves it with its class's default (see `crate::scheduler`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SchedulerConfig {
     #[serde(default = "d_train_steps")]
     pub num_train_timesteps: usize,
-    #[serde(default = "d_beta_start")]
-    pub beta_start: f64,
-    #[serde(default = "d_beta_end")]
-    pub beta_end: f64,
-    #[serde(default = "d_beta_schedule")]
-    pub beta_schedule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_start: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_end: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_schedule: Option<String>,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
     #[serde(default)]
@@ -569,29 +576,64 @@ pub struct SchedulerConfig {
     pub prediction_type: String,
     #[serde(default)]
     pub thresholding: bool,
-    #[serde(default = "d_spacing")]
-    pub timestep_spacing: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<String>,
     #[serde(default)]
     pub rescale_betas_zero_snr: bool,
+    // Sigma-based samplers (Euler, Heun, DPM-Solver, UniPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpolation_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_karras_sigmas: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_exponential_sigmas: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_beta_sigmas: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_lu_lambdas: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_flow_sigmas: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_dynamic_shifting: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_max: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_sigmas_type: Option<String>,
+    // Multistep solvers (DPM-Solver, UniPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver_order: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower_order_final: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub euler_at_final: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda_min_clipped: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variance_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predict_x0: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable_corrector: Option<Vec<usize>>,
+    // LCM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_inference_steps: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_scaling: Option<f64>,
 }
 
 fn d_train_steps() -> usize {
     1000
 }
-fn d_beta_start() -> f64 {
-    0.0001
-}
-fn d_beta_end() -> f64 {
-    0.02
-}
-fn d_beta_schedule() -> String {
-    "linear".into()
-}
 fn d_prediction() -> String {
     "epsilon".into()
-}
-fn d_spacing() -> String {
-    "leading".into()
 }
 
 /// `model_index.json`: which pipeline a folder holds.

@@ -1,13 +1,23 @@
 //! DDIM (diffusers `DDIMScheduler`), configured from `scheduler_config.json`.
 //!
-//! The noise schedule is computed in f32 with the same operations torch uses (linspace,
-//! 1 - beta, cumprod), so the per-step coefficients match diffusers bit for bit or within an ulp.
+//! The noise schedule is computed with the same operations torch uses (a fused-multiply-add
+//! linspace, 1 - beta, a cumprod accumulated in f64), so the per-step coefficients match
+//! diffusers bit for bit or within an ulp.
 
-use super::{Prediction, SamplerSettings, StepNoise};
+use super::sigmas::{self, ClassDefaults, np_arange, np_linspace, round_half_even};
+use super::{Prediction, SamplerKind, SamplerSettings, StepNoise};
 use crate::models::config::SchedulerConfig;
 use anyhow::{Result, bail, ensure};
 use candle_core::Tensor;
 
+/// DDIM = diffusers `DDIMScheduler` with `eta` from `--eta` (0: deterministic; above 0 each
+/// step draws `randn_like(model_output)` after the update, as diffusers' `variance_noise`).
+///
+/// Reads `timestep_spacing` (default "leading"), `steps_offset`, `prediction_type` (epsilon,
+/// v_prediction, sample), `clip_sample` (default **true**) / `clip_sample_range`,
+/// `set_alpha_to_one` (default true). No Karras/exponential sigmas (the class has none).
+/// Refused: thresholding, rescale_betas_zero_snr. `use_clipped_model_output` is off, as in
+/// diffusers' pipelines.
 #[derive(Debug, Clone)]
 pub struct Ddim {
     alphas_cumprod: Vec<f32>,
@@ -19,25 +29,6 @@ pub struct Ddim {
     prediction: Prediction,
     clip_sample: Option<f32>,
     eta: f32,
-}
-
-/// torch.linspace(start, end, steps, dtype=float32) on CPU.
-fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
-    let (s, e) = (start as f32, end as f32);
-    if steps == 1 {
-        return vec![s];
-    }
-    let step = (e - s) / (steps - 1) as f32;
-    let halfway = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < halfway {
-                s + step * i as f32
-            } else {
-                e - step * (steps - i - 1) as f32
-            }
-        })
-        .collect()
 }
 
 impl Ddim {
@@ -53,44 +44,9 @@ impl Ddim {
             inference_steps <= n,
             "--steps {inference_steps} is more than the scheduler's {n} training timesteps"
         );
-        let betas: Vec<f32> = match (&cfg.trained_betas, cfg.beta_schedule.as_str()) {
-            (Some(b), _) => b.iter().map(|&v| v as f32).collect(),
-            (None, "linear") => linspace_f32(cfg.beta_start, cfg.beta_end, n),
-            (None, "scaled_linear") => linspace_f32(cfg.beta_start.sqrt(), cfg.beta_end.sqrt(), n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
-            (None, "squaredcos_cap_v2") => {
-                let alpha_bar = |t: f64| {
-                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-                        .cos()
-                        .powi(2)
-                };
-                (0..n)
-                    .map(|i| {
-                        let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
-                        (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
-                    })
-                    .collect()
-            }
-            (None, other) => bail!("scheduler config: unsupported beta_schedule {other}"),
-        };
-        ensure!(
-            betas.len() == n,
-            "scheduler config: trained_betas has the wrong length"
-        );
-        if cfg.thresholding {
-            bail!("scheduler config: thresholding is not supported");
-        }
-        if cfg.rescale_betas_zero_snr {
-            bail!("scheduler config: rescale_betas_zero_snr is not supported");
-        }
-        let mut alphas_cumprod = Vec::with_capacity(n);
-        let mut acc = 1.0f32;
-        for b in &betas {
-            acc *= 1.0 - b;
-            alphas_cumprod.push(acc);
-        }
+        let d = ClassDefaults::of(SamplerKind::Ddim);
+        sigmas::check_common(cfg, &d)?;
+        let alphas_cumprod = sigmas::alphas_cumprod(cfg, &d)?;
         // diffusers' DDIMScheduler defaults both to true when the config omits them.
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
             1.0
@@ -98,27 +54,18 @@ impl Ddim {
             alphas_cumprod[0]
         };
         let step_ratio = n / inference_steps;
-        let spacing = settings
-            .spacing
-            .map_or(cfg.timestep_spacing.as_str(), |s| s.name());
+        let spacing = d.spacing(cfg, settings);
         let timesteps: Vec<usize> = match spacing {
             "leading" => (0..inference_steps)
                 .rev()
                 .map(|i| i * step_ratio + cfg.steps_offset)
                 .collect(),
-            "trailing" => {
-                let ratio = n as f64 / inference_steps as f64;
-                let mut t = Vec::new();
-                let mut v = n as f64;
-                while v > 0.0 {
-                    t.push((v.round() as i64 - 1).max(0) as usize);
-                    v -= ratio;
-                }
-                t.truncate(inference_steps);
-                t
-            }
+            "trailing" => np_arange(n as f64, 0.0, -(n as f64 / inference_steps as f64))
+                .into_iter()
+                .map(|v| (round_half_even(v) as i64 - 1).max(0) as usize)
+                .collect(),
             "linspace" => {
-                let pts = linspace_f64(0.0, (n - 1) as f64, inference_steps);
+                let pts = np_linspace(0.0, (n - 1) as f64, inference_steps);
                 pts.into_iter()
                     .rev()
                     .map(|v| round_half_even(v) as usize)
@@ -126,6 +73,11 @@ impl Ddim {
             }
             other => bail!("scheduler config: unsupported timestep_spacing {other}"),
         };
+        ensure!(
+            timesteps.len() == inference_steps,
+            "--steps {inference_steps}: {spacing} spacing gives {} timesteps",
+            timesteps.len()
+        );
         ensure!(
             timesteps.iter().all(|&t| t < n),
             "scheduler config: steps_offset pushes timesteps past {n}"
@@ -136,10 +88,7 @@ impl Ddim {
             "--eta {} is not between 0 and 1",
             settings.eta
         );
-        let clip_sample = cfg
-            .clip_sample
-            .unwrap_or(true)
-            .then_some(cfg.clip_sample_range.unwrap_or(1.0) as f32);
+        let clip_sample = d.clip_sample(cfg);
         Ok(Self {
             alphas_cumprod,
             final_alpha_cumprod,
@@ -243,24 +192,6 @@ impl super::Sampler for Ddim {
     }
 }
 
-fn linspace_f64(start: f64, end: f64, steps: usize) -> Vec<f64> {
-    if steps == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (steps - 1) as f64;
-    (0..steps).map(|i| start + step * i as f64).collect()
-}
-
-/// numpy's round: half to even.
-fn round_half_even(v: f64) -> f64 {
-    let r = v.round();
-    if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-        r - v.signum()
-    } else {
-        r
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,7 +222,7 @@ mod tests {
     #[test]
     fn trailing_timesteps() {
         let mut c = sd15();
-        c.timestep_spacing = "trailing".into();
+        c.timestep_spacing = Some("trailing".into());
         let d = ddim(&c, 50).unwrap();
         assert_eq!(d.timesteps[0], 999);
         assert_eq!(*d.timesteps.last().unwrap(), 19);

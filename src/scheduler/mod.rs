@@ -8,8 +8,20 @@
 //! generators that drew the initial latents.
 
 mod ddim;
+mod dpm;
+mod euler;
+mod lcm;
+mod ops;
+mod sigmas;
+#[cfg(test)]
+mod tests;
+mod unipc;
 
 pub use ddim::Ddim;
+pub use dpm::DpmSolver;
+pub use euler::{Euler, EulerAncestral, Heun};
+pub use lcm::Lcm;
+pub use unipc::UniPc;
 
 pub use crate::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
 
@@ -56,7 +68,29 @@ pub trait Sampler: Send {
 }
 
 /// The sampler `settings` ask for, on `cfg`, for `steps` inference steps. Every check that
-/// can fail (prediction type, step count, config values) runs here, before any UNet call.
+/// can fail (prediction type, step count, config values, schedule) runs here, before any UNet
+/// call.
+///
+/// Each sampler equals one diffusers class built with `Class.from_config(cfg)`: keys the config
+/// lacks take that class's defaults (see [`SchedulerConfig`]). `--schedule default` keeps the
+/// config's `use_karras_sigmas` / `use_exponential_sigmas`; `karras` / `exponential` set one and
+/// clear the other. `--timestep-spacing` replaces the config's `timestep_spacing` (LCM has its
+/// own timesteps and ignores it, as diffusers does).
+///
+/// | sampler | class | schedules | UNet calls | noise per step |
+/// |---|---|---|---|---|
+/// | ddim | DDIMScheduler | default | steps | with eta > 0 |
+/// | euler | EulerDiscreteScheduler | default, karras, exponential | steps | no |
+/// | euler-a | EulerAncestralDiscreteScheduler | default | steps | every step |
+/// | heun | HeunDiscreteScheduler | default, karras, exponential | 2 steps - 1 | no |
+/// | dpm++2m | DPMSolverMultistepScheduler dpmsolver++, order 2 | default, karras, exponential | steps | no |
+/// | dpm++2m-sde | DPMSolverMultistepScheduler sde-dpmsolver++, order 2 | default, karras, exponential | steps | every step |
+/// | unipc | UniPCMultistepScheduler | default, karras, exponential | steps | no |
+/// | lcm | LCMScheduler | default | steps | every step but the last |
+///
+/// The pipeline must call the UNet once per entry of [`Sampler::timesteps`] (Heun's has
+/// `2 * steps - 1`), pass each entry as is (Euler's and Heun's can be fractional), and give
+/// `step` the index of that entry.
 pub fn build(
     cfg: &SchedulerConfig,
     settings: &SamplerSettings,
@@ -78,10 +112,16 @@ pub fn build(
             settings.kind
         );
     }
-    match settings.kind {
-        SamplerKind::Ddim => Ok(Box::new(Ddim::new(cfg, settings, steps)?)),
-        other => bail!("sampler {other} is not built yet"),
-    }
+    Ok(match settings.kind {
+        SamplerKind::Ddim => Box::new(Ddim::new(cfg, settings, steps)?),
+        SamplerKind::Euler => Box::new(Euler::new(cfg, settings, steps)?),
+        SamplerKind::EulerAncestral => Box::new(EulerAncestral::new(cfg, settings, steps)?),
+        SamplerKind::Heun => Box::new(Heun::new(cfg, settings, steps)?),
+        SamplerKind::DpmPp2m => Box::new(DpmSolver::new(cfg, settings, steps, false)?),
+        SamplerKind::DpmPp2mSde => Box::new(DpmSolver::new(cfg, settings, steps, true)?),
+        SamplerKind::UniPc => Box::new(UniPc::new(cfg, settings, steps)?),
+        SamplerKind::Lcm => Box::new(Lcm::new(cfg, settings, steps)?),
+    })
 }
 
 /// Per-step noise for a batch: row `b` of every draw comes from `generators[b]`, as diffusers'
