@@ -654,6 +654,21 @@ mod tests {
         assert!(e.contains("promt") && e.contains("(column"), "{e}");
         let e = SettingsPatch::from_json(r#"{"model": "a", "model_dir": "b"}"#).unwrap_err();
         assert!(e.contains("not both"), "{e}");
+        let e = SettingsPatch::from_json(r#"{"sampler": "dpm++3m"}"#).unwrap_err();
+        assert!(e.starts_with("sampler: ") && e.contains("unipc"), "{e}");
+        let p = SettingsPatch::from_json(
+            r#"{"sampler": "DPM++2M", "schedule": "Karras", "eta": 0.25, "timestep_spacing": "trailing"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.sampler, p.schedule, p.eta, p.spacing),
+            (
+                Some(SamplerKind::DpmPp2m),
+                Some(Schedule::Karras),
+                Some(0.25),
+                Some(Spacing::Trailing)
+            )
+        );
         let p = SettingsPatch::from_json(r#"{"cfg_scale": 5, "lora": "x.safetensors"}"#).unwrap();
         assert_eq!(p.guidance, Some(5.0));
         assert_eq!(p.lora, Some(vec!["x.safetensors".to_string()]));

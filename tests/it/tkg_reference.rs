@@ -20,10 +20,19 @@ fn load() -> Golden {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tkg");
     let tensors = candle_core::safetensors::load(dir.join("tkg.safetensors"), &Device::Cpu)
         .expect("read tests/golden/tkg/tkg.safetensors");
-    let cases = serde_json::from_str(
+    let cases: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("cases.json")).expect("read cases.json"),
     )
     .expect("parse cases.json");
+    let mut tensors = tensors;
+    // The cases' noise is not stored: torch.randn with a CPU generator, drawn again.
+    for case in cases["cases"].as_array().expect("cases.json: cases") {
+        let name = format!("{}.noise", case["name"].as_str().unwrap());
+        let shape = shape4(case);
+        let seed = case["seed"].as_u64().unwrap();
+        let noise = tkg::rng::torch_cpu_randn(seed, shape.iter().product());
+        tensors.insert(name, Tensor::from_vec(noise, &shape, &Device::Cpu).unwrap());
+    }
     Golden { tensors, cases }
 }
 
