@@ -25,6 +25,8 @@ pub struct BenchSettings {
     /// Denoising steps; each one is a UNet call on a batch of 2.
     pub steps: usize,
     pub sampler: SamplerSettings,
+    /// Classifier-free guidance; 1 or less runs one UNet pass (batch 1) per step.
+    pub guidance: f64,
     pub dtype: DType,
     pub device: Device,
     pub prompt: String,
@@ -42,6 +44,7 @@ pub struct BenchReport {
     pub steps: usize,
     /// tkg's sampler name.
     pub sampler: String,
+    pub guidance: f64,
     pub dtype: String,
     pub threads: usize,
     pub load_s: f64,
@@ -127,7 +130,12 @@ pub fn run(
 
     progress("encoding the prompts");
     let t = Instant::now();
-    let cond = pipe.encode_prompt(&s.prompt, &s.negative_prompt, true)?;
+    let sampling = Sampling {
+        sampler: s.sampler,
+        steps: s.steps,
+        guidance: s.guidance,
+    };
+    let cond = pipe.encode_prompt(&s.prompt, &s.negative_prompt, sampling.uses_cfg())?;
     let text_s = t.elapsed().as_secs_f64();
 
     // Plain N(0, 1) latents: the cost of a step does not depend on them.
@@ -137,11 +145,6 @@ pub fn run(
     let mut generator = Generator::new(RngKind::TorchCpu, s.seed);
     let noise = generator.randn(c * lh * lw);
     let init = candle_core::Tensor::from_vec(noise, (1, c, lh, lw), &Device::Cpu)?;
-    let sampling = Sampling {
-        sampler: s.sampler,
-        steps: s.steps,
-        guidance: 7.5,
-    };
     let mut unet_steps_s = Vec::with_capacity(s.steps);
     let mut last = Instant::now();
     let mut noise = StepNoise::new(vec![generator]);
@@ -168,6 +171,7 @@ pub fn run(
         height: s.height,
         steps: s.steps,
         sampler: s.sampler.kind.name().into(),
+        guidance: s.guidance,
         dtype: dtype_name(s.dtype).into(),
         threads: threads_in_use(),
         load_s,
@@ -187,15 +191,26 @@ impl BenchReport {
     /// A plain-text table, one stage a line.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{} {}x{} {} threads={} sampler={} steps={}\n",
-            self.model, self.width, self.height, self.dtype, self.threads, self.sampler, self.steps
+            "{} {}x{} {} threads={} sampler={} steps={} guidance={}\n",
+            self.model,
+            self.width,
+            self.height,
+            self.dtype,
+            self.threads,
+            self.sampler,
+            self.steps,
+            self.guidance
         );
         let steps: Vec<String> = self.unet_steps_s.iter().map(|&v| duration(v)).collect();
         let rows = [
             ("model load", duration(self.load_s)),
             ("text encoding", duration(self.text_s)),
             (
-                "UNet step, CFG (batch 2)",
+                if self.guidance > 1.0 {
+                    "UNet call, CFG (batch 2)"
+                } else {
+                    "UNet call (batch 1)"
+                },
                 format!(
                     "{} median, {} min [{}]",
                     duration(self.unet_step_s),

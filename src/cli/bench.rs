@@ -39,6 +39,9 @@ pub struct BenchArgs {
     pub steps: usize,
     #[command(flatten)]
     pub sampler: super::args::SamplerArgs,
+    /// Classifier-free guidance (1 or less: one UNet pass a step, as Turbo models run).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
     /// CPU threads for candle and tkg's kernels (default: candle's choice, the physical cores
     /// or RAYON_NUM_THREADS).
     #[arg(long)]
@@ -82,6 +85,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         height: args.height,
         steps: args.steps,
         sampler: args.sampler.settings(),
+        guidance: args.guidance,
         dtype,
         device,
         prompt: args.prompt.clone(),

@@ -630,6 +630,8 @@ mod tests {
             [
                 "sd15",
                 "sdxl",
+                "sd-turbo",
+                "sdxl-turbo",
                 "sdxl-vae-fp16-fix",
                 "tiny-sd15",
                 "tiny-sdxl",
@@ -825,7 +827,7 @@ mod tests {
         // Untouched built-ins survive; new entries come after them.
         assert!(r.get("sdxl").unwrap().origin.is_none());
         let names = r.names();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 12);
         assert_eq!(names[0], "sd15");
         assert!(
             names.iter().position(|n| *n == "mine").unwrap()
