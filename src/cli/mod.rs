@@ -202,13 +202,18 @@ fn usage_error(e: clap::Error) -> anyhow::Error {
         e.exit();
     }
     let text = e.render().to_string();
-    let first = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
+    let mut lines = text.lines().map(str::trim).skip_while(|l| l.is_empty());
+    let mut first = lines
+        .next()
         .unwrap_or("invalid command line")
         .trim_start_matches("error:")
-        .trim();
+        .trim()
+        .to_string();
+    // "the following required arguments were not provided:" lists them on the next lines.
+    if first.ends_with(':') {
+        let listed: Vec<&str> = lines.take_while(|l| !l.is_empty()).collect();
+        first = format!("{first} {}", listed.join(", "));
+    }
     let tip = text
         .lines()
         .map(str::trim)
@@ -252,7 +257,19 @@ pub fn install_panic_hook() {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line_error;
+    use super::{Cli, one_line_error, usage_error};
+    use clap::Parser;
+
+    #[test]
+    fn usage_errors_name_what_is_missing_in_one_line() {
+        let e = Cli::try_parse_from(["tkg", "models", "materialize"]).unwrap_err();
+        let msg = usage_error(e).to_string();
+        assert!(
+            msg.contains("not provided: <NAME>, <DIR>") && msg.ends_with("; see --help"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+    }
 
     #[test]
     fn one_line_error_drops_backtraces_and_keeps_causes() {
