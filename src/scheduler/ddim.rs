@@ -4,10 +4,11 @@
 //! linspace, 1 - beta, a cumprod accumulated in f64), so the per-step coefficients match
 //! diffusers bit for bit or within an ulp.
 
-use super::sigmas::{self, ClassDefaults, np_arange, np_linspace, round_half_even};
+use super::ops;
+use super::sigmas::{self, ClassDefaults, round_half_even};
 use super::{Prediction, SamplerKind, SamplerSettings, StepNoise};
 use crate::models::config::SchedulerConfig;
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use candle_core::Tensor;
 
 /// DDIM = diffusers `DDIMScheduler` with `eta` from `--eta` (0: deterministic; above 0 each
@@ -55,29 +56,12 @@ impl Ddim {
         };
         let step_ratio = n / inference_steps;
         let spacing = d.spacing(cfg, settings);
-        let timesteps: Vec<usize> = match spacing {
-            "leading" => (0..inference_steps)
-                .rev()
-                .map(|i| i * step_ratio + cfg.steps_offset)
-                .collect(),
-            "trailing" => np_arange(n as f64, 0.0, -(n as f64 / inference_steps as f64))
+        // np.round of the float schedule (only linspace's is fractional), then int64.
+        let timesteps: Vec<usize> =
+            sigmas::spaced_timesteps(spacing, n, inference_steps, cfg.steps_offset)?
                 .into_iter()
-                .map(|v| (round_half_even(v) as i64 - 1).max(0) as usize)
-                .collect(),
-            "linspace" => {
-                let pts = np_linspace(0.0, (n - 1) as f64, inference_steps);
-                pts.into_iter()
-                    .rev()
-                    .map(|v| round_half_even(v) as usize)
-                    .collect()
-            }
-            other => bail!("scheduler config: unsupported timestep_spacing {other}"),
-        };
-        ensure!(
-            timesteps.len() == inference_steps,
-            "--steps {inference_steps}: {spacing} spacing gives {} timesteps",
-            timesteps.len()
-        );
+                .map(|v| round_half_even(v).max(0.0) as usize)
+                .collect();
         ensure!(
             timesteps.iter().all(|&t| t < n),
             "scheduler config: steps_offset pushes timesteps past {n}"
@@ -172,13 +156,8 @@ impl super::Sampler for Ddim {
         &self.timesteps_f64
     }
 
-    /// DDIM starts from unit-variance noise.
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        ops::noised_at_alpha(original, noise, self.alphas_cumprod[self.timesteps[index]])
     }
 
     fn step(

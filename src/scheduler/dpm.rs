@@ -256,12 +256,9 @@ impl Sampler for DpmSolver {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
+        Ok((mul(original, alpha)? + mul(noise, sigma)?)?)
     }
 
     fn step(
@@ -271,29 +268,29 @@ impl Sampler for DpmSolver {
         sample: &Tensor,
         noise: &mut StepNoise,
     ) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (mo, sample) = (ops::f32(model_output)?, ops::f32(sample)?);
-        let n = self.timesteps.len();
-        let lower_order_final = index == n - 1
-            && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_zero);
-        let x0 = self.convert(&mo, &sample, index)?;
-        if self.outputs.len() == 2 {
-            self.outputs.remove(0);
-        }
-        self.outputs.push(x0.clone());
-        let z = if self.sde {
-            Some(ops::f32(&noise.randn_like(model_output)?)?)
-        } else {
-            None
-        };
-        let prev = if self.lower_order_nums < 1 || lower_order_final {
-            self.first_order(&x0, &sample, z.as_ref(), index)?
-        } else {
-            self.second_order(&sample, z.as_ref(), index)?
-        };
-        if self.lower_order_nums < 2 {
-            self.lower_order_nums += 1;
-        }
-        Ok(prev.to_dtype(dtype)?)
+        ops::in_f32(model_output, sample, |mo, sample| {
+            let n = self.timesteps.len();
+            let lower_order_final = index == n - 1
+                && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_zero);
+            let x0 = self.convert(mo, sample, index)?;
+            if self.outputs.len() == 2 {
+                self.outputs.remove(0);
+            }
+            self.outputs.push(x0.clone());
+            let z = if self.sde {
+                Some(ops::f32(&noise.randn_like(model_output)?)?)
+            } else {
+                None
+            };
+            let prev = if self.lower_order_nums < 1 || lower_order_final {
+                self.first_order(&x0, sample, z.as_ref(), index)?
+            } else {
+                self.second_order(sample, z.as_ref(), index)?
+            };
+            if self.lower_order_nums < 2 {
+                self.lower_order_nums += 1;
+            }
+            Ok(prev)
+        })
     }
 }

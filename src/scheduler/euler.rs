@@ -11,12 +11,41 @@ use crate::models::config::SchedulerConfig;
 use anyhow::{Result, bail, ensure};
 use candle_core::Tensor;
 
-/// The spaced schedule of one of these classes: `timesteps[i]` and `sigmas[i]` per step plus the
-/// final sigma, and `init_noise_sigma`.
+/// The spaced schedule of one of these classes: `timesteps[i]` and `sigmas[i]` per UNet call
+/// plus the final sigma, `init_noise_sigma`, and what the model predicts. The three samplers
+/// share their input scaling and `add_noise` through it.
+#[derive(Debug, Clone)]
 struct Discrete {
-    timesteps: Vec<f32>,
+    timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     init_noise_sigma: f32,
+    prediction: Prediction,
+}
+
+impl Discrete {
+    /// `sample / (sigma**2 + 1) ** 0.5` at call `index`.
+    fn scale(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        ops::div(
+            sample,
+            (self.sigmas[index] * self.sigmas[index] + 1.0).sqrt(),
+        )
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        ops::noised_at_sigma(original, noise, self.sigmas[index])
+    }
+
+    /// The denoised estimate (Karras' `x0`) from the model output at `sigma`, float32.
+    fn x0(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+        Ok(match self.prediction {
+            Prediction::Epsilon => (sample - mul(model_output, sigma)?)?,
+            Prediction::VPrediction => {
+                let s2 = sigma * sigma + 1.0;
+                (mul(model_output, -sigma / s2.sqrt())? + ops::div(sample, s2)?)?
+            }
+            Prediction::Sample => model_output.clone(),
+        })
+    }
 }
 
 /// What the class reads beyond the shared keys.
@@ -31,8 +60,9 @@ fn discrete(
     settings: &SamplerSettings,
     steps: usize,
     kind: SamplerKind,
-    options: impl FnOnce(&[f32], &ClassDefaults) -> Result<Options>,
+    options: impl FnOnce(&[f32], &ClassDefaults, Prediction) -> Result<Options>,
 ) -> Result<Discrete> {
+    let prediction = sigmas::prediction(cfg, kind)?;
     let d = ClassDefaults::of(kind);
     sigmas::check_common(cfg, &d)?;
     let n = cfg.num_train_timesteps;
@@ -44,7 +74,7 @@ fn discrete(
     sigmas::check_spacing(spacing)?;
     let ac = sigmas::alphas_cumprod(cfg, &d)?;
     let table = sigmas::sigma_table(&ac);
-    let opts = options(&table, &d)?;
+    let opts = options(&table, &d, prediction)?;
     let t32 = sigmas::float_timesteps(spacing, n, steps, cfg.steps_offset)?;
     let plain: Vec<f64> = t32
         .iter()
@@ -82,26 +112,10 @@ fn discrete(
         _ => (max * max + 1.0).sqrt(),
     };
     Ok(Discrete {
-        timesteps,
+        timesteps: timesteps.iter().map(|&t| t as f64).collect(),
         sigmas,
         init_noise_sigma,
-    })
-}
-
-/// `sample / (sigma**2 + 1) ** 0.5`.
-fn scale(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    ops::div(sample, (sigma * sigma + 1.0).sqrt())
-}
-
-/// The denoised estimate from the model output at `sigma` (Karras' `x0`), float32.
-fn predict_x0(p: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    Ok(match p {
-        Prediction::Epsilon => (sample - mul(model_output, sigma)?)?,
-        Prediction::VPrediction => {
-            let s2 = sigma * sigma + 1.0;
-            (mul(model_output, -sigma / s2.sqrt())? + ops::div(sample, s2)?)?
-        }
-        Prediction::Sample => model_output.clone(),
+        prediction,
     })
 }
 
@@ -115,16 +129,12 @@ fn predict_x0(p: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f32)
 /// fractional with linspace spacing and with Karras/exponential sigmas.
 #[derive(Debug, Clone)]
 pub struct Euler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    prediction: Prediction,
+    d: Discrete,
 }
 
 impl Euler {
     pub fn new(cfg: &SchedulerConfig, settings: &SamplerSettings, steps: usize) -> Result<Self> {
-        let prediction = sigmas::prediction(cfg, SamplerKind::Euler)?;
-        let d = discrete(cfg, settings, steps, SamplerKind::Euler, |table, d| {
+        let d = discrete(cfg, settings, steps, SamplerKind::Euler, |table, d, p| {
             match cfg.interpolation_type.as_deref() {
                 None | Some("linear") => {}
                 Some(other) => {
@@ -133,7 +143,7 @@ impl Euler {
             }
             let continuous_v = match cfg.timestep_type.as_deref() {
                 None | Some("discrete") => false,
-                Some("continuous") => prediction == Prediction::VPrediction,
+                Some("continuous") => p == Prediction::VPrediction,
                 Some(other) => bail!("scheduler config: unknown timestep_type {other}"),
             };
             Ok(Options {
@@ -142,26 +152,25 @@ impl Euler {
                 continuous_v,
             })
         })?;
-        Ok(Self {
-            timesteps: d.timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas: d.sigmas,
-            init_noise_sigma: d.init_noise_sigma,
-            prediction,
-        })
+        Ok(Self { d })
     }
 }
 
 impl Sampler for Euler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.d.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+        self.d.init_noise_sigma as f64
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale(sample, self.sigmas[index])
+        self.d.scale(sample, index)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.d.add_noise(original, noise, index)
     }
 
     fn step(
@@ -171,13 +180,13 @@ impl Sampler for Euler {
         sample: &Tensor,
         _noise: &mut StepNoise,
     ) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (mo, sample) = (ops::f32(model_output)?, ops::f32(sample)?);
-        let sigma = self.sigmas[index];
-        let x0 = predict_x0(self.prediction, &mo, &sample, sigma)?;
-        let derivative = ops::div(&(&sample - x0)?, sigma)?;
-        let dt = self.sigmas[index + 1] - sigma;
-        Ok((sample + mul(&derivative, dt)?)?.to_dtype(dtype)?)
+        ops::in_f32(model_output, sample, |mo, sample| {
+            let sigma = self.d.sigmas[index];
+            let x0 = self.d.x0(mo, sample, sigma)?;
+            let derivative = ops::div(&(sample - x0)?, sigma)?;
+            let dt = self.d.sigmas[index + 1] - sigma;
+            Ok((sample + mul(&derivative, dt)?)?)
+        })
     }
 }
 
@@ -190,49 +199,49 @@ impl Sampler for Euler {
 /// times `sigma_up`.
 #[derive(Debug, Clone)]
 pub struct EulerAncestral {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    prediction: Prediction,
+    d: Discrete,
 }
 
 impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, settings: &SamplerSettings, steps: usize) -> Result<Self> {
-        let kind = SamplerKind::EulerAncestral;
         if settings.schedule != super::Schedule::Default {
             bail!(
                 "--schedule {} is not available for euler-a (diffusers' EulerAncestralDiscreteScheduler has only its default sigmas)",
                 settings.schedule
             );
         }
-        let prediction = sigmas::prediction(cfg, kind)?;
-        let d = discrete(cfg, settings, steps, kind, |_, _| {
-            Ok(Options {
-                spacing: SigmaSpacing::Plain,
-                final_sigma: None,
-                continuous_v: false,
-            })
-        })?;
-        Ok(Self {
-            timesteps: d.timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas: d.sigmas,
-            init_noise_sigma: d.init_noise_sigma,
-            prediction,
-        })
+        let d = discrete(
+            cfg,
+            settings,
+            steps,
+            SamplerKind::EulerAncestral,
+            |_, _, _| {
+                Ok(Options {
+                    spacing: SigmaSpacing::Plain,
+                    final_sigma: None,
+                    continuous_v: false,
+                })
+            },
+        )?;
+        Ok(Self { d })
     }
 }
 
 impl Sampler for EulerAncestral {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.d.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+        self.d.init_noise_sigma as f64
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale(sample, self.sigmas[index])
+        self.d.scale(sample, index)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.d.add_noise(original, noise, index)
     }
 
     fn step(
@@ -242,18 +251,17 @@ impl Sampler for EulerAncestral {
         sample: &Tensor,
         noise: &mut StepNoise,
     ) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (mo, sample) = (ops::f32(model_output)?, ops::f32(sample)?);
-        let sigma = self.sigmas[index];
-        let x0 = predict_x0(self.prediction, &mo, &sample, sigma)?;
-        let (from, to) = (sigma, self.sigmas[index + 1]);
-        let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
-        let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
-        let derivative = ops::div(&(&sample - x0)?, sigma)?;
-        let prev = (&sample + mul(&derivative, sigma_down - sigma)?)?;
-        let z = noise.randn_like(model_output)?;
-        let prev = (prev + mul(&ops::f32(&z)?, sigma_up)?)?;
-        Ok(prev.to_dtype(dtype)?)
+        ops::in_f32(model_output, sample, |mo, sample| {
+            let sigma = self.d.sigmas[index];
+            let x0 = self.d.x0(mo, sample, sigma)?;
+            let (from, to) = (sigma, self.d.sigmas[index + 1]);
+            let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
+            let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
+            let derivative = ops::div(&(sample - x0)?, sigma)?;
+            let prev = (sample + mul(&derivative, sigma_down - sigma)?)?;
+            let z = noise.randn_like(model_output)?;
+            Ok((prev + mul(&ops::f32(&z)?, sigma_up)?)?)
+        })
     }
 }
 
@@ -268,11 +276,9 @@ impl Sampler for EulerAncestral {
 /// own beta defaults (0.00085 - 0.012, linear). `final_sigmas_type` does not exist for it.
 #[derive(Debug, Clone)]
 pub struct Heun {
-    timesteps: Vec<f64>,
-    /// Interleaved like diffusers': s0, s1, s1, ..., s(n-1), s(n-1), 0.
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    prediction: Prediction,
+    /// Per UNet call: t0, t1, t1, ..., t(n-1), t(n-1), and sigmas interleaved like
+    /// diffusers': s0, s1, s1, ..., s(n-1), s(n-1), 0.
+    d: Discrete,
     clip_sample: Option<f32>,
     /// The first-order derivative, dt and sample while a correction is pending.
     pending: Option<(Tensor, f32, Tensor)>,
@@ -281,8 +287,7 @@ pub struct Heun {
 impl Heun {
     pub fn new(cfg: &SchedulerConfig, settings: &SamplerSettings, steps: usize) -> Result<Self> {
         let kind = SamplerKind::Heun;
-        let prediction = sigmas::prediction(cfg, kind)?;
-        let d = discrete(cfg, settings, steps, kind, |_, d| {
+        let mut d = discrete(cfg, settings, steps, kind, |_, d, _| {
             Ok(Options {
                 spacing: sigmas::sigma_spacing(cfg, settings, d.class)?,
                 final_sigma: None,
@@ -294,15 +299,13 @@ impl Heun {
             sig.extend([s, s]);
         }
         sig.push(d.sigmas[steps]);
-        let mut ts = vec![d.timesteps[0] as f64];
+        let mut ts = vec![d.timesteps[0]];
         for &t in &d.timesteps[1..] {
-            ts.extend([t as f64, t as f64]);
+            ts.extend([t, t]);
         }
+        (d.sigmas, d.timesteps) = (sig, ts);
         Ok(Self {
-            timesteps: ts,
-            sigmas: sig,
-            init_noise_sigma: d.init_noise_sigma,
-            prediction,
+            d,
             clip_sample: ClassDefaults::of(kind).clip_sample(cfg),
             pending: None,
         })
@@ -311,15 +314,23 @@ impl Heun {
 
 impl Sampler for Heun {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.d.timesteps
+    }
+
+    fn order(&self) -> usize {
+        2
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+        self.d.init_noise_sigma as f64
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale(sample, self.sigmas[index])
+        self.d.scale(sample, index)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.d.add_noise(original, noise, index)
     }
 
     fn step(
@@ -329,34 +340,34 @@ impl Sampler for Heun {
         sample: &Tensor,
         _noise: &mut StepNoise,
     ) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (mo, sample) = (ops::f32(model_output)?, ops::f32(sample)?);
-        let first = self.pending.is_none();
-        let (sigma, next) = if first {
-            (self.sigmas[index], self.sigmas[index + 1])
-        } else {
-            (self.sigmas[index - 1], self.sigmas[index])
-        };
-        let sigma_input = if first { sigma } else { next };
-        let x0 = predict_x0(self.prediction, &mo, &sample, sigma_input)?;
-        let x0 = match self.clip_sample {
-            Some(r) => x0.clamp(-r, r)?,
-            None => x0,
-        };
-        let prev = match self.pending.take() {
-            None => {
-                let derivative = ops::div(&(&sample - x0)?, sigma)?;
-                let dt = next - sigma;
-                let prev = (&sample + mul(&derivative, dt)?)?;
-                self.pending = Some((derivative, dt, sample));
-                prev
-            }
-            Some((d1, dt, s0)) => {
-                let d2 = ops::div(&(&sample - x0)?, next)?;
-                let derivative = ops::div(&(d1 + d2)?, 2.0)?;
-                (s0 + mul(&derivative, dt)?)?
-            }
-        };
-        Ok(prev.to_dtype(dtype)?)
+        ops::in_f32(model_output, sample, |mo, sample| {
+            let sigmas = &self.d.sigmas;
+            let first = self.pending.is_none();
+            let (sigma, next) = if first {
+                (sigmas[index], sigmas[index + 1])
+            } else {
+                (sigmas[index - 1], sigmas[index])
+            };
+            let sigma_input = if first { sigma } else { next };
+            let x0 = self.d.x0(mo, sample, sigma_input)?;
+            let x0 = match self.clip_sample {
+                Some(r) => x0.clamp(-r, r)?,
+                None => x0,
+            };
+            Ok(match self.pending.take() {
+                None => {
+                    let derivative = ops::div(&(sample - x0)?, sigma)?;
+                    let dt = next - sigma;
+                    let prev = (sample + mul(&derivative, dt)?)?;
+                    self.pending = Some((derivative, dt, sample.clone()));
+                    prev
+                }
+                Some((d1, dt, s0)) => {
+                    let d2 = ops::div(&(sample - x0)?, next)?;
+                    let derivative = ops::div(&(d1 + d2)?, 2.0)?;
+                    (s0 + mul(&derivative, dt)?)?
+                }
+            })
+        })
     }
 }

@@ -97,12 +97,8 @@ impl Sampler for Lcm {
         &self.timesteps_f64
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        ops::noised_at_alpha(original, noise, self.alphas_cumprod[self.timesteps[index]])
     }
 
     fn step(
@@ -112,37 +108,39 @@ impl Sampler for Lcm {
         sample: &Tensor,
         noise: &mut StepNoise,
     ) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (mo, sample) = (ops::f32(model_output)?, ops::f32(sample)?);
-        let t = self.timesteps[index];
-        let prev_t = self.timesteps.get(index + 1).copied().unwrap_or(t);
-        let alpha_t = self.alphas_cumprod[t];
-        // prev_t is never negative here; final_alpha_cumprod is diffusers' fallback for it.
-        let alpha_prev = self
-            .alphas_cumprod
-            .get(prev_t)
-            .copied()
-            .unwrap_or(self.final_alpha_cumprod);
-        let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
-        let (c_skip, c_out) = self.scalings(t);
-        let x0 = match self.prediction {
-            Prediction::Epsilon => {
-                ops::div(&(&sample - mul(&mo, beta_t.sqrt())?)?, alpha_t.sqrt())?
-            }
-            Prediction::Sample => mo.clone(),
-            Prediction::VPrediction => (mul(&sample, alpha_t.sqrt())? - mul(&mo, beta_t.sqrt())?)?,
-        };
-        let x0 = match self.clip_sample {
-            Some(r) => x0.clamp(-r, r)?,
-            None => x0,
-        };
-        let denoised = (mul(&x0, c_out)? + mul(&sample, c_skip)?)?;
-        let prev = if index + 1 != self.timesteps.len() {
-            let z = ops::f32(&noise.randn_like(model_output)?)?;
-            (mul(&denoised, alpha_prev.sqrt())? + mul(&z, beta_prev.sqrt())?)?
-        } else {
-            denoised
-        };
-        Ok(prev.to_dtype(dtype)?)
+        ops::in_f32(model_output, sample, |mo, sample| {
+            let t = self.timesteps[index];
+            let prev_t = self.timesteps.get(index + 1).copied().unwrap_or(t);
+            let alpha_t = self.alphas_cumprod[t];
+            // prev_t is never negative here; final_alpha_cumprod is diffusers' fallback for it.
+            let alpha_prev = self
+                .alphas_cumprod
+                .get(prev_t)
+                .copied()
+                .unwrap_or(self.final_alpha_cumprod);
+            let (beta_t, beta_prev) = (1.0 - alpha_t, 1.0 - alpha_prev);
+            let (c_skip, c_out) = self.scalings(t);
+            let x0 = match self.prediction {
+                Prediction::Epsilon => {
+                    ops::div(&(sample - mul(mo, beta_t.sqrt())?)?, alpha_t.sqrt())?
+                }
+                Prediction::Sample => mo.clone(),
+                Prediction::VPrediction => {
+                    (mul(sample, alpha_t.sqrt())? - mul(mo, beta_t.sqrt())?)?
+                }
+            };
+            let x0 = match self.clip_sample {
+                Some(r) => x0.clamp(-r, r)?,
+                None => x0,
+            };
+            let denoised = (mul(&x0, c_out)? + mul(sample, c_skip)?)?;
+            let prev = if index + 1 != self.timesteps.len() {
+                let z = ops::f32(&noise.randn_like(model_output)?)?;
+                (mul(&denoised, alpha_prev.sqrt())? + mul(&z, beta_prev.sqrt())?)?
+            } else {
+                denoised
+            };
+            Ok(prev)
+        })
     }
 }

@@ -53,10 +53,22 @@ impl Prediction {
 pub trait Sampler: Send {
     /// The timestep of each UNet call, in order (Heun calls twice per step but the last).
     fn timesteps(&self) -> &[f64];
+    /// UNet calls per step (diffusers' `order`; Heun's is 2): img2img truncates the
+    /// schedule by whole steps, so it starts at call `order * skipped steps`.
+    fn order(&self) -> usize {
+        1
+    }
     /// What the initial latents are multiplied by.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// The UNet input at call `index` (diffusers' `scale_model_input`).
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+    /// Clean latents noised to the level call `index` starts from (diffusers' `add_noise`
+    /// with `begin_index` set: img2img's start, inpainting's known region after a step).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
     /// The latents after call `index`, from the guided model output.
     fn step(
         &mut self,
@@ -65,6 +77,23 @@ pub trait Sampler: Send {
         sample: &Tensor,
         noise: &mut StepNoise,
     ) -> Result<Tensor>;
+}
+
+/// Which call an image-to-image run starts at, as diffusers' `get_timesteps`: `strength` of
+/// the `steps` inference steps run (rounded down), the first ones skipped. An error when no
+/// step would run.
+pub fn first_call(sampler: &dyn Sampler, steps: usize, strength: f64) -> Result<usize> {
+    ensure!(
+        strength.is_finite() && strength > 0.0 && strength <= 1.0,
+        "--strength {strength} is not in (0, 1]"
+    );
+    // Python's int(steps * strength): a float64 product, truncated.
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    ensure!(
+        run > 0,
+        "--strength {strength} with --steps {steps} runs no denoising step; raise either"
+    );
+    Ok((steps - run) * sampler.order())
 }
 
 /// The sampler `settings` ask for, on `cfg`, for `steps` inference steps. Every check that

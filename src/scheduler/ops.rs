@@ -29,3 +29,25 @@ pub(crate) fn add(t: &Tensor, v: f32) -> Result<Tensor> {
 pub(crate) fn f32(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
+
+/// A step computed in float32 and returned in the model output's dtype, as diffusers'
+/// schedulers upcast and cast back.
+pub(crate) fn in_f32(
+    model_output: &Tensor,
+    sample: &Tensor,
+    step: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dtype = model_output.dtype();
+    Ok(step(&f32(model_output)?, &f32(sample)?)?.to_dtype(dtype)?)
+}
+
+/// `alphas_cumprod ** 0.5 * x + (1 - alphas_cumprod) ** 0.5 * noise`: the DDPM-family
+/// `add_noise` (DDIM, LCM) at a timestep whose cumulative alpha is `alpha_cumprod`.
+pub(crate) fn noised_at_alpha(x: &Tensor, noise: &Tensor, alpha_cumprod: f32) -> Result<Tensor> {
+    Ok((mul(x, alpha_cumprod.sqrt())? + mul(noise, (1.0 - alpha_cumprod).sqrt())?)?)
+}
+
+/// `x + noise * sigma`: the Karras-style `add_noise` (Euler, Euler ancestral, Heun).
+pub(crate) fn noised_at_sigma(x: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok((x + mul(noise, sigma)?)?)
+}

@@ -277,18 +277,19 @@ pub(crate) fn np_interp(x: f64, table: &[f32]) -> f64 {
     slope * (x - j as f64) + y0
 }
 
-/// The float timesteps of Euler, Euler ancestral and Heun for `spacing` (float32 values).
-pub(crate) fn float_timesteps(
+/// The timesteps of DDIM, Euler, Euler ancestral and Heun for `spacing`, in float64:
+/// leading and trailing ones are whole numbers, linspace ones are not (Euler and Heun keep
+/// them as float32, DDIM rounds them).
+pub(crate) fn spaced_timesteps(
     spacing: &str,
     n: usize,
     steps: usize,
     offset: usize,
-) -> Result<Vec<f32>> {
-    let t: Vec<f32> = match spacing {
+) -> Result<Vec<f64>> {
+    let t: Vec<f64> = match spacing {
         "linspace" => np_linspace(0.0, (n - 1) as f64, steps)
             .into_iter()
             .rev()
-            .map(|v| v as f32)
             .collect(),
         "leading" => {
             let ratio = n / steps;
@@ -298,12 +299,12 @@ pub(crate) fn float_timesteps(
             );
             (0..steps)
                 .rev()
-                .map(|i| round_half_even((i * ratio) as f64) as f32 + offset as f32)
+                .map(|i| (i * ratio + offset) as f64)
                 .collect()
         }
         "trailing" => np_arange(n as f64, 0.0, -(n as f64 / steps as f64))
             .into_iter()
-            .map(|v| round_half_even(v) as f32 - 1.0)
+            .map(|v| round_half_even(v) - 1.0)
             .collect(),
         other => bail!("scheduler config: unsupported timestep_spacing {other}"),
     };
@@ -313,6 +314,19 @@ pub(crate) fn float_timesteps(
         t.len()
     );
     Ok(t)
+}
+
+/// [`spaced_timesteps`] as float32, as Euler, Euler ancestral and Heun hold them.
+pub(crate) fn float_timesteps(
+    spacing: &str,
+    n: usize,
+    steps: usize,
+    offset: usize,
+) -> Result<Vec<f32>> {
+    Ok(spaced_timesteps(spacing, n, steps, offset)?
+        .into_iter()
+        .map(|v| v as f32)
+        .collect())
 }
 
 /// The integer timesteps of DPM-Solver and UniPC (`last` = the last training timestep + 1

@@ -269,12 +269,9 @@ impl Sampler for UniPc {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
+        Ok((mul(original, alpha)? + mul(noise, sigma)?)?)
     }
 
     fn step(
@@ -284,33 +281,34 @@ impl Sampler for UniPc {
         sample: &Tensor,
         _noise: &mut StepNoise,
     ) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let (mo, mut sample) = (ops::f32(model_output)?, ops::f32(sample)?);
-        let use_corrector = index > 0
-            && !self.disable_corrector.contains(&(index - 1))
-            && self.last_sample.is_some();
-        let converted = self.convert(&mo, &sample, index)?;
-        if use_corrector {
-            let last = self.last_sample.clone().expect("checked");
-            sample = self.corrector(&converted, &last, self.this_order, index)?;
-        }
-        if self.outputs.len() == self.order {
-            self.outputs.remove(0);
-        }
-        self.outputs.push(converted);
-        let n = self.timesteps.len();
-        let this_order = if self.lower_order_final {
-            self.order.min(n - index)
-        } else {
-            self.order
-        };
-        self.this_order = this_order.min(self.lower_order_nums + 1);
-        self.last_sample = Some(sample.clone());
-        let prev = self.predictor(&sample, self.this_order, index)?;
-        if self.lower_order_nums < self.order {
-            self.lower_order_nums += 1;
-        }
-        Ok(prev.to_dtype(dtype)?)
+        ops::in_f32(model_output, sample, |mo, sample| {
+            let mut sample = sample.clone();
+            let use_corrector = index > 0
+                && !self.disable_corrector.contains(&(index - 1))
+                && self.last_sample.is_some();
+            let converted = self.convert(&mo, &sample, index)?;
+            if use_corrector {
+                let last = self.last_sample.clone().expect("checked");
+                sample = self.corrector(&converted, &last, self.this_order, index)?;
+            }
+            if self.outputs.len() == self.order {
+                self.outputs.remove(0);
+            }
+            self.outputs.push(converted);
+            let n = self.timesteps.len();
+            let this_order = if self.lower_order_final {
+                self.order.min(n - index)
+            } else {
+                self.order
+            };
+            self.this_order = this_order.min(self.lower_order_nums + 1);
+            self.last_sample = Some(sample.clone());
+            let prev = self.predictor(&sample, self.this_order, index)?;
+            if self.lower_order_nums < self.order {
+                self.lower_order_nums += 1;
+            }
+            Ok(prev)
+        })
     }
 }
 
