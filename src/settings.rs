@@ -188,6 +188,13 @@ pub struct Settings {
     pub out: String,
     /// A template for the latents file, if wanted.
     pub save_latents: Option<String>,
+    /// img2img / inpainting: the photo to start from.
+    pub init_image: Option<PathBuf>,
+    /// The fraction of the schedule img2img runs; `None`: [`DEFAULT_STRENGTH`], or 1 with a
+    /// mask (diffusers' defaults).
+    pub strength: Option<f64>,
+    /// Inpainting: what to repaint in the init image (white = repaint).
+    pub mask: Option<PathBuf>,
 }
 
 fn as_text<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -198,6 +205,8 @@ fn as_text<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, 
 pub const DEFAULT_STEPS: usize = 50;
 /// Guidance when neither the user nor the model says.
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// img2img's strength when the user does not say (diffusers' default; inpainting's is 1).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 impl Default for Settings {
     /// The defaults of `tkg generate`: the model's sampler, steps and guidance (DDIM, 50, 7.5
@@ -231,6 +240,9 @@ impl Default for Settings {
             target_size: None,
             out: "tkg-{seed}.png".into(),
             save_latents: None,
+            init_image: None,
+            strength: None,
+            mask: None,
         }
     }
 }
@@ -273,6 +285,9 @@ pub struct SettingsPatch {
     pub target_size: Option<Size>,
     pub out: Option<String>,
     pub save_latents: Option<String>,
+    pub init_image: Option<PathBuf>,
+    pub strength: Option<f64>,
+    pub mask: Option<PathBuf>,
 }
 
 /// The name a `--model-dir` model goes by: the folder's name.
@@ -332,6 +347,9 @@ impl SettingsPatch {
         set_opt(&mut s.target_size, &self.target_size);
         set(&mut s.out, &self.out);
         set_opt(&mut s.save_latents, &self.save_latents);
+        set_opt(&mut s.init_image, &self.init_image);
+        set_opt(&mut s.strength, &self.strength);
+        set_opt(&mut s.mask, &self.mask);
         s
     }
 
@@ -407,6 +425,9 @@ struct RawPatch {
     crop_top_left: Option<String>,
     target_size: Option<String>,
     save_latents: Option<String>,
+    init_image: Option<PathBuf>,
+    strength: Option<f64>,
+    mask: Option<PathBuf>,
 }
 
 /// Parses an optional field, prefixing its error with the field's name.
@@ -467,6 +488,9 @@ impl RawPatch {
             target_size: field("target_size", self.target_size, Size::parse)?,
             out: self.out,
             save_latents: self.save_latents,
+            init_image: self.init_image,
+            strength: self.strength,
+            mask: self.mask,
         })
     }
 }
@@ -592,6 +616,35 @@ impl Settings {
                 format!("{{0}} must be positive, not {}", self.mask_sigma),
             ));
         }
+        if let Some(st) = self.strength
+            && !(st > 0.0 && st <= 1.0)
+        {
+            return Err(FieldError::new(
+                &["strength"],
+                format!("{{0}} must be in (0, 1], not {st}"),
+            ));
+        }
+        if self.init_image.is_none() && (self.strength.is_some() || self.mask.is_some()) {
+            return Err(FieldError::new(
+                &["strength", "mask", "init_image"],
+                "{0} and {1} need {2}".into(),
+            ));
+        }
+        for (name, path) in [("init_image", &self.init_image), ("mask", &self.mask)] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                let names: &'static [&'static str] = if name == "mask" {
+                    &["mask"]
+                } else {
+                    &["init_image"]
+                };
+                return Err(FieldError::new(
+                    names,
+                    format!("{{0}}: {} is not a file", p.display()),
+                ));
+            }
+        }
         for l in &self.lora {
             let spec = crate::models::lora::LoraSpec::parse(l)
                 .map_err(|e| FieldError::new(&[], format!("{e:#}")))?;
@@ -603,6 +656,17 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// img2img's strength: the given one, else 1 with a mask and [`DEFAULT_STRENGTH`]
+    /// without (`None` without an init image).
+    pub fn effective_strength(&self) -> Option<f64> {
+        self.init_image.as_ref()?;
+        Some(self.strength.unwrap_or(if self.mask.is_some() {
+            1.0
+        } else {
+            DEFAULT_STRENGTH
+        }))
     }
 
     /// The subject centres TKG-DM uses: the given ones, else the image centre.

@@ -128,6 +128,17 @@ pub struct JobOptions {
     /// SDXL: the target size the model is told about, WIDTHxHEIGHT (default: the size).
     #[arg(long, value_name = "WxH", value_parser = Size::parse)]
     pub target_size: Option<Size>,
+    /// img2img: start from this photo (JPEG, PNG or WebP) instead of noise; resized to
+    /// --width x --height (default: its own size, rounded down to a multiple of 8).
+    #[arg(long, value_name = "IMAGE")]
+    pub init_image: Option<PathBuf>,
+    /// img2img: the fraction of the steps that runs, in (0, 1]; lower keeps more of the
+    /// photo [default: 0.8, or 1 with --mask].
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting: repaint where this mask is white (any size; resized to the image).
+    #[arg(long, value_name = "MASK")]
+    pub mask: Option<PathBuf>,
     /// Skip keying: write only the image.
     #[arg(long)]
     pub no_key: bool,
@@ -370,6 +381,9 @@ impl JobOptions {
             target_size: self.target_size,
             out: self.out.clone(),
             save_latents: self.save_latents.clone(),
+            init_image: self.init_image.clone(),
+            strength: self.strength,
+            mask: self.mask.clone(),
         }
     }
 

@@ -72,6 +72,14 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
         clip(hidden, layers, heads, inter, vocab, "quick_gelu", false)
     };
     Ok(match name {
+        // 9-channel inpainting variants: the same model with latents, mask and masked-image
+        // latents as UNet input (SD1.5 / SDXL inpainting's layout); other weights.
+        "tiny-sd15-inpaint" | "tiny-sdxl-inpaint" => {
+            let mut spec = spec(name.trim_end_matches("-inpaint"), vocab_size, eos)?;
+            spec.unet["in_channels"] = json!(9);
+            spec.seed ^= 0x1a9a_1a7f;
+            spec
+        }
         "tiny-sd15" => Spec {
             text_encoders: vec![text(32, 2, 4, 64, vocab_size)],
             unet: json!({
@@ -139,7 +147,7 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
             seed: 0x5d71_0001,
         },
         other => bail!(
-            "{other} is not a built-in model (built-in: tiny-sd15, tiny-sdxl, random-sd15, random-sdxl)"
+            "{other} is not a built-in model (built-in: tiny-sd15, tiny-sdxl, tiny-sd15-inpaint, tiny-sdxl-inpaint, random-sd15, random-sdxl)"
         ),
     })
 }

@@ -17,7 +17,14 @@ use crate::sampling::{SamplerKind, SamplingDefaults, Schedule, Spacing};
 pub const BUILTIN_MODELS_TOML: &str = include_str!("../../models.toml");
 
 /// Names of the models tkg materialises itself (`builtin = true`).
-pub const BUILTIN_NAMES: &[&str] = &["tiny-sd15", "tiny-sdxl", "random-sd15", "random-sdxl"];
+pub const BUILTIN_NAMES: &[&str] = &[
+    "tiny-sd15",
+    "tiny-sdxl",
+    "tiny-sd15-inpaint",
+    "tiny-sdxl-inpaint",
+    "random-sd15",
+    "random-sdxl",
+];
 
 pub use crate::family::Family;
 
@@ -632,9 +639,13 @@ mod tests {
                 "sdxl",
                 "sd-turbo",
                 "sdxl-turbo",
+                "sd15-inpaint",
+                "sdxl-inpaint",
                 "sdxl-vae-fp16-fix",
                 "tiny-sd15",
                 "tiny-sdxl",
+                "tiny-sd15-inpaint",
+                "tiny-sdxl-inpaint",
                 "random-sd15",
                 "random-sdxl"
             ]
@@ -650,7 +661,7 @@ mod tests {
         ] {
             r.get(n).unwrap();
         }
-        assert_eq!(r.entries().count(), 9);
+        assert_eq!(r.entries().count(), 13);
         assert!(duplicate_names(&r).is_empty());
 
         let sd15 = r.get("sd15").unwrap();
@@ -827,7 +838,7 @@ mod tests {
         // Untouched built-ins survive; new entries come after them.
         assert!(r.get("sdxl").unwrap().origin.is_none());
         let names = r.names();
-        assert_eq!(names.len(), 12);
+        assert_eq!(names.len(), 16);
         assert_eq!(names[0], "sd15");
         assert!(
             names.iter().position(|n| *n == "mine").unwrap()

@@ -221,13 +221,23 @@ impl Vae {
     /// Encodes images in [-1, 1] ([B, 3, H, W]) into the mean of the latent distribution,
     /// scaled as the denoiser expects (diffusers' `latent_dist.mode() * scaling_factor`).
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let (mean, _) = self.encode_distribution(images)?;
+        Ok((mean * self.config.scaling_factor)?)
+    }
+
+    /// The latent distribution of images in [-1, 1] ([B, 3, H, W]), unscaled: (mean, std),
+    /// with diffusers' `DiagonalGaussianDistribution` clamp of the log-variance to [-30, 20].
+    pub fn encode_distribution(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let moments = self.encoder.forward(images)?;
         let moments = match &self.quant_conv {
             Some(c) => c.forward(&moments)?,
             None => moments,
         };
-        let mean = moments.narrow(1, 0, self.config.latent_channels)?;
-        Ok((mean * self.config.scaling_factor)?)
+        let lat = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, lat)?;
+        let logvar = moments.narrow(1, lat, lat)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok((mean, std))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Several images at once: side by side on the CPU's cores, one UNet call per step
 //! elsewhere; one step callback and one stop for all of them.
 
-use super::{Conditioning, Generated, Pipeline, Request, Timings};
+use super::{Conditioning, Generated, Pipeline, Request, Start, Timings};
 use crate::rng::{Generator, RngKind};
 use crate::scheduler::StepNoise;
 use anyhow::{Context, Result, ensure};
@@ -49,7 +49,7 @@ impl Pipeline {
             let mut cond = self.encode_prompt(&r.prompt, &r.negative_prompt, cfg)?;
             cond.micro = r.micro;
             let mut generator = Generator::new(rng, r.seed);
-            let init = self.initial_latents_from(r, &mut generator)?;
+            let init = self.start_for(r, &mut generator)?;
             Ok((cond, t0.elapsed(), init, generator))
         })?;
         let mut conds = Vec::with_capacity(reqs.len());
@@ -64,11 +64,11 @@ impl Pipeline {
         }
         let t1 = Instant::now();
         let cond = stack_conditioning(&conds, cfg)?;
-        let init_refs: Vec<&Tensor> = inits.iter().map(|(_, i, _)| i).collect();
-        let init = Tensor::cat(&init_refs, 0)?;
+        let starts: Vec<Start> = inits.iter().map(|(_, s, _)| s.clone()).collect();
+        let start = Start::stack(&starts)?;
         let mut step_noise = StepNoise::new(generators);
         let final_latents =
-            self.denoise(&init, &cond, &first.sampling, &mut step_noise, control)?;
+            self.denoise_from(&start, &cond, &first.sampling, &mut step_noise, control)?;
         let denoise = t1.elapsed() / reqs.len() as u32;
         let decoded = self.per_image(reqs.len(), |i| {
             let t2 = Instant::now();
@@ -78,12 +78,12 @@ impl Pipeline {
         })?;
         let mut out = Vec::with_capacity(reqs.len());
         let parts = reqs.iter().zip(conds).zip(inits).zip(decoded);
-        for (i, (((r, c), (noise, init, shift)), (latents, rgb, decode))) in parts.enumerate() {
+        for (i, (((r, c), (noise, start, shift)), (latents, rgb, decode))) in parts.enumerate() {
             out.push(Generated {
                 rgb,
                 size: r.size,
                 noise,
-                init,
+                init: start.noise,
                 final_latents: latents,
                 shift,
                 warnings: c.warnings,

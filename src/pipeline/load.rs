@@ -408,11 +408,13 @@ impl Pipeline {
             }
             None => (cfg.vae, weights),
         };
+        // Inpainting UNets also take the mask and the masked image's latents.
+        let lat = vae_cfg.latent_channels;
         ensure!(
-            vae_cfg.latent_channels == unet_cfg.in_channels,
-            "the VAE has {} latent channels but the UNet takes {}",
-            vae_cfg.latent_channels,
-            unet_cfg.in_channels
+            unet_cfg.in_channels == lat || unet_cfg.in_channels == 2 * lat + 1,
+            "the VAE has {lat} latent channels but the UNet takes {} (expected {lat}, or {} for inpainting)",
+            unet_cfg.in_channels,
+            2 * lat + 1
         );
         // The VAE runs in f32 when its config asks to be upcast (SDXL's overflows in f16).
         let vae_opts = LoadOptions {

@@ -5,9 +5,11 @@
 mod batch;
 mod conditioning;
 mod load;
+mod start;
 
 pub use batch::stack_conditioning;
 pub use load::{Adapters, ModelSource, VaeSource, detect_family};
+pub use start::{ImageStart, LatentMask, SourceImage, Start, binary_mask, rgb8_to_tensor};
 
 use crate::models::config::SchedulerConfig;
 use crate::models::lora::LoraReport;
@@ -18,7 +20,7 @@ pub use crate::sampling::Sampling;
 use crate::scheduler::{self, StepNoise};
 use crate::settings::{Offset, Size};
 use crate::tkg::{self, ShiftReport, TkgSettings};
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use conditioning::Conditioner;
 use std::time::{Duration, Instant};
@@ -101,12 +103,16 @@ pub struct Request {
     pub init: InitNoise,
     /// SDXL size conditioning (ignored by SD1.x); `None` for diffusers' defaults.
     pub micro: Option<MicroCond>,
+    /// img2img / inpainting: the photo to start from (`init` is then not used).
+    pub source: Option<SourceImage>,
 }
 
 impl Request {
-    /// What images must share to be denoised in one batch.
-    pub fn shape_key(&self) -> (Size, Sampling, Option<MicroCond>) {
-        (self.size, self.sampling, self.micro)
+    /// What images must share to be denoised in one batch: size, sampling, micro-conditioning,
+    /// and for img2img the strength and whether a mask is given.
+    pub fn shape_key(&self) -> (Size, Sampling, Option<MicroCond>, Option<(f64, bool)>) {
+        let source = self.source.as_ref().map(|s| (s.strength, s.mask.is_some()));
+        (self.size, self.sampling, self.micro, source)
     }
 }
 
@@ -178,13 +184,14 @@ impl Pipeline {
     }
 
     /// How many UNet calls (each one CFG pair) `sampling` makes: its steps, or nearly twice
-    /// as many for Heun.
-    pub fn denoise_calls(&self, sampling: &Sampling) -> Result<usize> {
-        Ok(
-            scheduler::build(&self.scheduler, &sampling.sampler, sampling.steps)?
-                .timesteps()
-                .len(),
-        )
+    /// as many for Heun; img2img at `strength` skips the first ones.
+    pub fn denoise_calls(&self, sampling: &Sampling, strength: Option<f64>) -> Result<usize> {
+        let sampler = scheduler::build(&self.scheduler, &sampling.sampler, sampling.steps)?;
+        let skipped = match strength {
+            Some(s) => scheduler::first_call(sampler.as_ref(), sampling.steps, s)?,
+            None => 0,
+        };
+        Ok(sampler.timesteps().len() - skipped)
     }
 
     /// Checks a request's size, sampler, steps and guidance before any work.
@@ -195,7 +202,44 @@ impl Pipeline {
             s.guidance.is_finite() && s.guidance >= 0.0,
             "--guidance must be a non-negative number"
         );
-        scheduler::build(&self.scheduler, &s.sampler, s.steps)?;
+        let sampler = scheduler::build(&self.scheduler, &s.sampler, s.steps)?;
+        self.check_source(req, sampler.as_ref())
+    }
+
+    /// Checks what img2img and inpainting need: a strength that runs at least one step, a
+    /// photo and mask of the request's size, and a mask exactly when the model is a
+    /// 9-channel inpainting model.
+    fn check_source(&self, req: &Request, sampler: &dyn scheduler::Sampler) -> Result<()> {
+        let lat = self.vae.config.latent_channels;
+        let unet_in = self.unet.config.in_channels;
+        ensure!(
+            unet_in == lat || self.is_inpainting_model(),
+            "the UNet takes {unet_in} input channels; tkg knows {lat} (text-to-image, img2img) and {} (inpainting models)",
+            2 * lat + 1
+        );
+        let Some(src) = &req.source else {
+            ensure!(
+                !self.is_inpainting_model(),
+                "this is an inpainting model (9 input channels): give it --init-image and --mask"
+            );
+            return Ok(());
+        };
+        scheduler::first_call(sampler, req.sampling.steps, src.strength)?;
+        let Size { width, height } = req.size;
+        ensure!(
+            src.rgb.len() == width * height * 3,
+            "internal error: the init image is not {width}x{height} RGB"
+        );
+        match &src.mask {
+            Some(m) => ensure!(
+                m.len() == width * height,
+                "internal error: the mask is not {width}x{height}"
+            ),
+            None => ensure!(
+                !self.is_inpainting_model(),
+                "this is an inpainting model (9 input channels): it needs --mask"
+            ),
+        }
         Ok(())
     }
 
@@ -258,7 +302,7 @@ impl Pipeline {
     ) -> Result<(Tensor, Tensor, Option<ShiftReport>)> {
         let f = self.vae_factor();
         let (h, w) = (req.size.height / f, req.size.width / f);
-        let c = self.unet.config.in_channels;
+        let c = self.vae.config.latent_channels;
         let noise = generator.randn(c * h * w);
         let noise = Tensor::from_vec(noise, (1, c, h, w), &Device::Cpu)?;
         let (init, report) = match &req.init {
@@ -269,6 +313,25 @@ impl Pipeline {
             }
         };
         Ok((noise, init, report))
+    }
+
+    /// The start of `req` with draws from `generator` (seeded with the request's seed; a
+    /// stochastic sampler continues it): (the noise drawn first, the start, TKG-DM's shift).
+    pub fn start_for(
+        &self,
+        req: &Request,
+        generator: &mut Generator,
+    ) -> Result<(Tensor, Start, Option<ShiftReport>)> {
+        match &req.source {
+            Some(source) => {
+                let start = self.start_from_image(source, req.size, generator)?;
+                Ok((start.noise.clone(), start, None))
+            }
+            None => {
+                let (noise, init, shift) = self.initial_latents_from(req, generator)?;
+                Ok((noise, Start::from_noise(init), shift))
+            }
+        }
     }
 
     /// Runs the denoise loop from `init` (f32, [B, C, h, w]) and returns the final latents
@@ -284,22 +347,83 @@ impl Pipeline {
         noise: &mut StepNoise,
         control: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
-        let batch = init.dim(0)?;
+        let start = Start::from_noise(init.clone());
+        self.denoise_from(&start, cond, sampling, noise, control)
+    }
+
+    /// [`Self::denoise`] from any [`Start`]. With a photo the schedule is cut by the
+    /// strength and the photo's latents are noised to its first call (diffusers' img2img).
+    /// With a mask, a 4-channel model's known region is put back after every call, noised to
+    /// the next one (diffusers' inpainting); a 9-channel model takes the mask and the masked
+    /// photo's latents as extra input channels instead.
+    pub fn denoise_from(
+        &self,
+        start: &Start,
+        cond: &Conditioning,
+        sampling: &Sampling,
+        noise: &mut StepNoise,
+        control: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let batch = start.noise.dim(0)?;
         let mut sampler = scheduler::build(&self.scheduler, &sampling.sampler, sampling.steps)?;
         let cfg = sampling.uses_cfg();
-        let mut latents =
-            (init.to_device(&self.device)?.to_dtype(self.dtype)? * sampler.init_noise_sigma())?;
+        let on_device =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
+        let start_noise = on_device(&start.noise)?;
+        let image = start.image.as_ref();
+        let begin = match image {
+            Some(im) => scheduler::first_call(sampler.as_ref(), sampling.steps, im.strength)?,
+            None => 0,
+        };
+        let image_latents = image
+            .and_then(|im| im.latents.as_ref())
+            .map(on_device)
+            .transpose()?;
+        let mut latents = match (&image_latents, image.and_then(|im| im.mask.as_ref())) {
+            // diffusers' inpainting starts from pure noise at full strength.
+            (_, Some(_)) if image.map(|im| im.strength) == Some(1.0) => {
+                (&start_noise * sampler.init_noise_sigma())?
+            }
+            (Some(x), _) => sampler.add_noise(x, &start_noise, begin)?,
+            (None, None) if image.is_none() => (&start_noise * sampler.init_noise_sigma())?,
+            (None, _) => bail!("internal error: img2img without the photo's latents"),
+        };
+        let mask = image.and_then(|im| im.mask.as_ref());
+        let blend = match mask {
+            Some(m) if !self.is_inpainting_model() => {
+                let known = image_latents
+                    .clone()
+                    .context("internal error: inpainting without the photo's latents")?;
+                Some((on_device(&m.mask)?, known))
+            }
+            _ => None,
+        };
+        let extra = match mask {
+            Some(m) if self.is_inpainting_model() => {
+                let masked = m
+                    .masked_latents
+                    .as_ref()
+                    .context("internal error: a 9-channel model without masked latents")?;
+                let e = Tensor::cat(&[&on_device(&m.mask)?, &on_device(masked)?], 1)?;
+                Some(if cfg { Tensor::cat(&[&e, &e], 0)? } else { e })
+            }
+            _ => None,
+        };
         let context = cond.context.to_dtype(self.dtype)?;
-        let (_, _, lh, lw) = init.dims4()?;
+        let (_, _, lh, lw) = start.noise.dims4()?;
         let added = self.added_cond(cond, (lh, lw))?;
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let scaled = sampler.scale_model_input(&latents, i)?;
             let input = if cfg {
                 Tensor::cat(&[&scaled, &scaled], 0)?
             } else {
                 scaled
+            };
+            let input = match &extra {
+                Some(e) => Tensor::cat(&[&input, e], 1)?,
+                None => input,
             };
             let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
             let pred = if cfg {
@@ -310,8 +434,17 @@ impl Pipeline {
                 pred
             };
             latents = sampler.step(&pred, i, &latents, noise)?;
+            if let Some((m, known)) = &blend {
+                let known = if i + 1 < total {
+                    sampler.add_noise(known, &start_noise, i + 1)?
+                } else {
+                    known.clone()
+                };
+                latents =
+                    ((m.ones_like()? - m)?.broadcast_mul(&known)? + m.broadcast_mul(&latents)?)?;
+            }
             check_finite(&latents, &format!("latents after denoising step {}", i + 1))?;
-            control(i + 1, total)?;
+            control(i + 1 - begin, total - begin)?;
         }
         Ok(latents.to_dtype(DType::F32)?)
     }
@@ -366,9 +499,11 @@ impl Pipeline {
         cond.micro = req.micro;
         let t1 = Instant::now();
         let mut generator = Generator::new(rng, req.seed);
-        let (noise, init, shift) = self.initial_latents_from(req, &mut generator)?;
+        let (noise, start, shift) = self.start_for(req, &mut generator)?;
         let mut step_noise = StepNoise::new(vec![generator]);
-        let final_latents = self.denoise(&init, &cond, &req.sampling, &mut step_noise, control)?;
+        let final_latents =
+            self.denoise_from(&start, &cond, &req.sampling, &mut step_noise, control)?;
+        let init = start.noise;
         let t2 = Instant::now();
         let rgb = self.decode(&final_latents)?;
         let t3 = Instant::now();

@@ -6,10 +6,12 @@ pub mod device;
 pub mod events;
 pub mod manifest;
 pub mod model;
+pub mod place;
 pub mod plan;
 pub mod record;
 pub mod request;
 pub mod shard;
+pub mod source;
 pub mod template;
 
 pub use events::{Event, EventLog, Events, FinishedImage, NoEvents};
@@ -329,7 +331,9 @@ impl Runner<'_> {
         let first = &batch[0].2;
         self.events.event(&Event::BatchStart {
             indices: &indices,
-            steps: loaded.pipe.denoise_calls(&first.sampling)?,
+            steps: loaded
+                .pipe
+                .denoise_calls(&first.sampling, first.source.as_ref().map(|s| s.strength))?,
             done,
             todo,
         });

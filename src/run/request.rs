@@ -3,13 +3,15 @@
 
 use super::model::ModelDefaults;
 use super::plan::ImageJob;
+use super::source;
 use crate::family::Family;
-use crate::metadata::Recipe;
-use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request, Sampling};
+use crate::metadata::{Recipe, SourceRecipe};
+use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request, Sampling, SourceImage};
 use crate::sampling::SamplerSettings;
 use crate::settings::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Method, Offset, Settings, Size};
 use crate::tkg::TkgSettings;
 use anyhow::Result;
+use std::sync::Arc;
 
 /// A loaded model and what is known about it.
 pub struct LoadedModel {
@@ -62,9 +64,34 @@ impl LoadedModel {
 
     pub fn request(&self, img: &ImageJob) -> Result<Request> {
         let s = &img.settings;
-        let size = self.size(s);
+        let photo = s.init_image.as_deref().map(source::load_rgb).transpose()?;
+        let size = match &photo {
+            // diffusers' default: the photo's own size, rounded down to the VAE's factor.
+            Some(p) => {
+                let f = self.pipe.vae_factor();
+                Size::new(
+                    s.width.unwrap_or(p.width() as usize / f * f),
+                    s.height.unwrap_or(p.height() as usize / f * f),
+                )
+            }
+            None => self.size(s),
+        };
         self.pipe.check_size(size)?;
+        let source = match (photo, s.effective_strength()) {
+            (Some(p), Some(strength)) => Some(SourceImage {
+                rgb: Arc::new(source::resized_rgb8(&p, size)?),
+                strength,
+                mask: s
+                    .mask
+                    .as_deref()
+                    .map(|m| source::load_mask(m, &p, size).map(Arc::new))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
         let init = match s.method {
+            // img2img starts from the photo: TKG-DM's noise shaping does not apply.
+            _ if source.is_some() => InitNoise::Plain,
             Method::Tkg => InitNoise::Tkg(TkgSettings {
                 signs: s.color.channel_signs(self.pipe.family.spec().latent_rgb),
                 target_shift: self.shift(s),
@@ -94,13 +121,15 @@ impl LoadedModel {
                 crop_top_left: s.crop_top_left.unwrap_or_default(),
                 target_size: s.target_size.unwrap_or(size),
             }),
+            source,
         })
     }
 
     /// What the image records about how it was made.
     pub fn recipe(&self, img: &ImageJob, req: &Request) -> Recipe {
         let s = &img.settings;
-        let tkg = s.method == Method::Tkg;
+        let method = effective_method(s);
+        let tkg = method == Method::Tkg;
         // SDXL's micro-conditioning, where it is not the default; SD1.x has none.
         let micro = req.micro.filter(|_| self.pipe.family == Family::Sdxl);
         let size = req.size;
@@ -124,11 +153,29 @@ impl LoadedModel {
                 .map(|m| m.crop_top_left)
                 .filter(|v| *v != Offset::default()),
             target_size: micro.map(|m| m.target_size).filter(|v| *v != size),
-            method: s.method,
+            method,
             color: Some(s.color.clone()),
             shift: tkg.then(|| self.shift(s)),
             mask_sigma: tkg.then_some(s.mask_sigma),
             centers: if tkg { s.centers() } else { Vec::new() },
+            source: req.source.as_ref().map(|src| SourceRecipe {
+                init_image: s
+                    .init_image
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                strength: src.strength,
+                mask: s.mask.as_ref().map(|p| p.display().to_string()),
+            }),
         }
+    }
+}
+
+/// The method that shaped the noise: img2img starts from a photo, so TKG-DM's noise is
+/// plain noise there (`--method prompt` still adds its words).
+fn effective_method(s: &Settings) -> Method {
+    match s.method {
+        Method::Tkg if s.init_image.is_some() => Method::Plain,
+        m => m,
     }
 }

@@ -86,7 +86,7 @@ fn check(m: &Model, case: &serde_json::Value) -> (f32, i32) {
     let mut generator = Generator::new(RngKind::TorchCpu, seed);
     generator.randn(m.noise_len);
     let mut noise = StepNoise::new(vec![generator]);
-    let calls = m.pipe.denoise_calls(&sampling).unwrap();
+    let calls = m.pipe.denoise_calls(&sampling, None).unwrap();
     assert_eq!(
         calls,
         case["timesteps"].as_array().unwrap().len(),

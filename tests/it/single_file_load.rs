@@ -81,6 +81,7 @@ fn generate(p: &Pipeline) -> (Tensor, Vec<u8>) {
         seed: 42,
         init: InitNoise::Plain,
         micro: None,
+        source: None,
     };
     let g = p.generate(&req, &mut |_, _| {}).unwrap();
     (g.final_latents, g.rgb)

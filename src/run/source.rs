@@ -1,0 +1,113 @@
+//! The photo and mask of an img2img or inpainting job, read and brought to the image's size
+//! as diffusers' image processors do (a Lanczos resize to exactly the size; the mask as
+//! luma, binarised later by the pipeline).
+
+use crate::settings::Size;
+use anyhow::{Context, Result, ensure};
+use fast_image_resize as fr;
+use image::RgbImage;
+use std::path::Path;
+
+/// The photo as RGB8 (EXIF orientation applied, alpha dropped).
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    Ok(crate::photo::load_photo(path)
+        .with_context(|| format!("cannot use {} as --init-image", path.display()))?
+        .rgb)
+}
+
+/// The photo resized to `size` (Lanczos3, the aspect not kept: diffusers stretches too),
+/// RGB8 row-major.
+pub fn resized_rgb8(photo: &RgbImage, size: Size) -> Result<Vec<u8>> {
+    resize(
+        photo.width(),
+        photo.height(),
+        photo.as_raw().clone(),
+        fr::PixelType::U8x3,
+        size,
+    )
+}
+
+/// The mask at `size` as luma (PIL's "L": ITU-R 601 weights, rounded, as diffusers reads
+/// it), or as its alpha when it has transparency (strokes painted on a transparent layer),
+/// after checks that need no model: its aspect must be the photo's, and it must be neither
+/// empty nor full once binarised.
+pub fn load_mask(path: &Path, photo: &RgbImage, size: Size) -> Result<Vec<u8>> {
+    let img = crate::photo::load_photo(path)
+        .with_context(|| format!("cannot use {} as --mask", path.display()))?;
+    let (mw, mh) = (img.width(), img.height());
+    let (pw, ph) = (photo.width(), photo.height());
+    // Cross-multiplied: within one pixel of the photo's aspect at the mask's size.
+    let off = (mw as f64 * ph as f64 - mh as f64 * pw as f64).abs() / ph as f64;
+    ensure!(
+        off <= 1.0,
+        "mask {} is {mw}x{mh}, a different aspect from the init image's {pw}x{ph}",
+        path.display()
+    );
+    let luma = match &img.alpha {
+        Some(a) if a.as_raw().iter().any(|&v| v != 255) => a.as_raw().clone(),
+        _ => luma8(&img.rgb),
+    };
+    let mask = resize(mw, mh, luma, fr::PixelType::U8, size)?;
+    let repaint = mask.iter().filter(|&&v| v >= 128).count();
+    ensure!(
+        repaint > 0,
+        "mask {} is empty: nothing is white, so nothing would be repainted",
+        path.display()
+    );
+    ensure!(
+        repaint < mask.len(),
+        "mask {} is white everywhere: nothing of the photo would be kept; drop --mask for img2img",
+        path.display()
+    );
+    Ok(mask)
+}
+
+/// PIL's RGB to L: `(R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16`.
+fn luma8(rgb: &RgbImage) -> Vec<u8> {
+    rgb.pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+        })
+        .collect()
+}
+
+fn resize(
+    width: u32,
+    height: u32,
+    pixels: Vec<u8>,
+    kind: fr::PixelType,
+    size: Size,
+) -> Result<Vec<u8>> {
+    let (w, h) = (size.width as u32, size.height as u32);
+    if (width, height) == (w, h) {
+        return Ok(pixels);
+    }
+    let src = fr::images::Image::from_vec_u8(width, height, pixels, kind)?;
+    let mut dst = fr::images::Image::new(w, h, kind);
+    let opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
+    fr::Resizer::new().resize(&src, &mut dst, &opts)?;
+    Ok(dst.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luma_is_pils() {
+        let img = RgbImage::from_raw(3, 1, vec![255, 255, 255, 255, 0, 0, 10, 200, 30]).unwrap();
+        // PIL: Image.new("RGB", ...).convert("L") gives 255, 76, 124 for these.
+        assert_eq!(luma8(&img), [255, 76, 124]);
+    }
+
+    #[test]
+    fn resizing_keeps_a_same_sized_image_and_reaches_the_size() {
+        let v: Vec<u8> = (0..4 * 2 * 3).map(|i| i as u8).collect();
+        let same = resize(4, 2, v.clone(), fr::PixelType::U8x3, Size::new(4, 2)).unwrap();
+        assert_eq!(same, v);
+        let up = resize(4, 2, v, fr::PixelType::U8x3, Size::new(8, 4)).unwrap();
+        assert_eq!(up.len(), 8 * 4 * 3);
+    }
+}
