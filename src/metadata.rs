@@ -3,6 +3,10 @@
 //! is written from and read back into, the `tkg generate` command that makes the image
 //! again, and the manifest record.
 
+mod place;
+
+pub use place::{HarmonizeRecipe, PLACE_TOOL, PlaceRecipe};
+
 use crate::color::KeyColor;
 use crate::rng::RngKind;
 use crate::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
@@ -193,6 +197,17 @@ pub struct Recipe {
     pub shift: Option<f64>,
     pub mask_sigma: Option<f64>,
     pub centers: Vec<(f64, f64)>,
+    /// img2img / inpainting: what the image started from.
+    pub source: Option<SourceRecipe>,
+}
+
+/// The photo an img2img or inpainting image started from, as the command named it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceRecipe {
+    pub init_image: String,
+    /// A1111's `Denoising strength`.
+    pub strength: f64,
+    pub mask: Option<String>,
 }
 
 /// `car.png` → `car-repro.png`: a name that does not clobber the original.
@@ -269,6 +284,13 @@ impl Recipe {
         }
         if self.sampler.eta != 0.0 {
             p.push("Eta DDIM", fmt_num(self.sampler.eta));
+        }
+        if let Some(src) = &self.source {
+            p.push("Denoising strength", fmt_num(src.strength));
+            p.push("TKG init image", src.init_image.clone());
+            if let Some(m) = &src.mask {
+                p.push("TKG mask", m.clone());
+            }
         }
         p.push("TKG method", self.method.name().into());
         if let Some(c) = &self.color {
@@ -410,6 +432,16 @@ impl Recipe {
                     .collect::<Result<_>>()?,
                 None => Vec::new(),
             },
+            source: match (get("TKG init image"), get("Denoising strength")) {
+                (Some(image), Some(st)) => Some(SourceRecipe {
+                    init_image: image.to_string(),
+                    strength: num("Denoising strength", st)?,
+                    mask: get("TKG mask").map(str::to_string),
+                }),
+                (Some(_), None) => bail!("TKG init image without a Denoising strength"),
+                // A1111 writes a strength for hires fix too, and names no photo for img2img.
+                (None, _) => None,
+            },
         })
     }
 
@@ -461,6 +493,13 @@ impl Recipe {
         }
         if let Some(v) = self.target_size {
             push("--target-size", &v.to_string());
+        }
+        if let Some(src) = &self.source {
+            push("--init-image", &src.init_image);
+            push("--strength", &fmt_num(src.strength));
+            if let Some(m) = &src.mask {
+                push("--mask", m);
+            }
         }
         push("--method", self.method.name());
         if let Some(c) = &self.color {
@@ -627,6 +666,7 @@ mod tests {
             shift: Some(0.11),
             mask_sigma: Some(0.5),
             centers: vec![(-0.5, 0.0), (0.25, 0.5)],
+            source: None,
         }
     }
 
@@ -650,6 +690,23 @@ mod tests {
             params.prompt
         );
         assert_eq!(Recipe::from_parameters(&params).unwrap(), p);
+        let inpaint = Recipe {
+            method: Method::Plain,
+            source: Some(SourceRecipe {
+                init_image: "photos/a b.jpg".into(),
+                strength: 0.75,
+                mask: Some("m.png".into()),
+            }),
+            ..p.clone()
+        };
+        let params = inpaint.to_parameters();
+        assert_eq!(params.get("Denoising strength"), Some("0.75"));
+        assert_eq!(Recipe::from_parameters(&params).unwrap(), inpaint);
+        let cmd = inpaint.command(Path::new("o.png"));
+        assert!(
+            cmd.contains("--init-image 'photos/a b.jpg' --strength 0.75 --mask m.png"),
+            "{cmd}"
+        );
     }
 
     #[test]

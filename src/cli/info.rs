@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::borrow::Cow;
 use std::path::PathBuf;
-use tkg::metadata::{Parameters, Recipe, repro_name};
+use tkg::metadata::{Parameters, PlaceRecipe, Recipe, repro_name};
 use tkg::output;
 use tkg::text::{json_terminal_safe, terminal_safe};
 
@@ -32,7 +32,12 @@ pub fn run(args: &InfoArgs, ui: Ui) -> Result<()> {
         .map(|(_, v)| v.clone())
         .with_context(|| format!("{} has no 'parameters' text chunk", args.image.display()))?;
     let params = Parameters::parse(&text).map_err(anyhow::Error::msg)?;
-    let command = Recipe::from_parameters(&params).map(|r| r.command(&repro_name(&args.image)));
+    let out = repro_name(&args.image);
+    let command = match PlaceRecipe::from_parameters(&params) {
+        Ok(Some(place)) => Ok(place.command(&out)),
+        Ok(None) => Recipe::from_parameters(&params).map(|r| r.command(&out)),
+        Err(e) => Err(e),
+    };
     if args.json {
         let settings: serde_json::Map<String, serde_json::Value> = params
             .entries
@@ -73,6 +78,6 @@ pub fn run(args: &InfoArgs, ui: Ui) -> Result<()> {
             }
             Ok(())
         }
-        Err(e) => bail!("cannot rebuild a tkg generate command: {e:#}"),
+        Err(e) => bail!("cannot rebuild the command that made it: {e:#}"),
     }
 }

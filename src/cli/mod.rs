@@ -9,6 +9,7 @@ mod generate;
 mod info;
 mod key;
 mod models;
+mod place;
 mod progress;
 mod runtime;
 pub mod stdio;
@@ -47,6 +48,9 @@ pub enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Generate many images from a JSONL job file or a prompt file (shardable, resumable).
     Batch(Box<batch::BatchArgs>),
+    /// Put a cut-out into a photo: scaled, anchored, with a shadow, optionally colour-matched
+    /// and harmonised by inpainting (the product itself is never redrawn).
+    Place(Box<place::PlaceArgs>),
     /// Print an image's generation settings and the command that makes it again.
     Info(info::InfoArgs),
     /// Print shell completions: tkg completions bash|zsh|fish > FILE.
@@ -116,6 +120,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Command::Models(args) => models::run(args, ui),
         Command::Bench(args) => bench::run(args, ui),
         Command::Batch(args) => batch::run(args, ui),
+        Command::Place(args) => place::run(args, ui),
         Command::Info(args) => info::run(args, ui),
         Command::Completions(args) => completions::completions(args, ui),
         Command::Man(args) => completions::man(args, ui),

@@ -286,7 +286,7 @@ impl Sampler for UniPc {
             let use_corrector = index > 0
                 && !self.disable_corrector.contains(&(index - 1))
                 && self.last_sample.is_some();
-            let converted = self.convert(&mo, &sample, index)?;
+            let converted = self.convert(mo, &sample, index)?;
             if use_corrector {
                 let last = self.last_sample.clone().expect("checked");
                 sample = self.corrector(&converted, &last, self.this_order, index)?;

@@ -9,6 +9,8 @@ mod cli_generate;
 mod hostile;
 mod hostile_info;
 mod hub_download;
+mod insertion_cli;
+mod insertion_parity;
 mod key_cli;
 mod key_robustness;
 mod lora_cli;
