@@ -23,6 +23,7 @@ pub mod output;
 pub mod photo;
 pub mod pipeline;
 pub mod place;
+pub mod resize;
 pub mod rng;
 pub mod run;
 pub mod sampling;

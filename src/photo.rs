@@ -72,6 +72,38 @@ pub fn load_mask(path: &Path) -> Result<GrayImage> {
     Ok(img.to_luma8())
 }
 
+/// Loads any image in the photo formats as decoded (bit depth and alpha kept), upright and
+/// size-bounded. `what` names its role in messages ("image", "composite background").
+pub fn load_image(path: &Path, what: &str) -> Result<DynamicImage> {
+    Ok(decode_bounded(path, what, MAX_PHOTO_PIXELS)?.image)
+}
+
+/// The size of an image from its header, after the format and size checks that decoding
+/// makes, without decoding it. `what` names its role in messages.
+pub fn probe(path: &Path, what: &str) -> Result<(u32, u32)> {
+    let name = path.display();
+    let reader = open(path, what)?;
+    let (w, h) = reader
+        .into_dimensions()
+        .with_context(|| format!("cannot read {what} {name}"))?;
+    check_size(w, h, MAX_PHOTO_PIXELS).map_err(|e| anyhow::anyhow!("{what} {name} is {e}"))?;
+    Ok((w, h))
+}
+
+/// Opens `path` as one of the photo formats, by its content.
+fn open(path: &Path, what: &str) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+    let name = path.display();
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot read {what} {name}"))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read {what} {name}"))?;
+    match reader.format() {
+        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => Ok(reader),
+        Some(f) => bail!("{what} {name} is {f:?}; give a JPEG, PNG or WebP file"),
+        None => bail!("{what} {name} is not a JPEG, PNG or WebP file"),
+    }
+}
+
 struct Decoded {
     image: DynamicImage,
     icc: Option<Vec<u8>>,
@@ -82,15 +114,10 @@ struct Decoded {
 /// orientation. `what` names the role of the file in messages ("photo", "mask").
 fn decode_bounded(path: &Path, what: &str, max_pixels: u64) -> Result<Decoded> {
     let name = path.display();
-    let mut reader = ImageReader::open(path)
-        .with_context(|| format!("cannot read {what} {name}"))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {what} {name}"))?;
-    let format = match reader.format() {
-        Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) => f,
-        Some(f) => bail!("{what} {name} is {f:?}; give a JPEG, PNG or WebP file"),
-        None => bail!("{what} {name} is not a JPEG, PNG or WebP file"),
-    };
+    let mut reader = open(path, what)?;
+    let format = reader
+        .format()
+        .context("internal error: the format was checked")?;
     // 16-bit RGBA is 8 bytes a pixel; the rest is decoder working memory. No size limits yet, so
     // that an oversized header reaches the one-line message below rather than a generic error.
     let budget = max_pixels * 8 + (256 << 20);

@@ -32,7 +32,7 @@ pub struct PlaceArgs {
     #[arg(long, value_name = "PX")]
     pub height: Option<u32>,
     /// contact (a soft footprint under it), drop (its silhouette cast aside) or none.
-    #[arg(long, default_value = "contact", value_parser = ["contact", "drop", "none"])]
+    #[arg(long, default_value = "contact", value_parser = ShadowKind::NAMES)]
     pub shadow: String,
     /// Drop shadow direction in degrees (0 = right, 90 = down).
     #[arg(long, default_value_t = 45.0)]
@@ -110,14 +110,7 @@ fn parse_at(s: &str) -> Result<(f64, f64), String> {
 impl PlaceArgs {
     /// The flags as the job every line starts from.
     fn base(&self, ui: Ui) -> Result<PlaceJob> {
-        let shadow = match self.shadow.as_str() {
-            "none" => ShadowKind::None,
-            "drop" => ShadowKind::Drop {
-                angle_deg: self.shadow_angle,
-                length: self.shadow_length,
-            },
-            _ => ShadowKind::Contact,
-        };
+        let shadow = ShadowKind::from_name(&self.shadow, (self.shadow_angle, self.shadow_length))?;
         let size = match (self.scale, self.height) {
             (Some(s), _) => SubjectSize::Scale(s),
             (None, Some(h)) => SubjectSize::Height(h),

@@ -24,7 +24,7 @@ pub mod screen;
 
 use crate::color::KeyColor;
 use crate::output::{self, Pixels, PngImage};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use image::DynamicImage;
 use std::path::{Path, PathBuf};
 
@@ -115,21 +115,10 @@ pub struct KeyOutputFlags {
     pub composite: Option<PathBuf>,
 }
 
-/// Reads an image file, with a one-line error naming the file on failure.
+/// Reads an image to key: JPEG, PNG or WebP, EXIF orientation applied, size bounded, with a
+/// one-line error naming the file on failure.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?;
-    let img = reader
-        .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
-    ensure!(
-        img.width() > 0 && img.height() > 0,
-        "image {} is empty",
-        path.display()
-    );
-    Ok(img)
+    crate::photo::load_image(path, "image")
 }
 
 /// Keys any decoded image: greyscale and 16-bit images are keyed through 8-bit RGB; an
@@ -378,42 +367,20 @@ pub fn composite_over(keyed: &Keyed, bg: &[u8]) -> Vec<u8> {
 
 /// Loads a background and resizes it to cover `width` x `height` (centre crop, Lanczos3).
 pub fn load_background(path: &Path, width: u32, height: u32) -> Result<Vec<u8>> {
-    use fast_image_resize as fr;
-    let img = load_image(path)
-        .with_context(|| format!("cannot use {} as a composite background", path.display()))?
-        .to_rgb8();
-    if img.width() == width && img.height() == height {
-        return Ok(img.into_raw());
-    }
-    let src = fr::images::Image::from_vec_u8(
-        img.width(),
-        img.height(),
-        img.into_raw(),
-        fr::PixelType::U8x3,
-    )?;
-    let mut dst = fr::images::Image::new(width, height, fr::PixelType::U8x3);
-    fr::Resizer::new().resize(
-        &src,
-        &mut dst,
-        &fr::ResizeOptions::new().fit_into_destination(Some((0.5, 0.5))),
-    )?;
-    Ok(dst.into_vec())
+    use crate::resize::{FilterType, Fit, PixelType, Resize};
+    let img = crate::photo::load_image(path, "composite background")?.to_rgb8();
+    let from = img.dimensions();
+    let cover = Resize {
+        fit: Fit::Cover,
+        ..Resize::new(PixelType::U8x3, FilterType::Lanczos3)
+    };
+    cover.to_vec(img.into_raw(), from, (width, height))
 }
 
 /// Checks that the composite background (if any) can be read, before any expensive work.
 pub fn check_output_flags(flags: &KeyOutputFlags) -> Result<()> {
     if let Some(bg) = &flags.composite {
-        let (w, h) = image::ImageReader::open(bg)
-            .with_context(|| format!("cannot read composite background {}", bg.display()))?
-            .with_guessed_format()
-            .with_context(|| format!("cannot read composite background {}", bg.display()))?
-            .into_dimensions()
-            .with_context(|| format!("cannot read composite background {}", bg.display()))?;
-        ensure!(
-            w > 0 && h > 0,
-            "composite background {} is empty",
-            bg.display()
-        );
+        crate::photo::probe(bg, "composite background")?;
     }
     Ok(())
 }

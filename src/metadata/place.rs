@@ -38,11 +38,10 @@ pub struct HarmonizeRecipe {
 
 fn shadow_text(s: ShadowKind) -> String {
     match s {
-        ShadowKind::None => "none".into(),
-        ShadowKind::Contact => "contact".into(),
         ShadowKind::Drop { angle_deg, length } => {
             format!("drop {},{}", fmt_num(angle_deg), fmt_num(length))
         }
+        other => other.name().into(),
     }
 }
 
@@ -202,14 +201,10 @@ impl PlaceRecipe {
             SubjectSize::Scale(s) => push("--scale", &fmt_num(s)),
             SubjectSize::Height(px) => push("--height", &px.to_string()),
         }
-        match self.options.shadow {
-            ShadowKind::None => push("--shadow", "none"),
-            ShadowKind::Contact => push("--shadow", "contact"),
-            ShadowKind::Drop { angle_deg, length } => {
-                push("--shadow", "drop");
-                push("--shadow-angle", &fmt_num(angle_deg));
-                push("--shadow-length", &fmt_num(length));
-            }
+        push("--shadow", self.options.shadow.name());
+        if let ShadowKind::Drop { angle_deg, length } = self.options.shadow {
+            push("--shadow-angle", &fmt_num(angle_deg));
+            push("--shadow-length", &fmt_num(length));
         }
         push(
             "--shadow-opacity",
@@ -249,8 +244,7 @@ impl PlaceRecipe {
 
 fn parse_shadow(v: &str) -> Result<ShadowKind> {
     Ok(match v.trim() {
-        "none" => ShadowKind::None,
-        "contact" => ShadowKind::Contact,
+        name @ ("none" | "contact") => ShadowKind::from_name(name, (0.0, 0.0))?,
         other => {
             let rest = other
                 .strip_prefix("drop ")

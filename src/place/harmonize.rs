@@ -14,8 +14,8 @@
 //! seam between repainted and original pixels without reaching far into either.
 
 use super::{PlacedSubject, Rect, ShadowLayer, blur, colour};
+use crate::resize::{FilterType, PixelType, Resize};
 use anyhow::{Context, Result, bail, ensure};
-use fast_image_resize as fr;
 use image::{GrayImage, RgbImage};
 
 pub const DEFAULT_MARGIN: u32 = 32;
@@ -235,20 +235,27 @@ fn dilate(plane: &mut [u8], w: usize, h: usize, r: usize) {
     }
 }
 
+/// `src` (or its `crop`) resized to `to` with Lanczos3, in sRGB values.
 fn resize_rgb(src: &RgbImage, crop: Option<&Rect>, to: (u32, u32)) -> Result<RgbImage> {
-    let view =
-        fr::images::ImageRef::new(src.width(), src.height(), src.as_raw(), fr::PixelType::U8x3)
-            .context("internal error: image buffer")?;
-    let mut dst = fr::images::Image::new(to.0, to.1, fr::PixelType::U8x3);
-    let mut options =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
-    if let Some(c) = crop {
-        options = options.crop(c.x as f64, c.y as f64, c.width as f64, c.height as f64);
+    let c = crop.copied().unwrap_or(Rect {
+        x: 0,
+        y: 0,
+        width: src.width(),
+        height: src.height(),
+    });
+    // A copy of the crop: the shared resize takes owned, mutable pixels (crop-sized, 3 bytes a
+    // pixel, small beside the photo).
+    let row = src.width() as usize * 3;
+    let mut pixels = Vec::with_capacity(c.width as usize * c.height as usize * 3);
+    for y in c.y..c.bottom() {
+        let start = y as usize * row + c.x as usize * 3;
+        pixels.extend_from_slice(&src.as_raw()[start..start + c.width as usize * 3]);
     }
-    fr::Resizer::new()
-        .resize(&view, &mut dst, &options)
+    let mut out = vec![0u8; to.0 as usize * to.1 as usize * 3];
+    Resize::new(PixelType::U8x3, FilterType::Lanczos3)
+        .run(&mut pixels, (c.width, c.height), &mut out, to)
         .context("cannot resize the harmonisation crop")?;
-    RgbImage::from_raw(to.0, to.1, dst.into_vec()).context("internal error: resized buffer")
+    RgbImage::from_raw(to.0, to.1, out).context("internal error: resized buffer")
 }
 
 fn check_scene(scene: &RgbImage, plan: &HarmonizePlan) -> Result<()> {
@@ -274,25 +281,20 @@ pub fn crop_for_model(scene: &RgbImage, plan: &HarmonizePlan) -> Result<RgbImage
 /// least a quarter of the crop pixels it covers are.
 pub fn mask_for_model(plan: &HarmonizePlan) -> Result<GrayImage> {
     let (mw, mh) = plan.model_size;
-    let view = fr::images::ImageRef::new(
-        plan.crop.width,
-        plan.crop.height,
-        plan.mask.as_raw(),
-        fr::PixelType::U8,
-    )
-    .context("internal error: mask buffer")?;
-    let mut dst = fr::images::Image::new(mw, mh, fr::PixelType::U8);
-    let options =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Box));
-    fr::Resizer::new()
-        .resize(&view, &mut dst, &options)
+    let mut mask = plan.mask.as_raw().clone();
+    let mut out = vec![0u8; mw as usize * mh as usize];
+    Resize::new(PixelType::U8, FilterType::Box)
+        .run(
+            &mut mask,
+            (plan.crop.width, plan.crop.height),
+            &mut out,
+            (mw, mh),
+        )
         .context("cannot resize the mask")?;
-    let binary = dst
-        .into_vec()
-        .into_iter()
-        .map(|v| if v >= MODEL_MASK_MIN { 255 } else { 0 })
-        .collect();
-    GrayImage::from_raw(mw, mh, binary).context("internal error: mask buffer")
+    for v in out.iter_mut() {
+        *v = if *v >= MODEL_MASK_MIN { 255 } else { 0 };
+    }
+    GrayImage::from_raw(mw, mh, out).context("internal error: mask buffer")
 }
 
 /// The harmonised crop (at model size) resized back and blended into `scene` through the

@@ -16,6 +16,8 @@ pub mod colour;
 pub mod colour_match;
 pub mod composite;
 pub mod harmonize;
+#[cfg(test)]
+mod harmonize_tests;
 pub mod resample;
 pub mod shadow;
 #[cfg(test)]
@@ -63,6 +65,30 @@ pub enum ShadowKind {
         angle_deg: f64,
         length: f64,
     },
+}
+
+impl ShadowKind {
+    /// The names `--shadow` and job lines take.
+    pub const NAMES: [&'static str; 3] = ["contact", "drop", "none"];
+
+    /// The name `--shadow` and job lines spell this kind with.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ShadowKind::None => "none",
+            ShadowKind::Contact => "contact",
+            ShadowKind::Drop { .. } => "drop",
+        }
+    }
+
+    /// The kind called `name`; a drop shadow gets `(angle_deg, length)`.
+    pub fn from_name(name: &str, (angle_deg, length): (f64, f64)) -> Result<Self> {
+        Ok(match name {
+            "none" => ShadowKind::None,
+            "contact" => ShadowKind::Contact,
+            "drop" => ShadowKind::Drop { angle_deg, length },
+            other => bail!("{other} is not contact, drop or none"),
+        })
+    }
 }
 
 /// Settings of [`place`].

@@ -4,14 +4,14 @@
 //! keyer left there) would bleed into the edges. So each pixel becomes linear light times
 //! alpha, 16 bits a channel (8 bytes a pixel; enough that 8-bit sRGB survives), is resampled
 //! with Catmull-Rom, and is divided by its alpha again. Full scale is [`FULL`], not 65535: the
-//! filter overshoots at edges, and a clipped alpha would brighten the colour divided by it. Catmull-Rom rather than Lanczos3: it
-//! rings less at the hard edges a matte has, and ringing in alpha shows as halos. Filtering in
-//! linear light keeps thin bright or dark details at their true brightness when shrinking.
+//! filter overshoots at edges, and a clipped alpha would brighten the colour divided by it.
+//! Catmull-Rom rather than Lanczos3: it rings less at the hard edges a matte has, and ringing
+//! in alpha shows as halos. Filtering in linear light keeps thin bright or dark details at
+//! their true brightness when shrinking.
 
 use super::{Bounds, Rect, Sprite, colour};
+use crate::resize::{AlignedBytes, FilterType, PixelType, Resize};
 use anyhow::{Context, Result};
-use fast_image_resize as fr;
-use fr::pixels::U16x4;
 use image::RgbaImage;
 
 /// Full scale of the premultiplied values: 80% of 16 bits, leaving room for Catmull-Rom's
@@ -47,7 +47,8 @@ pub(crate) fn scale_subject(cutout: &RgbaImage, visible: Rect, scale: f64) -> Re
     let dw = ((sw as f64 * scale).round() as u32).max(1);
     let dh = ((sh as f64 * scale).round() as u32).max(1);
 
-    let mut pixels = Vec::with_capacity(sw as usize * sh as usize);
+    let mut src_buf = AlignedBytes::zeroed(sw as usize * sh as usize * 8);
+    let mut at = src_buf.bytes_mut().chunks_exact_mut(8);
     for y in src.y0..src.y1 {
         for x in src.x0..src.x1 {
             let [r, g, b, a] = cutout.get_pixel(x as u32, y as u32).0;
@@ -57,23 +58,23 @@ pub(crate) fn scale_subject(cutout: &RgbaImage, visible: Rect, scale: f64) -> Re
                 ((l * a as u64 * FULL + 65535 * 255 / 2) / (65535 * 255)) as u16
             };
             let alpha = ((a as u64 * FULL + 127) / 255) as u16;
-            pixels.push(U16x4::new([premul(r), premul(g), premul(b), alpha]));
+            let px = [premul(r), premul(g), premul(b), alpha];
+            let out = at.next().context("internal error: cut-out buffer size")?;
+            for (o, v) in out.chunks_exact_mut(2).zip(px) {
+                o.copy_from_slice(&v.to_ne_bytes());
+            }
         }
     }
-    let src_img = fr::images::TypedImage::from_pixels(sw, sh, pixels)
-        .context("internal error: cut-out buffer size")?;
-    let mut dst_img = fr::images::TypedImage::<U16x4>::new(dw, dh);
-    let options = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
-        .use_alpha(false);
-    fr::Resizer::new()
-        .resize_typed(&src_img, &mut dst_img, &options)
+    let mut dst_buf = AlignedBytes::zeroed(dw as usize * dh as usize * 8);
+    Resize::new(PixelType::U16x4, FilterType::CatmullRom)
+        .run(src_buf.bytes_mut(), (sw, sh), dst_buf.bytes_mut(), (dw, dh))
         .context("cannot scale the cut-out")?;
-    drop(src_img);
+    drop(src_buf);
 
     let mut rgba = RgbaImage::new(dw, dh);
-    for (out, p) in rgba.pixels_mut().zip(dst_img.pixels()) {
-        out.0 = unpremultiply(p.0);
+    for (out, p) in rgba.pixels_mut().zip(dst_buf.bytes_mut().chunks_exact(8)) {
+        let v = |i: usize| u16::from_ne_bytes([p[2 * i], p[2 * i + 1]]);
+        out.0 = unpremultiply([v(0), v(1), v(2), v(3)]);
     }
     Ok(Sprite { x: 0, y: 0, rgba })
 }

@@ -219,9 +219,10 @@ impl Runner<'_> {
                 seconds: loaded.pipe.load_time.as_secs_f64(),
             });
             // Resolve every image's request, then cut runs of compatible ones into batches.
+            let mut sources = source::SourceCache::default();
             let reqs: Vec<(usize, Todo, Request)> = group
                 .iter()
-                .map(|&(i, t)| Ok((i, t, loaded.request(&plan.images[i])?)))
+                .map(|&(i, t)| Ok((i, t, loaded.request(&plan.images[i], &mut sources)?)))
                 .collect::<Result<_>>()?;
             if let Some(free) = cfg.memory_available.filter(|_| device.is_cpu()) {
                 // CPU batches decode their images side by side.

@@ -3,6 +3,7 @@
 //! layers. The product is never redrawn: every pixel under the placed subject's full alpha is
 //! the cut-out's own colour, restored last.
 
+use super::plan::ModelKey;
 use super::request::LoadedModel;
 use super::{Event, Events, RunConfig, device, model};
 use crate::metadata::{HarmonizeRecipe, PlaceRecipe};
@@ -80,7 +81,7 @@ pub fn run_place(
     job: &PlaceJob,
     cfg: &RunConfig,
     events: &dyn Events,
-    cache: &mut Option<LoadedModel>,
+    cache: &mut Option<(ModelKey, LoadedModel)>,
 ) -> Result<Vec<PathBuf>> {
     let paths = output_paths(job);
     output::check_targets(&paths, cfg.overwrite)?;
@@ -150,10 +151,11 @@ fn harmonized(
     h: &Harmonize,
     cfg: &RunConfig,
     events: &dyn Events,
-    cache: &mut Option<LoadedModel>,
+    cache: &mut Option<(ModelKey, LoadedModel)>,
 ) -> Result<(RgbImage, Sampling)> {
     let s = &h.settings;
-    if cache.as_ref().is_none_or(|m| m.name != s.model) {
+    let key = ModelKey::of(s);
+    if cache.as_ref().is_none_or(|(k, _)| *k != key) {
         *cache = None;
         let (device, warning) = device::pick(&cfg.device)?;
         if let Some(w) = warning {
@@ -173,14 +175,15 @@ fn harmonized(
             source: model.folder.describe(),
             seconds: pipe.load_time.as_secs_f64(),
         });
-        *cache = Some(LoadedModel {
+        let loaded = LoadedModel {
             hash: None,
             name: s.model.clone(),
             defaults: model.defaults,
             pipe,
-        });
+        };
+        *cache = Some((key, loaded));
     }
-    let loaded = cache.as_ref().expect("loaded above");
+    let (_, loaded) = cache.as_ref().expect("loaded above");
     let native = loaded.size(s);
     let mut hopts = HarmonizeOptions::new(native.width.max(native.height) as u32);
     hopts.vae_factor = loaded.pipe.vae_factor() as u32;
@@ -315,13 +318,8 @@ impl PlaceLine {
                 },
                 s => s,
             },
-            Some("none") => ShadowKind::None,
-            Some("contact") => ShadowKind::Contact,
-            Some("drop") => ShadowKind::Drop {
-                angle_deg: angle,
-                length,
-            },
-            Some(other) => bail!("shadow: {other} is not contact, drop or none"),
+            Some(name) => ShadowKind::from_name(name, (angle, length))
+                .map_err(|e| anyhow::anyhow!("shadow: {e}"))?,
         };
         if let Some(v) = self.shadow_opacity {
             o.shadow_opacity = v;

@@ -572,19 +572,7 @@ impl Plan {
     /// them: the job's `lora` list and its prompt's `<lora:...>` tags; clip skip is chosen
     /// at load time too.
     pub fn model_groups(&self) -> Vec<Vec<(usize, Todo)>> {
-        let key = |i: usize| {
-            let s = &self.images[i].settings;
-            let tags = crate::models::lora::prompt_tags(&s.prompt)
-                .map(|t| format!("{t:?}"))
-                .unwrap_or_else(|e| e.to_string());
-            (
-                s.model.clone(),
-                s.model_dir.clone(),
-                s.clip_skip,
-                s.lora.clone(),
-                tags,
-            )
-        };
+        let key = |i: usize| ModelKey::of(&self.images[i].settings);
         let mut groups: Vec<(_, Vec<(usize, Todo)>)> = Vec::new();
         for (i, t) in self.todo() {
             let k = key(i);
@@ -594,6 +582,32 @@ impl Plan {
             }
         }
         groups.into_iter().map(|(_, v)| v).collect()
+    }
+}
+
+/// What decides the weights a job loads: the model, the folder, clip skip, and the LoRA set
+/// merged into them (the `lora` list and the prompt's `<lora:...>` tags). Jobs with equal
+/// keys can share one loaded model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelKey {
+    model: String,
+    model_dir: Option<PathBuf>,
+    clip_skip: Option<usize>,
+    lora: Vec<String>,
+    prompt_loras: String,
+}
+
+impl ModelKey {
+    pub fn of(s: &Settings) -> Self {
+        Self {
+            model: s.model.clone(),
+            model_dir: s.model_dir.clone(),
+            clip_skip: s.clip_skip,
+            lora: s.lora.clone(),
+            prompt_loras: crate::models::lora::prompt_tags(&s.prompt)
+                .map(|t| format!("{t:?}"))
+                .unwrap_or_else(|e| e.to_string()),
+        }
     }
 }
 

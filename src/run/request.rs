@@ -3,7 +3,7 @@
 
 use super::model::ModelDefaults;
 use super::plan::ImageJob;
-use super::source;
+use super::source::SourceCache;
 use crate::family::Family;
 use crate::metadata::{Recipe, SourceRecipe};
 use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request, Sampling, SourceImage};
@@ -11,7 +11,6 @@ use crate::sampling::SamplerSettings;
 use crate::settings::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Method, Offset, Settings, Size};
 use crate::tkg::TkgSettings;
 use anyhow::Result;
-use std::sync::Arc;
 
 /// A loaded model and what is known about it.
 pub struct LoadedModel {
@@ -62,12 +61,17 @@ impl LoadedModel {
         }
     }
 
-    pub fn request(&self, img: &ImageJob) -> Result<Request> {
+    /// What the pipeline is asked for `img`; photos and masks come through `sources`.
+    pub fn request(&self, img: &ImageJob, sources: &mut SourceCache) -> Result<Request> {
         let s = &img.settings;
-        let photo = s.init_image.as_deref().map(source::load_rgb).transpose()?;
+        let photo = s
+            .init_image
+            .as_deref()
+            .map(|p| sources.photo(p).map(|img| (p, img)))
+            .transpose()?;
         let size = match &photo {
             // diffusers' default: the photo's own size, rounded down to the VAE's factor.
-            Some(p) => {
+            Some((_, p)) => {
                 let f = self.pipe.vae_factor();
                 Size::new(
                     s.width.unwrap_or(p.width() as usize / f * f),
@@ -78,13 +82,13 @@ impl LoadedModel {
         };
         self.pipe.check_size(size)?;
         let source = match (photo, s.effective_strength()) {
-            (Some(p), Some(strength)) => Some(SourceImage {
-                rgb: Arc::new(source::resized_rgb8(&p, size)?),
+            (Some((path, p)), Some(strength)) => Some(SourceImage {
+                rgb: sources.resized(path, &p, size)?,
                 strength,
                 mask: s
                     .mask
                     .as_deref()
-                    .map(|m| source::load_mask(m, &p, size).map(Arc::new))
+                    .map(|m| sources.mask(m, path, &p, size))
                     .transpose()?,
             }),
             _ => None,

@@ -2,11 +2,64 @@
 //! as diffusers' image processors do (a Lanczos resize to exactly the size; the mask as
 //! luma, binarised later by the pipeline).
 
+use crate::resize::{FilterType, PixelType, Resize};
 use crate::settings::Size;
 use anyhow::{Context, Result, ensure};
-use fast_image_resize as fr;
 use image::RgbImage;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Photos and masks already read for a run's jobs, so that many seeds of one photo decode it
+/// once and share one buffer at the image's size. Only the last full-size photo is kept.
+#[derive(Default)]
+pub struct SourceCache {
+    last: Option<(PathBuf, Arc<RgbImage>)>,
+    resized: HashMap<(PathBuf, Size), Arc<Vec<u8>>>,
+    masks: HashMap<(PathBuf, PathBuf, Size), Arc<Vec<u8>>>,
+}
+
+impl SourceCache {
+    /// The photo at `path`, upright, full size.
+    pub fn photo(&mut self, path: &Path) -> Result<Arc<RgbImage>> {
+        if let Some((p, img)) = &self.last
+            && p == path
+        {
+            return Ok(img.clone());
+        }
+        let img = Arc::new(load_rgb(path)?);
+        self.last = Some((path.to_path_buf(), img.clone()));
+        Ok(img)
+    }
+
+    /// The photo at `path` (already read as `photo`) at `size`.
+    pub fn resized(&mut self, path: &Path, photo: &RgbImage, size: Size) -> Result<Arc<Vec<u8>>> {
+        let key = (path.to_path_buf(), size);
+        if let Some(v) = self.resized.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(resized_rgb8(photo, size)?);
+        self.resized.insert(key, v.clone());
+        Ok(v)
+    }
+
+    /// The mask at `mask` for the photo at `path` (read as `photo`), at `size`.
+    pub fn mask(
+        &mut self,
+        mask: &Path,
+        path: &Path,
+        photo: &RgbImage,
+        size: Size,
+    ) -> Result<Arc<Vec<u8>>> {
+        let key = (mask.to_path_buf(), path.to_path_buf(), size);
+        if let Some(v) = self.masks.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(load_mask(mask, photo, size)?);
+        self.masks.insert(key, v.clone());
+        Ok(v)
+    }
+}
 
 /// The photo as RGB8 (EXIF orientation applied, alpha dropped).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
@@ -22,7 +75,7 @@ pub fn resized_rgb8(photo: &RgbImage, size: Size) -> Result<Vec<u8>> {
         photo.width(),
         photo.height(),
         photo.as_raw().clone(),
-        fr::PixelType::U8x3,
+        PixelType::U8x3,
         size,
     )
 }
@@ -47,7 +100,7 @@ pub fn load_mask(path: &Path, photo: &RgbImage, size: Size) -> Result<Vec<u8>> {
         Some(a) if a.as_raw().iter().any(|&v| v != 255) => a.as_raw().clone(),
         _ => luma8(&img.rgb),
     };
-    let mask = resize(mw, mh, luma, fr::PixelType::U8, size)?;
+    let mask = resize(mw, mh, luma, PixelType::U8, size)?;
     let repaint = mask.iter().filter(|&&v| v >= 128).count();
     ensure!(
         repaint > 0,
@@ -72,23 +125,19 @@ fn luma8(rgb: &RgbImage) -> Vec<u8> {
         .collect()
 }
 
+/// `pixels` (`width` x `height`) at `size`, with Lanczos3 as diffusers (PIL) resizes.
 fn resize(
     width: u32,
     height: u32,
     pixels: Vec<u8>,
-    kind: fr::PixelType,
+    kind: PixelType,
     size: Size,
 ) -> Result<Vec<u8>> {
-    let (w, h) = (size.width as u32, size.height as u32);
-    if (width, height) == (w, h) {
-        return Ok(pixels);
-    }
-    let src = fr::images::Image::from_vec_u8(width, height, pixels, kind)?;
-    let mut dst = fr::images::Image::new(w, h, kind);
-    let opts =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3));
-    fr::Resizer::new().resize(&src, &mut dst, &opts)?;
-    Ok(dst.into_vec())
+    Resize::new(kind, FilterType::Lanczos3).to_vec(
+        pixels,
+        (width, height),
+        (size.width as u32, size.height as u32),
+    )
 }
 
 #[cfg(test)]
@@ -100,14 +149,5 @@ mod tests {
         let img = RgbImage::from_raw(3, 1, vec![255, 255, 255, 255, 0, 0, 10, 200, 30]).unwrap();
         // PIL: Image.new("RGB", ...).convert("L") gives 255, 76, 124 for these.
         assert_eq!(luma8(&img), [255, 76, 124]);
-    }
-
-    #[test]
-    fn resizing_keeps_a_same_sized_image_and_reaches_the_size() {
-        let v: Vec<u8> = (0..4 * 2 * 3).map(|i| i as u8).collect();
-        let same = resize(4, 2, v.clone(), fr::PixelType::U8x3, Size::new(4, 2)).unwrap();
-        assert_eq!(same, v);
-        let up = resize(4, 2, v, fr::PixelType::U8x3, Size::new(8, 4)).unwrap();
-        assert_eq!(up.len(), 8 * 4 * 3);
     }
 }
