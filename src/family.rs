@@ -31,9 +31,19 @@ pub struct FamilySpec {
     pub tower_suffixes: &'static [&'static str],
     /// The pad token of each tower's tokenizer when it comes from the built-in vocabulary.
     pub tower_pads: &'static [&'static str],
+    /// img2img's and inpainting's strength when the user gives none (diffusers' pipeline
+    /// defaults: SD 0.8 and 1; SDXL 0.3 and 0.9999, which skips the first step).
+    pub default_strength: DefaultStrength,
     /// The built-in model whose configs (the real base model's) a single-file checkpoint of
     /// this family is read with.
     pub builtin_architecture: &'static str,
+}
+
+/// Default strengths, per pipeline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DefaultStrength {
+    pub img2img: f64,
+    pub inpaint: f64,
 }
 
 /// Image sizes must be multiples of this before any model is loaded: every family's VAE
@@ -47,6 +57,10 @@ const SD15: FamilySpec = FamilySpec {
     latent_rgb: &SD15_LATENT_RGB,
     tower_suffixes: &[""],
     tower_pads: &["<|endoftext|>"],
+    default_strength: DefaultStrength {
+        img2img: 0.8,
+        inpaint: 1.0,
+    },
     builtin_architecture: "random-sd15",
 };
 
@@ -57,6 +71,10 @@ const SDXL: FamilySpec = FamilySpec {
     latent_rgb: &SDXL_LATENT_RGB,
     tower_suffixes: &["", "_2"],
     tower_pads: &["<|endoftext|>", "!"],
+    default_strength: DefaultStrength {
+        img2img: 0.3,
+        inpaint: 0.9999,
+    },
     builtin_architecture: "random-sdxl",
 };
 

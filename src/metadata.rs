@@ -191,6 +191,9 @@ pub struct Recipe {
     pub original_size: Option<Size>,
     pub crop_top_left: Option<Offset>,
     pub target_size: Option<Size>,
+    /// The SDXL refiner's aesthetic scores (prompt, negative prompt), recorded where the
+    /// model takes them.
+    pub aesthetic: Option<(f64, f64)>,
     pub method: Method,
     pub color: Option<KeyColor>,
     /// TKG-DM's settings (only with `Method::Tkg`).
@@ -275,6 +278,10 @@ impl Recipe {
         }
         if let Some(s) = self.target_size {
             p.push("TKG target size", s.to_string());
+        }
+        if let Some((score, negative)) = self.aesthetic {
+            p.push("TKG aesthetic score", fmt_num(score));
+            p.push("TKG negative aesthetic score", fmt_num(negative));
         }
         if let Some(d) = &self.model_dir {
             p.push("TKG model dir", d.clone());
@@ -414,6 +421,17 @@ impl Recipe {
             target_size: get("TKG target size")
                 .map(|v| text("TKG target size", Size::parse(v)))
                 .transpose()?,
+            aesthetic: match (
+                get("TKG aesthetic score"),
+                get("TKG negative aesthetic score"),
+            ) {
+                (Some(a), Some(n)) => Some((
+                    num("TKG aesthetic score", a)?,
+                    num("TKG negative aesthetic score", n)?,
+                )),
+                (None, None) => None,
+                _ => bail!("TKG aesthetic score and TKG negative aesthetic score come together"),
+            },
             method,
             color,
             shift: get("TKG shift")
@@ -493,6 +511,10 @@ impl Recipe {
         }
         if let Some(v) = self.target_size {
             push("--target-size", &v.to_string());
+        }
+        if let Some((score, negative)) = self.aesthetic {
+            push("--aesthetic-score", &fmt_num(score));
+            push("--negative-aesthetic-score", &fmt_num(negative));
         }
         if let Some(src) = &self.source {
             push("--init-image", &src.init_image);
@@ -666,6 +688,7 @@ mod tests {
             shift: Some(0.11),
             mask_sigma: Some(0.5),
             centers: vec![(-0.5, 0.0), (0.25, 0.5)],
+            aesthetic: None,
             source: None,
         }
     }
@@ -707,6 +730,23 @@ mod tests {
             cmd.contains("--init-image 'photos/a b.jpg' --strength 0.75 --mask m.png"),
             "{cmd}"
         );
+        // A refiner's scores go both ways; one without the other is an error.
+        let refined = Recipe {
+            aesthetic: Some((7.5, 1.25)),
+            ..inpaint
+        };
+        let mut params = refined.to_parameters();
+        assert_eq!(params.get("TKG aesthetic score"), Some("7.5"));
+        assert_eq!(Recipe::from_parameters(&params).unwrap(), refined);
+        let cmd = refined.command(Path::new("o.png"));
+        assert!(
+            cmd.contains("--aesthetic-score 7.5 --negative-aesthetic-score 1.25"),
+            "{cmd}"
+        );
+        params
+            .entries
+            .retain(|(k, _)| k != "TKG negative aesthetic score");
+        assert!(Recipe::from_parameters(&params).is_err());
     }
 
     #[test]

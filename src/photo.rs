@@ -516,4 +516,35 @@ mod tests {
         );
         assert_eq!(load_mask(&opaque).unwrap().as_raw(), &[30, 220]);
     }
+
+    #[test]
+    fn images_to_key_are_upright_and_backgrounds_probed_without_decoding() {
+        let j = tmp("key-rot.jpg");
+        let f = std::fs::File::create(&j).unwrap();
+        let enc = JpegEncoder::new_with_quality(f, 90);
+        let exif = Some(exif_orientation(6));
+        write(
+            enc,
+            (16, 8),
+            ExtendedColorType::Rgb8,
+            &[90; 16 * 8 * 3],
+            exif,
+            None,
+        );
+        let img = load_image(&j, "image").unwrap();
+        assert_eq!((img.width(), img.height()), (8, 16));
+        assert_eq!(probe(&j, "composite background").unwrap(), (16, 8));
+        let t = tmp("not-an-image.txt");
+        std::fs::write(&t, b"hello").unwrap();
+        let e = probe(&t, "composite background").unwrap_err().to_string();
+        assert!(
+            e.starts_with("composite background ") && e.contains("not a JPEG"),
+            "{e}"
+        );
+        // Named .png but not one: the header cannot be read.
+        let t = tmp("not-an-image.png");
+        std::fs::write(&t, b"hello").unwrap();
+        let e = probe(&t, "composite background").unwrap_err().to_string();
+        assert!(e.starts_with("cannot read composite background "), "{e}");
+    }
 }

@@ -184,14 +184,17 @@ pub struct Settings {
     pub original_size: Option<Size>,
     pub crop_top_left: Option<Offset>,
     pub target_size: Option<Size>,
+    /// The SDXL refiner's aesthetic scores (prompt, negative prompt); `None`: 6 and 2.5.
+    pub aesthetic_score: Option<f64>,
+    pub negative_aesthetic_score: Option<f64>,
     /// The output template.
     pub out: String,
     /// A template for the latents file, if wanted.
     pub save_latents: Option<String>,
     /// img2img / inpainting: the photo to start from.
     pub init_image: Option<PathBuf>,
-    /// The fraction of the schedule img2img runs; `None`: [`DEFAULT_STRENGTH`], or 1 with a
-    /// mask (diffusers' defaults).
+    /// The fraction of the schedule img2img runs; `None`: the family's default
+    /// ([`crate::family::FamilySpec::default_strength`]).
     pub strength: Option<f64>,
     /// Inpainting: what to repaint in the init image (white = repaint).
     pub mask: Option<PathBuf>,
@@ -205,8 +208,6 @@ fn as_text<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, 
 pub const DEFAULT_STEPS: usize = 50;
 /// Guidance when neither the user nor the model says.
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
-/// img2img's strength when the user does not say (diffusers' default; inpainting's is 1).
-pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 impl Default for Settings {
     /// The defaults of `tkg generate`: the model's sampler, steps and guidance (DDIM, 50, 7.5
@@ -237,6 +238,8 @@ impl Default for Settings {
             rng: RngKind::TorchCpu,
             original_size: None,
             crop_top_left: None,
+            aesthetic_score: None,
+            negative_aesthetic_score: None,
             target_size: None,
             out: "tkg-{seed}.png".into(),
             save_latents: None,
@@ -283,6 +286,8 @@ pub struct SettingsPatch {
     pub original_size: Option<Size>,
     pub crop_top_left: Option<Offset>,
     pub target_size: Option<Size>,
+    pub aesthetic_score: Option<f64>,
+    pub negative_aesthetic_score: Option<f64>,
     pub out: Option<String>,
     pub save_latents: Option<String>,
     pub init_image: Option<PathBuf>,
@@ -345,6 +350,11 @@ impl SettingsPatch {
         set_opt(&mut s.original_size, &self.original_size);
         set_opt(&mut s.crop_top_left, &self.crop_top_left);
         set_opt(&mut s.target_size, &self.target_size);
+        set_opt(&mut s.aesthetic_score, &self.aesthetic_score);
+        set_opt(
+            &mut s.negative_aesthetic_score,
+            &self.negative_aesthetic_score,
+        );
         set(&mut s.out, &self.out);
         set_opt(&mut s.save_latents, &self.save_latents);
         set_opt(&mut s.init_image, &self.init_image);
@@ -424,6 +434,8 @@ struct RawPatch {
     original_size: Option<String>,
     crop_top_left: Option<String>,
     target_size: Option<String>,
+    aesthetic_score: Option<f64>,
+    negative_aesthetic_score: Option<f64>,
     save_latents: Option<String>,
     init_image: Option<PathBuf>,
     strength: Option<f64>,
@@ -486,6 +498,8 @@ impl RawPatch {
             original_size: field("original_size", self.original_size, Size::parse)?,
             crop_top_left: field("crop_top_left", self.crop_top_left, Offset::parse)?,
             target_size: field("target_size", self.target_size, Size::parse)?,
+            aesthetic_score: self.aesthetic_score,
+            negative_aesthetic_score: self.negative_aesthetic_score,
             out: self.out,
             save_latents: self.save_latents,
             init_image: self.init_image,
@@ -616,6 +630,19 @@ impl Settings {
                 format!("{{0}} must be positive, not {}", self.mask_sigma),
             ));
         }
+        for (names, v) in [
+            (&["aesthetic_score"], self.aesthetic_score),
+            (&["negative_aesthetic_score"], self.negative_aesthetic_score),
+        ] {
+            if let Some(v) = v
+                && !(0.0..=10.0).contains(&v)
+            {
+                return Err(FieldError::new(
+                    names,
+                    format!("{{0}} must be in [0, 10] (the aesthetic predictor's scale), not {v}"),
+                ));
+            }
+        }
         if let Some(st) = self.strength
             && !(st > 0.0 && st <= 1.0)
         {
@@ -658,14 +685,15 @@ impl Settings {
         Ok(())
     }
 
-    /// img2img's strength: the given one, else 1 with a mask and [`DEFAULT_STRENGTH`]
-    /// without (`None` without an init image).
-    pub fn effective_strength(&self) -> Option<f64> {
+    /// img2img's strength: the given one, else the family's default for img2img or, with a
+    /// mask, inpainting (`None` without an init image).
+    pub fn effective_strength(&self, family: crate::family::Family) -> Option<f64> {
         self.init_image.as_ref()?;
+        let d = family.spec().default_strength;
         Some(self.strength.unwrap_or(if self.mask.is_some() {
-            1.0
+            d.inpaint
         } else {
-            DEFAULT_STRENGTH
+            d.img2img
         }))
     }
 
@@ -772,5 +800,20 @@ mod tests {
             Method::Prompt.prompt_text("a cat", &KeyColor::green()),
             "a cat isolated on a solid green background"
         );
+    }
+
+    #[test]
+    fn default_strengths_are_diffusers_per_family_and_pipeline() {
+        use crate::family::Family;
+        let mut s = Settings::default();
+        assert_eq!(s.effective_strength(Family::Sd15), None);
+        s.init_image = Some("photo.png".into());
+        assert_eq!(s.effective_strength(Family::Sd15), Some(0.8));
+        assert_eq!(s.effective_strength(Family::Sdxl), Some(0.3));
+        s.mask = Some("mask.png".into());
+        assert_eq!(s.effective_strength(Family::Sd15), Some(1.0));
+        assert_eq!(s.effective_strength(Family::Sdxl), Some(0.9999));
+        s.strength = Some(0.5);
+        assert_eq!(s.effective_strength(Family::Sdxl), Some(0.5));
     }
 }

@@ -128,12 +128,18 @@ pub struct JobOptions {
     /// SDXL: the target size the model is told about, WIDTHxHEIGHT (default: the size).
     #[arg(long, value_name = "WxH", value_parser = Size::parse)]
     pub target_size: Option<Size>,
+    /// SDXL refiner: the aesthetic score the prompt is conditioned on, 0 to 10 [default: 6].
+    #[arg(long, value_name = "SCORE")]
+    pub aesthetic_score: Option<f64>,
+    /// SDXL refiner: the aesthetic score of the negative prompt, 0 to 10 [default: 2.5].
+    #[arg(long, value_name = "SCORE")]
+    pub negative_aesthetic_score: Option<f64>,
     /// img2img: start from this photo (JPEG, PNG or WebP) instead of noise; resized to
     /// --width x --height (default: its own size, rounded down to a multiple of 8).
     #[arg(long, value_name = "IMAGE")]
     pub init_image: Option<PathBuf>,
     /// img2img: the fraction of the steps that runs, in (0, 1]; lower keeps more of the
-    /// photo [default: 0.8, or 1 with --mask].
+    /// photo [default: diffusers': SD 0.8, or 1 with --mask; SDXL 0.3, or 0.9999 with --mask].
     #[arg(long)]
     pub strength: Option<f64>,
     /// Inpainting: repaint where this mask is white (any size; resized to the image).
@@ -379,6 +385,8 @@ impl JobOptions {
             original_size: self.original_size,
             crop_top_left: self.crop_top_left,
             target_size: self.target_size,
+            aesthetic_score: self.aesthetic_score,
+            negative_aesthetic_score: self.negative_aesthetic_score,
             out: self.out.clone(),
             save_latents: self.save_latents.clone(),
             init_image: self.init_image.clone(),

@@ -647,6 +647,17 @@ pub struct ModelIndex {
     pub components: serde_json::Map<String, serde_json::Value>,
 }
 
+impl ModelIndex {
+    /// Whether the pipeline marks `component` as absent (`[null, null]`), as the SDXL refiner
+    /// does its first text encoder.
+    pub fn lacks(&self, component: &str) -> bool {
+        self.components
+            .get(component)
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.first().is_some_and(|v| v.is_null()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,15 +182,28 @@ pub fn has_needed_files(root: &Path, kind: ModelKind, family: Family) -> bool {
         ModelKind::Vae if file("vae/config.json") => component("vae/", "diffusion_pytorch_model"),
         ModelKind::Vae => component("", "diffusion_pytorch_model"),
         ModelKind::Pipeline => {
+            // A tower model_index.json marks absent is not needed (the SDXL refiner's CLIP-L).
+            let index: Option<super::config::ModelIndex> =
+                super::config::read_json(&root.join("model_index.json")).ok();
+            let lacks = |s: &str| {
+                index
+                    .as_ref()
+                    .is_some_and(|i| i.lacks(&format!("text_encoder{s}")))
+            };
             component("unet/", "diffusion_pytorch_model")
                 && component("vae/", "diffusion_pytorch_model")
                 && file("scheduler/scheduler_config.json")
-                && family.spec().tower_suffixes.iter().all(|s| {
-                    component(&format!("text_encoder{s}/"), "model")
-                        && (file(&format!("tokenizer{s}/tokenizer.json"))
-                            || (file(&format!("tokenizer{s}/vocab.json"))
-                                && file(&format!("tokenizer{s}/merges.txt"))))
-                })
+                && family
+                    .spec()
+                    .tower_suffixes
+                    .iter()
+                    .filter(|s| !lacks(s))
+                    .all(|s| {
+                        component(&format!("text_encoder{s}/"), "model")
+                            && (file(&format!("tokenizer{s}/tokenizer.json"))
+                                || (file(&format!("tokenizer{s}/vocab.json"))
+                                    && file(&format!("tokenizer{s}/merges.txt"))))
+                    })
         }
     }
 }
@@ -637,6 +650,7 @@ mod tests {
             [
                 "sd15",
                 "sdxl",
+                "sdxl-refiner",
                 "sd-turbo",
                 "sdxl-turbo",
                 "sd15-inpaint",
@@ -661,7 +675,7 @@ mod tests {
         ] {
             r.get(n).unwrap();
         }
-        assert_eq!(r.entries().count(), 13);
+        assert_eq!(r.entries().count(), 14);
         assert!(duplicate_names(&r).is_empty());
 
         let sd15 = r.get("sd15").unwrap();
@@ -838,7 +852,7 @@ mod tests {
         // Untouched built-ins survive; new entries come after them.
         assert!(r.get("sdxl").unwrap().origin.is_none());
         let names = r.names();
-        assert_eq!(names.len(), 16);
+        assert_eq!(names.len(), 17);
         assert_eq!(names[0], "sd15");
         assert!(
             names.iter().position(|n| *n == "mine").unwrap()
@@ -1088,6 +1102,29 @@ mod tests {
         // model_index.json is optional to the loader.
         std::fs::remove_file(t.0.join("blobs/0")).unwrap();
         assert!(has_needed_files(&snap, ModelKind::Pipeline, Family::Sd15));
+    }
+
+    #[test]
+    fn a_refiner_needs_no_tower_its_model_index_marks_absent() {
+        let t = TempDir::new("refiner-files");
+        let root = t.0.join("root");
+        for f in SD15_FILES {
+            let f = f
+                .replace("text_encoder/", "text_encoder_2/")
+                .replace("tokenizer/", "tokenizer_2/");
+            write(&root, &f, "{}");
+        }
+        // Without the index saying so, SDXL's first tower is missing.
+        assert!(!has_needed_files(&root, ModelKind::Pipeline, Family::Sdxl));
+        write(
+            &root,
+            "model_index.json",
+            r#"{"text_encoder": [null, null]}"#,
+        );
+        assert!(has_needed_files(&root, ModelKind::Pipeline, Family::Sdxl));
+        // The tower it does need is still checked.
+        std::fs::remove_file(root.join("text_encoder_2/model.safetensors")).unwrap();
+        assert!(!has_needed_files(&root, ModelKind::Pipeline, Family::Sdxl));
     }
 
     #[test]

@@ -50,7 +50,8 @@ struct TextTimeEmbedding {
 pub struct AddedCond {
     /// [batch, pooled_dim]
     pub text_embeds: Tensor,
-    /// [batch, 6]: original size, crop top-left, target size.
+    /// [batch, 6]: original size, crop top-left, target size; [batch, 5] for the refiner:
+    /// original size, crop top-left, aesthetic score.
     pub time_ids: Tensor,
 }
 

@@ -1,12 +1,13 @@
 //! Conditioning: what each family feeds the denoiser. SD1.x encodes with one CLIP-L; SDXL
-//! concatenates CLIP-L and OpenCLIP-bigG states, adds the pooled embedding and the size ids.
+//! concatenates CLIP-L and OpenCLIP-bigG states (the refiner has only the second), adds the
+//! pooled embedding and the size ids (the refiner: size, crop and aesthetic score).
 
 use super::{Conditioning, MicroCond, Pipeline, check_finite};
 use crate::models::clip::{ClipTextModel, HiddenLayer};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::AddedCond;
 use crate::settings::Size;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
 /// A text encoder with its tokenizer.
@@ -23,12 +24,15 @@ pub(super) enum Conditioner {
         layer: HiddenLayer,
     },
     /// SDXL: CLIP-L and OpenCLIP-bigG penultimate states, concatenated; pooled text
-    /// embedding from the second encoder's projection.
+    /// embedding from the last encoder's projection. The refiner has OpenCLIP-bigG only.
     Sdxl {
-        towers: Box<[TextTower; 2]>,
+        towers: Vec<TextTower>,
         layer: HiddenLayer,
         /// An empty negative prompt is all zeros (embeddings and pooled), not the encoding of "".
         force_zeros_for_empty_prompt: bool,
+        /// The UNet takes 5 time ids ending in an aesthetic score (the refiner), not 6 ending
+        /// in the target size.
+        aesthetic: bool,
     },
 }
 
@@ -98,12 +102,19 @@ impl Pipeline {
                 towers,
                 layer,
                 force_zeros_for_empty_prompt,
+                ..
             } => {
-                let a = towers[0].encode(&texts, *layer, &self.device, &mut warnings)?;
-                let b = towers[1].encode(&texts, *layer, &self.device, &mut warnings)?;
+                let outs = towers
+                    .iter()
+                    .map(|t| t.encode(&texts, *layer, &self.device, &mut warnings))
+                    .collect::<Result<Vec<_>>>()?;
                 warnings.dedup();
-                let mut context = Tensor::cat(&[&a.hidden, &b.hidden], 2)?;
-                let mut pooled = b.pooled.expect("text_encoder_2 has a projection");
+                let hidden: Vec<&Tensor> = outs.iter().map(|o| &o.hidden).collect();
+                let mut context = Tensor::cat(&hidden, 2)?;
+                let mut pooled = outs
+                    .last()
+                    .and_then(|o| o.pooled.clone())
+                    .context("internal error: SDXL's last text encoder has no projection")?;
                 if cfg && *force_zeros_for_empty_prompt && negative.is_empty() {
                     let zero_first = |t: &Tensor| -> Result<Tensor> {
                         let pos = t.narrow(0, 1, 1)?;
@@ -124,11 +135,24 @@ impl Pipeline {
         }
     }
 
-    /// SDXL's added conditioning for `rows` rows of the batch.
+    /// Whether the UNet is conditioned on aesthetic scores (the SDXL refiner).
+    pub fn takes_aesthetic_score(&self) -> bool {
+        matches!(
+            self.conditioner,
+            Conditioner::Sdxl {
+                aesthetic: true,
+                ..
+            }
+        )
+    }
+
+    /// SDXL's added conditioning for the rows of `cond` ([negative, positive] halves with
+    /// `cfg`).
     pub(super) fn added_cond(
         &self,
         cond: &Conditioning,
         latent_hw: (usize, usize),
+        cfg: bool,
     ) -> Result<Option<AddedCond>> {
         if !self.unet.needs_added_cond() {
             return Ok(None);
@@ -141,21 +165,28 @@ impl Pipeline {
         let micro = cond
             .micro
             .unwrap_or_else(|| MicroCond::for_size(Size::new(latent_hw.1 * f, latent_hw.0 * f)));
-        // diffusers' order: (height, width) pairs and (top, left).
-        let ids = [
-            micro.original_size.height,
-            micro.original_size.width,
-            micro.crop_top_left.top,
-            micro.crop_top_left.left,
-            micro.target_size.height,
-            micro.target_size.width,
-        ]
-        .map(|v| v as f32);
         let rows = pooled.dim(0)?;
-        let time_ids = Tensor::new(&ids, &self.device)?
-            .unsqueeze(0)?
-            .repeat((rows, 1))?
-            .to_dtype(self.dtype)?;
+        // diffusers' order: (height, width) pairs and (top, left).
+        let (o, c, t) = (micro.original_size, micro.crop_top_left, micro.target_size);
+        let ids: Vec<f32> = if self.takes_aesthetic_score() {
+            // The refiner's negative rows get no crop and the negative score (diffusers'
+            // negative_crops_coords_top_left defaults to (0, 0)).
+            let a = micro.aesthetic;
+            let (oh, ow) = (o.height as f64, o.width as f64);
+            let negative = [oh, ow, 0.0, 0.0, a.negative];
+            let positive = [oh, ow, c.top as f64, c.left as f64, a.score];
+            let half = if cfg { rows / 2 } else { 0 };
+            (0..rows)
+                .flat_map(|r| if r < half { negative } else { positive })
+                .map(|v| v as f32)
+                .collect()
+        } else {
+            let row = [o.height, o.width, c.top, c.left, t.height, t.width].map(|v| v as f32);
+            (0..rows).flat_map(|_| row).collect()
+        };
+        let per_row = ids.len() / rows.max(1);
+        let time_ids =
+            Tensor::from_vec(ids, (rows, per_row), &self.device)?.to_dtype(self.dtype)?;
         Ok(Some(AddedCond {
             text_embeds: pooled.to_dtype(self.dtype)?,
             time_ids,

@@ -61,8 +61,9 @@ struct Configs {
     family: Family,
     unet: UNetConfig,
     vae: VaeConfig,
-    /// One per text encoder, with its tokenizer.
-    towers: Vec<(ClipTokenizer, ClipTextConfig)>,
+    /// One per text encoder present, with its tokenizer and its index among the family's
+    /// (0: `text_encoder`, 1: `text_encoder_2`).
+    towers: Vec<(usize, ClipTokenizer, ClipTextConfig)>,
     scheduler: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
 }
@@ -92,14 +93,17 @@ impl Configs {
             Some(p) => Some(read_json(&p)?),
             None => None,
         };
+        // A tower the pipeline marks absent is skipped (the SDXL refiner has no CLIP-L).
         let towers = family
             .spec()
             .tower_suffixes
             .iter()
-            .map(|s| -> Result<_> {
+            .enumerate()
+            .filter(|(i, _)| !index.as_ref().is_some_and(|x| x.lacks(&tower_name(*i))))
+            .map(|(i, s)| -> Result<_> {
                 let cfg: ClipTextConfig =
                     read_json(&folder.file(&format!("text_encoder{s}/config.json"))?)?;
-                Ok((tokenizer_from_folder(folder, s)?, cfg))
+                Ok((i, tokenizer_from_folder(folder, s)?, cfg))
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -123,8 +127,9 @@ impl Configs {
             .text_encoders
             .into_iter()
             .zip(spec.tower_pads)
-            .map(|(v, pad)| -> Result<_> {
-                Ok((full_clip_tokenizer(pad)?, serde_json::from_value(v)?))
+            .enumerate()
+            .map(|(i, (v, pad))| -> Result<_> {
+                Ok((i, full_clip_tokenizer(pad)?, serde_json::from_value(v)?))
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -350,7 +355,7 @@ impl Pipeline {
         let targets = [Target::TextEncoder, Target::TextEncoder2];
         let mut towers = Vec::new();
         let mut text_width = 0;
-        for (i, (tokenizer, te_cfg)) in cfg.towers.into_iter().enumerate() {
+        for (i, tokenizer, te_cfg) in cfg.towers {
             let what = tower_name(i);
             ensure!(
                 tokenizer.vocab_size() <= te_cfg.vocab_size,
@@ -472,28 +477,38 @@ fn conditioner(
             }
         }
         Family::Sdxl => {
-            let t2 = towers.pop().context("SDXL has two text encoders")?;
-            let t1 = towers.pop().context("SDXL has two text encoders")?;
             ensure!(
-                t2.encoder.has_projection(),
+                !towers.is_empty() && towers.len() <= 2,
+                "an SDXL model has one or two text encoders, not {}",
+                towers.len()
+            );
+            let last = towers.last().context("checked above")?;
+            ensure!(
+                last.encoder.has_projection(),
                 "text_encoder_2 of an SDXL model must be a CLIPTextModelWithProjection"
             );
-            let pooled = t2.encoder.projection_dim();
-            if let (Some(t), Some(p)) = (
+            let pooled = last.encoder.projection_dim();
+            // The base takes 6 time ids (sizes, crop, target size), the refiner 5 (sizes, crop,
+            // aesthetic score): diffusers' requires_aesthetics_score, read off the UNet's shape.
+            let aesthetic = match (
                 unet_cfg.addition_time_embed_dim,
                 unet_cfg.projection_class_embeddings_input_dim,
             ) {
-                ensure!(
-                    p == 6 * t + pooled,
-                    "the UNet's addition embedding takes {p} values, but 6 time ids x {t} + {pooled} pooled make {}",
-                    6 * t + pooled
-                );
-            }
+                (Some(t), Some(p)) if p == 6 * t + pooled => false,
+                (Some(t), Some(p)) if p == 5 * t + pooled => true,
+                (Some(t), Some(p)) => bail!(
+                    "the UNet's addition embedding takes {p} values, but {pooled} pooled plus 6 time ids x {t} make {} (5 for a refiner: {})",
+                    6 * t + pooled,
+                    5 * t + pooled
+                ),
+                _ => false,
+            };
             Conditioner::Sdxl {
-                towers: Box::new([t1, t2]),
+                towers,
                 // diffusers: hidden_states[-(clip_skip + 2)], no final norm.
                 layer: HiddenLayer::Unnormed(opts.clip_skip.unwrap_or(0) + 2),
                 force_zeros_for_empty_prompt,
+                aesthetic,
             }
         }
     })

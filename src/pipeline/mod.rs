@@ -51,21 +51,41 @@ impl LoadOptions {
     }
 }
 
-/// SDXL's micro-conditioning, in pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// SDXL's micro-conditioning, in pixels. A refiner UNet takes the aesthetic scores where the
+/// base takes the target size.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MicroCond {
     pub original_size: Size,
     pub crop_top_left: Offset,
     pub target_size: Size,
+    pub aesthetic: AestheticScores,
+}
+
+/// The aesthetic scores an SDXL refiner is conditioned on: `score` for the prompt, `negative`
+/// for the negative prompt (diffusers' defaults 6 and 2.5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AestheticScores {
+    pub score: f64,
+    pub negative: f64,
+}
+
+impl Default for AestheticScores {
+    fn default() -> Self {
+        Self {
+            score: 6.0,
+            negative: 2.5,
+        }
+    }
 }
 
 impl MicroCond {
-    /// diffusers' defaults: original = target = the image size, no crop.
+    /// diffusers' defaults: original = target = the image size, no crop, default scores.
     pub fn for_size(size: Size) -> Self {
         Self {
             original_size: size,
             crop_top_left: Offset::default(),
             target_size: size,
+            aesthetic: AestheticScores::default(),
         }
     }
 }
@@ -411,7 +431,7 @@ impl Pipeline {
         };
         let context = cond.context.to_dtype(self.dtype)?;
         let (_, _, lh, lw) = start.noise.dims4()?;
-        let added = self.added_cond(cond, (lh, lw))?;
+        let added = self.added_cond(cond, (lh, lw), cfg)?;
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {

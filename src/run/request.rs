@@ -6,7 +6,9 @@ use super::plan::ImageJob;
 use super::source::SourceCache;
 use crate::family::Family;
 use crate::metadata::{Recipe, SourceRecipe};
-use crate::pipeline::{InitNoise, MicroCond, Pipeline, Request, Sampling, SourceImage};
+use crate::pipeline::{
+    AestheticScores, InitNoise, MicroCond, Pipeline, Request, Sampling, SourceImage,
+};
 use crate::sampling::SamplerSettings;
 use crate::settings::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Method, Offset, Settings, Size};
 use crate::tkg::TkgSettings;
@@ -81,7 +83,7 @@ impl LoadedModel {
             None => self.size(s),
         };
         self.pipe.check_size(size)?;
-        let source = match (photo, s.effective_strength()) {
+        let source = match (photo, s.effective_strength(self.pipe.family)) {
             (Some((path, p)), Some(strength)) => Some(SourceImage {
                 rgb: sources.resized(path, &p, size)?,
                 strength,
@@ -113,6 +115,31 @@ impl LoadedModel {
                 self.pipe.family
             );
         }
+        let refiner = self.pipe.takes_aesthetic_score();
+        if !refiner && (s.aesthetic_score.is_some() || s.negative_aesthetic_score.is_some()) {
+            anyhow::bail!(
+                "--aesthetic-score and --negative-aesthetic-score condition an SDXL refiner; {} takes no aesthetic score",
+                self.name
+            );
+        }
+        if refiner && source.is_none() {
+            // diffusers runs a refiner only in its img2img and inpainting pipelines.
+            anyhow::bail!(
+                "{} is an SDXL refiner: it refines a photo; give --init-image",
+                self.name
+            );
+        }
+        if refiner && s.target_size.is_some() {
+            anyhow::bail!(
+                "{} is an SDXL refiner: it takes an aesthetic score, not --target-size",
+                self.name
+            );
+        }
+        let defaults = AestheticScores::default();
+        let aesthetic = AestheticScores {
+            score: s.aesthetic_score.unwrap_or(defaults.score),
+            negative: s.negative_aesthetic_score.unwrap_or(defaults.negative),
+        };
         Ok(Request {
             prompt: s.method.prompt_text(&s.prompt, &s.color),
             negative_prompt: s.negative_prompt.clone(),
@@ -124,6 +151,7 @@ impl LoadedModel {
                 original_size: s.original_size.unwrap_or(size),
                 crop_top_left: s.crop_top_left.unwrap_or_default(),
                 target_size: s.target_size.unwrap_or(size),
+                aesthetic,
             }),
             source,
         })
@@ -157,6 +185,9 @@ impl LoadedModel {
                 .map(|m| m.crop_top_left)
                 .filter(|v| *v != Offset::default()),
             target_size: micro.map(|m| m.target_size).filter(|v| *v != size),
+            aesthetic: micro
+                .filter(|_| self.pipe.takes_aesthetic_score())
+                .map(|m| (m.aesthetic.score, m.aesthetic.negative)),
             method,
             color: Some(s.color.clone()),
             shift: tkg.then(|| self.shift(s)),

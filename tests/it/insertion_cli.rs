@@ -229,6 +229,81 @@ fn bad_img2img_input_fails_in_one_line() {
 }
 
 #[test]
+fn the_sdxl_refiner_records_its_aesthetic_scores_and_refuses_what_it_cannot_take() {
+    let d = scratch("refiner");
+    photo(&d, "photo.png", 64, 64);
+    let refiner = crate::common::golden().join("insertion/sdxl_refiner/model");
+    let run = |model: &[&str], extra: &[&str], out: &str| {
+        // -q: a built-in model's first use prints a notice on stderr.
+        let mut a = vec!["-q", "generate", "--prompt", "a cabin", "--seed", "5"];
+        a.extend_from_slice(&["--steps", "4"]);
+        a.extend_from_slice(model);
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--no-key", "--out", out]);
+        let mut c = crate::common::cli::command(&a);
+        c.current_dir(&d);
+        c.output().unwrap()
+    };
+    let xl = ["--model-dir", s(&refiner)];
+    let i2i = ["--init-image", "photo.png", "--strength", "0.5"];
+    ok(&run(
+        &xl,
+        &[&i2i[..], &["--aesthetic-score", "7"]].concat(),
+        "r.png",
+    ));
+    let cmd = info_command(&d.join("r.png"));
+    let joined = cmd.join(" ");
+    assert!(
+        joined.contains("--aesthetic-score 7 --negative-aesthetic-score 2.5"),
+        "{joined}"
+    );
+    ok(&rerun(&cmd, &d));
+    assert_eq!(
+        image::open(d.join("r-repro.png")).unwrap().to_rgb8(),
+        image::open(d.join("r.png")).unwrap().to_rgb8(),
+        "the info command reproduces the refined image"
+    );
+    // The score changes the image.
+    ok(&run(
+        &xl,
+        &[&i2i[..], &["--aesthetic-score", "2"]].concat(),
+        "r2.png",
+    ));
+    assert_ne!(
+        image::open(d.join("r2.png")).unwrap().to_rgb8(),
+        image::open(d.join("r.png")).unwrap().to_rgb8()
+    );
+
+    let out = d.join("bad.png");
+    assert_fails(&run(&xl, &[], s(&out)), "give --init-image");
+    assert_fails(
+        &run(
+            &xl,
+            &[&i2i[..], &["--target-size", "64x64"]].concat(),
+            s(&out),
+        ),
+        "not --target-size",
+    );
+    assert_fails(
+        &run(
+            &xl,
+            &[&i2i[..], &["--aesthetic-score", "11"]].concat(),
+            s(&out),
+        ),
+        "[0, 10]",
+    );
+    assert_fails(
+        &run(
+            &["--model", "tiny-sdxl"],
+            &[&i2i[..], &["--negative-aesthetic-score", "3"]].concat(),
+            s(&out),
+        ),
+        "takes no aesthetic score",
+    );
+    assert!(!out.exists(), "nothing is written");
+}
+
+#[test]
 fn place_keeps_the_product_exactly_and_reproduces_from_info() {
     let d = scratch("place");
     let onto = photo(&d, "room.png", 160, 120);

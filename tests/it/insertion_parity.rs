@@ -10,7 +10,9 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tkg::models::hub::ModelFolder;
-use tkg::pipeline::{InitNoise, LoadOptions, MicroCond, Pipeline, Request, Sampling, SourceImage};
+use tkg::pipeline::{
+    AestheticScores, InitNoise, LoadOptions, MicroCond, Pipeline, Request, Sampling, SourceImage,
+};
 use tkg::rng::RngKind;
 use tkg::run::source;
 use tkg::sampling::{SamplerKind, SamplerSettings, Schedule};
@@ -66,6 +68,7 @@ fn micro(case: &serde_json::Value) -> Option<MicroCond> {
         original_size: size("original_size"),
         crop_top_left: Offset { top, left },
         target_size: size("target_size"),
+        aesthetic: Default::default(),
     })
 }
 
@@ -184,4 +187,75 @@ fn sd15_nine_channel_inpainting_matches_diffusers() {
 #[test]
 fn sdxl_nine_channel_inpainting_matches_diffusers() {
     check_model("sdxl_inpaint");
+}
+
+/// The SDXL refiner (no CLIP-L; 5 time ids ending in an aesthetic score, the negative rows
+/// with the negative score and no crop) against diffusers' SDXL Img2Img and Inpaint pipelines
+/// with `requires_aesthetics_score` (tests/golden/insertion/make_refiner_golden.py).
+#[test]
+fn sdxl_refiner_aesthetic_conditioning_matches_diffusers() {
+    let dir = common::golden().join("insertion");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("refiner_cases.json")).unwrap())
+            .unwrap();
+    let pipe = Pipeline::load(
+        &ModelFolder::local(&dir.join("sdxl_refiner/model")).unwrap(),
+        &LoadOptions::cpu_f32(),
+    )
+    .unwrap();
+    assert!(pipe.takes_aesthetic_score());
+    let want: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("sdxl_refiner.safetensors"), &Device::Cpu).unwrap();
+    let mut failed = Vec::new();
+    for case in doc["cases"].as_array().unwrap() {
+        let name = case["case"].as_str().unwrap();
+        let size = Size::new(64, 64);
+        let photo = source::load_rgb(&dir.join(case["photo"].as_str().unwrap())).unwrap();
+        let mask = case["mask"]
+            .as_str()
+            .map(|m| Arc::new(source::load_mask(&dir.join(m), &photo, size).unwrap()));
+        let crop = case["crops_coords_top_left"].as_array().unwrap();
+        let defaults = AestheticScores::default();
+        let req = Request {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+            size,
+            sampling: Sampling::new(10, 7.5),
+            seed: case["seed"].as_u64().unwrap(),
+            init: InitNoise::Plain,
+            micro: Some(MicroCond {
+                crop_top_left: Offset {
+                    top: crop[0].as_u64().unwrap() as usize,
+                    left: crop[1].as_u64().unwrap() as usize,
+                },
+                aesthetic: AestheticScores {
+                    score: case["aesthetic_score"].as_f64().unwrap_or(defaults.score),
+                    negative: case["negative_aesthetic_score"]
+                        .as_f64()
+                        .unwrap_or(defaults.negative),
+                },
+                ..MicroCond::for_size(size)
+            }),
+            source: Some(SourceImage {
+                rgb: Arc::new(source::resized_rgb8(&photo, size).unwrap()),
+                strength: case["strength"].as_f64().unwrap(),
+                mask,
+            }),
+        };
+        let g = pipe
+            .generate_with(&req, RngKind::TorchCpu, &mut |_, _| Ok(()))
+            .unwrap();
+        let err = rel_l2(&g.final_latents, &want[&format!("{name}.final")]);
+        let image = want[&format!("{name}.image")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let worst = max_u8_diff(&g.rgb, &image);
+        eprintln!("sdxl_refiner {name}: final rel L2 {err:.2e}, image {worst}");
+        if !(err <= 1e-4 && worst <= 1) {
+            failed.push(format!("{name} (final {err:.2e}, image {worst})"));
+        }
+    }
+    assert!(failed.is_empty(), "sdxl_refiner: {}", failed.join("; "));
 }

@@ -62,6 +62,7 @@ fn micro(m: &serde_json::Value) -> tkg::pipeline::MicroCond {
         original_size: size("original_size"),
         crop_top_left: tkg::settings::Offset { top, left },
         target_size: size("target_size"),
+        aesthetic: Default::default(),
     }
 }
 
