@@ -57,53 +57,61 @@ fn box_line_f32(src: &[f32], dst: &mut [f32], r: usize, norm: f32) {
 /// Blurs an 8-bit `w` x `h` plane in place, with exact integer sums: a window of zeros stays
 /// 0 and a window of 255s stays 255.
 pub fn blur_u8(plane: &mut [u8], w: usize, h: usize, radius: usize) {
-    if radius == 0 || w == 0 || h == 0 {
+    let div = (2 * radius + 1) as u32;
+    for _ in 0..PASSES {
+        box_sums_u8(plane, w, h, radius, |s| ((s + div / 2) / div) as u8);
+    }
+}
+
+/// One separable pass of (2r + 1) box sums over an 8-bit `w` x `h` plane, in place: rows, then
+/// columns of the rows' result, each sum turned back into a byte by `to_byte`. Sliding sums,
+/// so the cost does not depend on `r`.
+pub(super) fn box_sums_u8(
+    plane: &mut [u8],
+    w: usize,
+    h: usize,
+    r: usize,
+    to_byte: impl Fn(u32) -> u8,
+) {
+    if r == 0 || w == 0 || h == 0 {
         return;
     }
-    let div = (2 * radius + 1) as u32;
-    let mut line = vec![0u8; w.max(h)];
-    let mut sums = vec![0u32; w];
-    let mut copy = vec![0u8; 0];
-    for _ in 0..PASSES {
-        for row in plane.chunks_exact_mut(w) {
-            line[..w].copy_from_slice(row);
-            let src = &line[..w];
-            let mut sum: u32 = src[..radius.min(w)].iter().map(|&v| v as u32).sum();
-            for i in 0..w {
-                if i + radius < w {
-                    sum += src[i + radius] as u32;
-                }
-                if i > radius {
-                    sum -= src[i - radius - 1] as u32;
-                }
-                row[i] = ((sum + div / 2) / div) as u8;
+    let mut line = vec![0u8; w];
+    for row in plane.chunks_exact_mut(w) {
+        line.copy_from_slice(row);
+        let mut sum: u32 = line[..r.min(w)].iter().map(|&v| v as u32).sum();
+        for i in 0..w {
+            if i + r < w {
+                sum += line[i + r] as u32;
             }
+            if i > r {
+                sum -= line[i - r - 1] as u32;
+            }
+            row[i] = to_byte(sum);
         }
-        // Columns, a row at a time: a running sum per column over a copy of the plane.
-        copy.clear();
-        copy.extend_from_slice(plane);
-        let row = |y: usize| &copy[y * w..(y + 1) * w];
-        sums.iter_mut().for_each(|s| *s = 0);
-        for y in 0..radius.min(h) {
+    }
+    // Columns, a row at a time: a running sum per column over a copy of the plane.
+    let copy = plane.to_vec();
+    let row = |y: usize| &copy[y * w..(y + 1) * w];
+    let mut sums = vec![0u32; w];
+    for y in 0..r.min(h) {
+        sums.iter_mut()
+            .zip(row(y))
+            .for_each(|(s, &v)| *s += v as u32);
+    }
+    for y in 0..h {
+        if y + r < h {
             sums.iter_mut()
-                .zip(row(y))
+                .zip(row(y + r))
                 .for_each(|(s, &v)| *s += v as u32);
         }
-        for y in 0..h {
-            if y + radius < h {
-                sums.iter_mut()
-                    .zip(row(y + radius))
-                    .for_each(|(s, &v)| *s += v as u32);
-            }
-            if y > radius {
-                sums.iter_mut()
-                    .zip(row(y - radius - 1))
-                    .for_each(|(s, &v)| *s -= v as u32);
-            }
-            let out = &mut plane[y * w..(y + 1) * w];
-            for (o, &s) in out.iter_mut().zip(&sums) {
-                *o = ((s + div / 2) / div) as u8;
-            }
+        if y > r {
+            sums.iter_mut()
+                .zip(row(y - r - 1))
+                .for_each(|(s, &v)| *s -= v as u32);
+        }
+        for (o, &s) in plane[y * w..(y + 1) * w].iter_mut().zip(&sums) {
+            *o = to_byte(s);
         }
     }
 }

@@ -187,52 +187,10 @@ fn repaint_mask(
     GrayImage::from_raw(crop.width, crop.height, mask).expect("one mask byte per crop pixel")
 }
 
-/// Binary dilation of a 0/1 plane by a (2r + 1) square, with sliding counts (cost independent
-/// of `r`).
+/// Binary dilation of a 0/1 plane by a (2r + 1) square: a pixel is set when any pixel of its
+/// window is.
 fn dilate(plane: &mut [u8], w: usize, h: usize, r: usize) {
-    if r == 0 {
-        return;
-    }
-    let mut line = vec![0u8; w];
-    for row in plane.chunks_exact_mut(w) {
-        line.copy_from_slice(row);
-        let mut count: u32 = line[..r.min(w)].iter().map(|&v| v as u32).sum();
-        for i in 0..w {
-            if i + r < w {
-                count += line[i + r] as u32;
-            }
-            if i > r {
-                count -= line[i - r - 1] as u32;
-            }
-            row[i] = (count > 0) as u8;
-        }
-    }
-    let copy = plane.to_vec();
-    let row = |y: usize| &copy[y * w..(y + 1) * w];
-    let mut counts = vec![0u32; w];
-    for y in 0..r.min(h) {
-        counts
-            .iter_mut()
-            .zip(row(y))
-            .for_each(|(c, &v)| *c += v as u32);
-    }
-    for y in 0..h {
-        if y + r < h {
-            counts
-                .iter_mut()
-                .zip(row(y + r))
-                .for_each(|(c, &v)| *c += v as u32);
-        }
-        if y > r {
-            counts
-                .iter_mut()
-                .zip(row(y - r - 1))
-                .for_each(|(c, &v)| *c -= v as u32);
-        }
-        for (o, &c) in plane[y * w..(y + 1) * w].iter_mut().zip(&counts) {
-            *o = (c > 0) as u8;
-        }
-    }
+    blur::box_sums_u8(plane, w, h, r, |count| (count > 0) as u8);
 }
 
 /// `src` (or its `crop`) resized to `to` with Lanczos3, in sRGB values.
