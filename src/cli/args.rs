@@ -13,6 +13,7 @@ use tkg::models::registry::UserFile;
 use tkg::rng::RngKind;
 use tkg::run::{KeySettings, RunConfig, Shard};
 use tkg::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
+use tkg::segment::SharedSegmenter;
 use tkg::settings::{Method, ModelChoice, Offset, Settings, SettingsPatch, Size, parse_center};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -291,6 +292,14 @@ pub struct KeyFlags {
     /// Also write X.composite.png: the cut-out over this image, resized to cover.
     #[arg(long, value_name = "BG.png")]
     pub composite: Option<PathBuf>,
+    /// Help the keyer with a segmenter's subject mask, so parts of the subject in the key
+    /// colour stay: u2netp (the default), u2net, silueta (rembg's files, found in
+    /// $U2NET_HOME, then ~/.u2net), tiny-u2net (built in, random weights), or an .onnx path.
+    #[arg(long, value_name = "MODEL", num_args = 0..=1, default_missing_value = "u2netp")]
+    pub segment: Option<String>,
+    /// The segmentation model file for --segment (rembg's ONNX layout); implies --segment.
+    #[arg(long, value_name = "FILE.onnx")]
+    pub segment_model: Option<PathBuf>,
 }
 
 fn unit_interval(s: &str) -> Result<f32, String> {
@@ -339,6 +348,29 @@ impl KeyFlags {
         key::check_output_flags(&flags)?;
         Ok((opts, flags))
     }
+}
+
+impl KeyFlags {
+    /// The segmenter --segment / --segment-model name, loaded on the CPU (none without them).
+    pub fn segmenter(&self) -> Result<Option<SharedSegmenter>> {
+        let name = match (&self.segment_model, &self.segment) {
+            (Some(file), None) => file.display().to_string(),
+            (Some(_), Some(_)) => bail!("--segment-model names the model; drop --segment"),
+            (None, Some(name)) => name.clone(),
+            (None, None) => return Ok(None),
+        };
+        SharedSegmenter::load(&name, &segment_dirs(), &candle_core::Device::Cpu).map(Some)
+    }
+}
+
+/// Where rembg keeps its models: $U2NET_HOME, then ~/.u2net.
+pub fn segment_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("U2NET_HOME")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    dirs.extend(std::env::home_dir().map(|h| h.join(".u2net")));
+    dirs
 }
 
 /// The user's models.toml: the flag, else where the environment says.
@@ -423,7 +455,11 @@ impl JobOptions {
             None
         } else {
             let (options, outputs) = self.key.to_options(self.color.clone())?;
-            Some(KeySettings { options, outputs })
+            Some(KeySettings {
+                options,
+                outputs,
+                segment: self.key.segmenter()?,
+            })
         };
         Ok(RunConfig {
             device: self.model.device.clone(),

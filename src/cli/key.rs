@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 use tkg::color::KeyColor;
+use tkg::segment::SubjectMask;
 use tkg::{key, output};
 
 #[derive(Debug, Args)]
@@ -22,6 +23,10 @@ pub struct KeyArgs {
     /// Replace existing output files.
     #[arg(long)]
     pub overwrite: bool,
+    /// A subject mask to help the keyer (a grey PNG, or a cut-out's alpha): from rembg,
+    /// BiRefNet, Photoshop or `tkg segment`. Parts of the subject in the key colour stay.
+    #[arg(long, value_name = "MASK.png", conflicts_with_all = ["segment", "segment_model"])]
+    pub subject_mask: Option<PathBuf>,
     #[command(flatten)]
     pub key: KeyFlags,
 }
@@ -31,8 +36,27 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| args.image.clone());
     output::check_targets(&key::output_paths(&out, &flags), args.overwrite)?;
     let img = key::load_image(&args.image)?;
+    let mask = args
+        .subject_mask
+        .as_deref()
+        .map(SubjectMask::load)
+        .transpose()?;
+    let segmenter = args.key.segmenter()?;
     let start = std::time::Instant::now();
-    let keyed = key::key_image(&img, &opts)?;
+    let mut keyed = key::key_image(&img, &opts)?;
+    if let (Some(path), Some(m)) = (&args.subject_mask, &mask) {
+        let rgb = img.to_rgb8();
+        let name = path.display().to_string();
+        key::fuse::fuse_subject_mask(&mut keyed, rgb.as_raw(), m, &name)?;
+    } else if let Some(s) = &segmenter {
+        key::fuse::segment_and_fuse(&mut keyed, img.to_rgb8().as_raw(), s.0.as_ref())?;
+    }
+    if let Some(f) = &keyed.fused {
+        ui.detail(format!(
+            "subject mask {}: {} of {} interior pixels made opaque",
+            f.source, f.restored, f.interior
+        ));
+    }
     if let Some(w) = &keyed.screen.warning {
         ui.warn(w);
     }

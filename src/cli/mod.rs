@@ -12,6 +12,7 @@ mod models;
 mod place;
 mod progress;
 mod runtime;
+mod segment;
 pub mod stdio;
 
 use stdio::{errln, outln};
@@ -42,6 +43,8 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Key an existing image: write its alpha matte and cut-out.
     Key(key::KeyArgs),
+    /// Write a subject mask of an image with a segmentation model (rembg's U²-Net).
+    Segment(segment::SegmentArgs),
     /// List or materialise models.
     Models(models::ModelsArgs),
     /// Time each stage of a generation (load, text, UNet step, VAE decode) and peak memory.
@@ -117,6 +120,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Generate(args) => generate::run(args, ui),
         Command::Key(args) => key::run(args, ui),
+        Command::Segment(args) => segment::run(args, ui),
         Command::Models(args) => models::run(args, ui),
         Command::Bench(args) => bench::run(args, ui),
         Command::Batch(args) => batch::run(args, ui),

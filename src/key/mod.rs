@@ -19,6 +19,7 @@
 pub mod alpha;
 pub mod cleanup;
 pub mod despill;
+pub mod fuse;
 pub mod metrics;
 pub mod screen;
 
@@ -100,6 +101,8 @@ pub struct Keyed {
     pub noise: f32,
     /// The clip-black / clip-white thresholds used (raw-alpha units).
     pub clip: (f32, f32),
+    /// What a subject mask changed, when one was fused in ([`fuse`]).
+    pub fused: Option<fuse::FuseStats>,
 }
 
 /// Output switches for the keyer's files.
@@ -300,6 +303,7 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
         plate,
         noise,
         clip: (ramp.lo, ramp.hi),
+        fused: None,
     })
 }
 

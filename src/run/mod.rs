@@ -36,6 +36,8 @@ use std::time::Instant;
 pub struct KeySettings {
     pub options: KeyOptions,
     pub outputs: KeyOutputFlags,
+    /// A segmenter whose subject mask is fused into each key (`--segment`).
+    pub segment: Option<crate::segment::SharedSegmenter>,
 }
 
 /// Options that hold for a whole run (per-image settings are [`crate::settings::Settings`]).
@@ -92,6 +94,7 @@ impl Default for RunConfig {
             key: Some(KeySettings {
                 options: KeyOptions::new(crate::color::KeyColor::green()),
                 outputs: KeyOutputFlags::default(),
+                segment: None,
             }),
             overwrite: false,
             skip_existing: false,

@@ -23,7 +23,10 @@ pub fn key_generated(
     let tk = Instant::now();
     let mut opts = k.options.clone();
     opts.requested = img.settings.color.clone();
-    let keyed = key::key_rgb8(g.size.width as u32, g.size.height as u32, &g.rgb, &opts)?;
+    let mut keyed = key::key_rgb8(g.size.width as u32, g.size.height as u32, &g.rgb, &opts)?;
+    if let Some(s) = &k.segment {
+        key::fuse::segment_and_fuse(&mut keyed, &g.rgb, s.0.as_ref())?;
+    }
     Ok((keyed, tk.elapsed()))
 }
 
@@ -165,6 +168,11 @@ pub fn write_image(
             "background_fraction": keyed.background_fraction,
             "noise": keyed.noise,
             "warning": keyed.screen.warning,
+            "segment": keyed.fused.as_ref().map(|f| json!({
+                "model": f.source,
+                "interior_pixels": f.interior,
+                "restored_pixels": f.restored,
+            })),
         });
     }
     if let Some(p) = &img.save_latents {

@@ -17,6 +17,7 @@ mod lora_cli;
 mod lora_parity;
 mod parity;
 mod sampler_parity;
+mod segment;
 mod single_file_load;
 mod tkg_reference;
 mod tokenizer_parity;

