@@ -174,8 +174,8 @@ fn sharded_interrupted_resumed_run_equals_one_batched_run() {
             if v["event"] == "image" {
                 images_seen += 1;
             }
-            // Interrupt in the middle of the 5th image's denoising.
-            if !sent && images_seen == 4 && v["event"] == "step" && v["step"] == 3 {
+            // Interrupt early in the 5th image's denoising.
+            if !sent && images_seen == 4 && v["event"] == "step" && v["step"] == 1 {
                 Command::new("kill")
                     .args(["-INT", &child.id().to_string()])
                     .status()
@@ -193,16 +193,24 @@ fn sharded_interrupted_resumed_run_equals_one_batched_run() {
         "an interrupted run exits with 130"
     );
     assert!(events.iter().any(|e| e["event"] == "interrupted"));
+    // The signal lands during the 5th image, or (on a loaded machine, where the events are
+    // read late) a later one: whatever finished before it is whole, and nothing of the image
+    // it cut short is there.
+    let finished = events.iter().filter(|e| e["event"] == "image").count();
+    assert!(
+        (4..10).contains(&finished),
+        "{finished} images before the interrupt"
+    );
     let partial = outputs(&split);
     assert_eq!(
         partial.len(),
-        4 * 3,
-        "four whole images, nothing of the fifth"
+        finished * 3,
+        "{finished} whole images, nothing of the next"
     );
     for (name, bytes) in &partial {
         assert_eq!(Some(bytes), reference.get(name), "{name}");
     }
-    assert_eq!(manifest_lines(&split.join("m0.jsonl")).len(), 4);
+    assert_eq!(manifest_lines(&split.join("m0.jsonl")).len(), finished);
 
     // Shard 1 runs whole; then both rerun with --skip-existing.
     let a1 = shard_args("1/2", &["--batch-size", "3", "--manifest", "m1.jsonl"]);
