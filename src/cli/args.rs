@@ -359,12 +359,23 @@ impl KeyFlags {
             (None, Some(name)) => name.clone(),
             (None, None) => return Ok(None),
         };
-        SharedSegmenter::load(&name, &segment_dirs(), &candle_core::Device::Cpu).map(Some)
+        load_segmenter(&name).map(Some)
     }
 }
 
+/// Loads segmentation model `name` on the CPU: a `[segmenters.NAME]` entry of the user's
+/// models.toml, else what [`SharedSegmenter::load`] finds in rembg's folders.
+pub fn load_segmenter(name: &str) -> Result<SharedSegmenter> {
+    let registry = tkg::models::registry::Registry::load(registry_file(None).as_ref())?;
+    let name = match registry.segmenter(name) {
+        Some(entry) => entry.file.display().to_string(),
+        None => name.to_string(),
+    };
+    SharedSegmenter::load(&name, &segment_dirs(), &candle_core::Device::Cpu)
+}
+
 /// Where rembg keeps its models: $U2NET_HOME, then ~/.u2net.
-pub fn segment_dirs() -> Vec<PathBuf> {
+fn segment_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("U2NET_HOME")
         .map(PathBuf::from)
         .into_iter()

@@ -6,14 +6,15 @@ use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 use tkg::output::{self, Pixels, PngImage};
-use tkg::segment::{Prompt, SharedSegmenter};
+use tkg::segment::Prompt;
 
 #[derive(Debug, Args)]
 pub struct SegmentArgs {
     /// The image to segment (JPEG, PNG or WebP).
     pub image: PathBuf,
     /// u2netp, u2net, silueta (rembg's files, found in $U2NET_HOME, then ~/.u2net),
-    /// tiny-u2net (built in, random weights), or an .onnx path.
+    /// tiny-u2net (built in, random weights), a [segmenters.NAME] entry of models.toml, or
+    /// an .onnx path.
     #[arg(long, default_value = "u2netp")]
     pub model: String,
     /// The 8-bit mask to write (default: X.mask.png next to the image).
@@ -32,11 +33,7 @@ pub fn run(args: &SegmentArgs, ui: Ui) -> Result<()> {
     output::check_targets(std::slice::from_ref(&out), args.overwrite)?;
     let img = tkg::photo::load_image(&args.image, "image")?.to_rgb8();
     let start = std::time::Instant::now();
-    let segmenter = SharedSegmenter::load(
-        &args.model,
-        &super::args::segment_dirs(),
-        &candle_core::Device::Cpu,
-    )?;
+    let segmenter = super::args::load_segmenter(&args.model)?;
     let loaded = start.elapsed();
     let mask = segmenter.0.segment(&img, &Prompt::default())?;
     ui.detail(format!(

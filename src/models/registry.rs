@@ -212,6 +212,15 @@ pub fn has_needed_files(root: &Path, kind: ModelKind, family: Family) -> bool {
 #[derive(Debug, Clone)]
 pub struct Registry {
     entries: Vec<ModelEntry>,
+    segmenters: Vec<SegmenterEntry>,
+}
+
+/// A named segmentation model (`[segmenters.NAME]`): an ONNX file in rembg's U²-Net layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmenterEntry {
+    pub name: String,
+    pub file: PathBuf,
+    pub description: String,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +228,16 @@ pub struct Registry {
 struct RawFile {
     #[serde(default)]
     models: toml::Table,
+    #[serde(default)]
+    segmenters: std::collections::BTreeMap<String, RawSegmenter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSegmenter {
+    file: String,
+    #[serde(default)]
+    description: String,
 }
 
 #[derive(Deserialize)]
@@ -248,10 +267,16 @@ struct RawEntry {
 }
 
 impl Registry {
+    /// The segmentation model entry `name`, if the registry has one.
+    pub fn segmenter(&self, name: &str) -> Option<&SegmenterEntry> {
+        self.segmenters.iter().find(|e| e.name == name)
+    }
+
     /// The built-in registry (models.toml compiled into the binary).
     pub fn builtin() -> Result<Self> {
         let mut r = Registry {
             entries: Vec::new(),
+            segmenters: Vec::new(),
         };
         r.merge_str(
             BUILTIN_MODELS_TOML,
@@ -304,6 +329,15 @@ impl Registry {
     ) -> Result<()> {
         let raw: RawFile = toml::from_str(text)
             .with_context(|| format!("cannot parse model registry file {}", origin.display()))?;
+        for (name, seg) in raw.segmenters {
+            let entry = SegmenterEntry {
+                file: resolve_path(&seg.file, base),
+                description: seg.description,
+                name,
+            };
+            self.segmenters.retain(|e| e.name != entry.name);
+            self.segmenters.push(entry);
+        }
         // Keep the file's order whatever map type toml uses (it may sort keys).
         let mut items: Vec<(String, toml::Value)> = raw.models.into_iter().collect();
         items.sort_by_key(|(name, _)| {
@@ -866,6 +900,43 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(r2.get("sd15").unwrap(), sd15);
+    }
+
+    #[test]
+    fn segmenter_entries_name_files_relative_to_their_registry() {
+        let t = TempDir::new("segmenters");
+        let file = write(
+            &t.0,
+            "models.toml",
+            "[segmenters.mine]\nfile = \"nets/u2netp.onnx\"\n\n[segmenters.home]\nfile = \"~/m.onnx\"\ndescription = \"d\"\n",
+        );
+        let home = t.0.join("h");
+        let r = Registry::load(Some(&UserFile {
+            path: file.clone(),
+            home: Some(home.clone()),
+        }))
+        .unwrap();
+        let base = std::fs::canonicalize(&t.0).unwrap();
+        assert_eq!(
+            r.segmenter("mine").unwrap().file,
+            base.join("nets/u2netp.onnx")
+        );
+        assert_eq!(r.segmenter("home").unwrap().file, home.join("m.onnx"));
+        assert!(r.segmenter("u2netp").is_none());
+        let bad = write(
+            &t.0,
+            "bad.toml",
+            "[segmenters.x]\nfile = \"a.onnx\"\narch = \"sam\"\n",
+        );
+        let err = format!(
+            "{:#}",
+            Registry::load(Some(&UserFile {
+                path: bad,
+                home: None
+            }))
+            .unwrap_err()
+        );
+        assert!(err.contains("arch"), "{err}");
     }
 
     #[test]

@@ -161,6 +161,34 @@ fn tkg_segment_writes_a_mask_and_refuses_bad_models() {
         ]),
         "unknown segmentation model",
     );
+    // A models.toml entry names a file (here the built-in model, written out).
+    std::fs::write(d.join("tiny.onnx"), segment::tiny_u2net_model().to_bytes()).unwrap();
+    std::fs::write(
+        d.join("models.toml"),
+        "[segmenters.mine]\nfile = \"tiny.onnx\"\n",
+    )
+    .unwrap();
+    let by_entry = d.join("entry.png");
+    let run = crate::common::cli::command(&[
+        "segment",
+        s(&img),
+        "--model",
+        "mine",
+        "--out",
+        s(&by_entry),
+    ])
+    .env("TKG_MODELS", d.join("models.toml"))
+    .output()
+    .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        image::open(&by_entry).unwrap().to_luma8().into_raw(),
+        want.to_u8()
+    );
     let empty_home = scratch("u2net-home");
     let run = crate::common::cli::command(&["segment", s(&img), "--out", s(&d.join("e.png"))])
         .env("U2NET_HOME", &empty_home)
@@ -254,5 +282,62 @@ fn keying_takes_a_subject_mask_or_a_segmenter() {
             s(&d.join("none.png")),
         ]),
         "none.png",
+    );
+}
+
+#[test]
+fn generate_fuses_the_segmenters_mask_and_records_it() {
+    let d = scratch("gen-segment");
+    let out = d.join("g.png");
+    let manifest = d.join("m.jsonl");
+    let run = tkg(&[
+        "-q",
+        "generate",
+        "--model",
+        "tiny-sd15",
+        "--prompt",
+        "a watch",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--segment",
+        "tiny-u2net",
+        "--out",
+        s(&out),
+        "--manifest",
+        s(&manifest),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&manifest)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let seg = &line["key"]["segment"];
+    assert_eq!(seg["model"], "tiny-u2net", "{line}");
+    assert!(seg["interior_pixels"].as_u64().is_some() && seg["restored_pixels"].as_u64().is_some());
+    assert!(out.with_extension("matte.png").is_file());
+    assert_fails(
+        &tkg(&[
+            "-q",
+            "generate",
+            "--model",
+            "tiny-sd15",
+            "--prompt",
+            "x",
+            "--segment",
+            "nope",
+            "--out",
+            s(&d.join("h.png")),
+        ]),
+        "unknown segmentation model `nope`",
     );
 }
