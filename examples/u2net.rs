@@ -6,6 +6,7 @@
 //! cargo run --example u2net -- raw MODEL RESIZED.png OUT.f32  # raw mask from a resized input
 //! cargo run --example u2net -- resize MODEL IMAGE OUT.png     # tkg's resize to the input size
 //! cargo run --example u2net -- time MODEL N                   # seconds per forward pass
+//! cargo run --example u2net -- profile MODEL                  # where one pass spends its time
 //! ```
 //! MODEL is an .onnx file or `tiny-u2net`. RESIZED.png is an RGB image already at the
 //! network's input size (rembg's resize, made by the script), so the two networks see the
@@ -63,6 +64,31 @@ fn main() -> Result<()> {
                 net.raw_mask(&input)?;
             }
             println!("{:.4}", t.elapsed().as_secs_f64() / n as f64);
+        }
+        "profile" => {
+            tkg::kernels::configure(tkg::kernels::KernelConfig {
+                profile: true,
+                ..Default::default()
+            })?;
+            let net = load(a(1)?)?;
+            let (h, w) = net.input_size();
+            let input = net.normalize(&vec![128u8; 3 * h * w])?;
+            net.raw_mask(&input)?;
+            tkg::kernels::profile::take();
+            let t = std::time::Instant::now();
+            net.raw_mask(&input)?;
+            let total = t.elapsed();
+            let scopes = tkg::kernels::profile::take();
+            let in_kernels: std::time::Duration = scopes.iter().map(|s| s.1).sum();
+            for (name, d, n) in &scopes {
+                println!("{:8.1} ms  {n:4}x  {name}", d.as_secs_f64() * 1000.0);
+            }
+            println!(
+                "total {:.1} ms, kernels {:.1} ms, the rest (candle ops) {:.1} ms",
+                total.as_secs_f64() * 1000.0,
+                in_kernels.as_secs_f64() * 1000.0,
+                (total - in_kernels).as_secs_f64() * 1000.0
+            );
         }
         other => bail!("unknown command {other}"),
     }

@@ -50,7 +50,18 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_impl(x, w, bias, residual, stride, padding, 1)
+    conv2d_impl(x, w, bias, residual, stride, padding, 1, false)
+}
+
+/// `relu(conv2d(x, w) + bias)`, stride 1: the ReLU runs on each output plane while the
+/// convolution's threads still hold it, instead of as another pass over the whole tensor.
+pub fn conv2d_relu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_impl(x, w, bias, None, 1, padding, 1, true)
 }
 
 /// `conv2d(upsample_nearest_2x(x), w) + bias` (stride 1) without materialising the upsampled
@@ -61,9 +72,10 @@ pub fn conv2d_upsample2x(
     bias: Option<&Tensor>,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_impl(x, w, bias, None, 1, padding, 2)
+    conv2d_impl(x, w, bias, None, 1, padding, 2, false)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv2d_impl(
     x: &Tensor,
     w: &Tensor,
@@ -72,6 +84,7 @@ fn conv2d_impl(
     stride: usize,
     padding: usize,
     up: usize,
+    relu: bool,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
@@ -152,7 +165,7 @@ fn conv2d_impl(
         super::winograd::conv3x3(xs, ws, &mut out, b, cin, cout, (sh, sw), up);
         drop(xv);
         drop(wv);
-        return tensor(out, (b, cout, oh, ow));
+        return finish(out, (b, cout, oh, ow), relu);
     }
     let k = cin * kh * kw;
     let dst = SendPtr::new(&mut out);
@@ -168,7 +181,7 @@ fn conv2d_impl(
         );
         drop(xv);
         drop(wv);
-        return tensor(out, (b, cout, oh, ow));
+        return finish(out, (b, cout, oh, ow), relu);
     }
 
     // Tiles of whole output rows, sized to keep one im2col tile near TILE_BYTES.
@@ -259,7 +272,17 @@ fn conv2d_impl(
     }
     drop(xv);
     drop(wv);
-    tensor(out, (b, cout, oh, ow))
+    finish(out, (b, cout, oh, ow), relu)
+}
+
+/// The output as a tensor, through a ReLU if asked (in parallel, one plane per task).
+fn finish(mut out: Vec<f32>, shape: (usize, usize, usize, usize), relu: bool) -> Result<Tensor> {
+    if relu {
+        for_each_chunk(&mut out, shape.2 * shape.3, |_, dst| {
+            dst.iter_mut().for_each(|v| *v = v.max(0.0));
+        });
+    }
+    tensor(out, shape)
 }
 
 /// At most this many output pixels (all batch items together) take [`conv_small`].
