@@ -52,10 +52,13 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
         key::fuse::segment_and_fuse(&mut keyed, img.to_rgb8().as_raw(), s.0.as_ref())?;
     }
     if let Some(f) = &keyed.fused {
-        ui.detail(format!(
-            "subject mask {}: {} of {} interior pixels made opaque",
-            f.source, f.restored, f.interior
-        ));
+        match &f.ignored {
+            Some(why) => ui.warn(format!("subject mask {} not used: {why}", f.source)),
+            None => ui.detail(format!(
+                "subject mask {}: {} of {} interior pixels made opaque",
+                f.source, f.restored, f.interior
+            )),
+        }
     }
     if let Some(w) = &keyed.screen.warning {
         ui.warn(w);

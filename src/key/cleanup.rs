@@ -36,20 +36,20 @@ impl CleanupParams {
 
 /// A horizontal run of mask pixels `[x0, x1)` on row `y`.
 #[derive(Debug, Clone, Copy)]
-struct Run {
-    y: u32,
-    x0: u32,
-    x1: u32,
+pub(crate) struct Run {
+    pub y: u32,
+    pub x0: u32,
+    pub x1: u32,
 }
 
 /// 8-connected components of a mask, as runs. imageproc's `connected_components` labels
 /// pixel by pixel (about 15-20 ms a megapixel here); a keyer's masks are long runs, and
 /// union-find over runs is several times faster, which the speed bar needs.
-struct RunComponents {
-    runs: Vec<Run>,
+pub(crate) struct RunComponents {
+    pub runs: Vec<Run>,
     /// Component index (0..count) of each run.
-    comp: Vec<u32>,
-    count: usize,
+    pub comp: Vec<u32>,
+    pub count: usize,
 }
 
 fn find(parent: &mut [u32], mut i: u32) -> u32 {
@@ -61,7 +61,11 @@ fn find(parent: &mut [u32], mut i: u32) -> u32 {
     i
 }
 
-fn label_runs(width: usize, height: usize, mask: impl Fn(usize) -> bool) -> RunComponents {
+pub(crate) fn label_runs(
+    width: usize,
+    height: usize,
+    mask: impl Fn(usize) -> bool,
+) -> RunComponents {
     let mut runs: Vec<Run> = Vec::new();
     let mut parent: Vec<u32> = Vec::new();
     let mut prev_start = 0usize;

@@ -1,14 +1,24 @@
 //! Fusing a subject mask (from a segmenter, or a file) into the chroma key.
 //!
 //! A colour keyer cannot tell a green tie from a green screen; a segmenter can, but its edges
-//! are coarse (U²-Net works at 320², SAM at 256²). So each gives what it is good at: inside
-//! the mask's confident interior (the mask eroded by a margin wider than its edge error),
-//! pixels the keyer made transparent or partly so become opaque and keep their true colour,
-//! without despill; everywhere else, including the whole soft edge band, the keyer's alpha
-//! and colour stay as they are. A mask that is eroded, dilated or blurred by a few pixels
-//! therefore changes nothing at the edges.
+//! are coarse (U²-Net works at 320², SAM at 256²) and it is sometimes simply wrong (it takes a
+//! line of text, or a glass panel, for one solid object). So the mask only decides which of
+//! the keyer's holes are the subject's own parts:
+//! - the mask's confident interior is the mask eroded by a margin wider than its edge error;
+//! - inside it, the pixels the keyer did not make opaque form connected regions;
+//! - a region is a key-coloured part, made opaque with its true colour and no despill, when
+//!   the keyer saw plain screen in it (some alpha below [`SEED_ALPHA`]) and it is enclosed by
+//!   the subject: at most [`MAX_OPEN_SHARE`] of its outline lies on the interior's edge
+//!   (a stripe may run out to the subject's outline; the screen between letters, or around a
+//!   too-wide mask, is open on all sides).
+//!
+//! Everywhere else, the soft edge band included, the keyer's alpha and colour stay as they
+//! are. Two checks distrust a mask as a whole, and then nothing changes: more than
+//! [`MAX_OPEN_SCREEN_SHARE`] of its interior is plain screen that no subject encloses, or the
+//! regions would cover more than [`MAX_RESTORED_SHARE`] of it.
 
 use super::Keyed;
+use super::cleanup::label_runs;
 use crate::resize::{FilterType, PixelType, Resize};
 use crate::segment::{Prompt, Segmenter, SubjectMask};
 use anyhow::{Context, Result, ensure};
@@ -17,6 +27,19 @@ use imageproc::distance_transform::Norm;
 
 /// Mask values at or above this are subject.
 const SUBJECT_LEVEL: u8 = 128;
+/// Keyer alpha at or above this is opaque already.
+const OPAQUE_ALPHA: f32 = 0.98;
+/// A region needs a pixel the keyer called screen (alpha below this) to be restored: a
+/// translucent glass panel has none.
+pub const SEED_ALPHA: f32 = 0.1;
+/// Largest share of a region's outline that may lie on the interior's edge.
+pub const MAX_OPEN_SHARE: f32 = 0.25;
+/// Largest share of the interior that may be plain screen open to the interior's edge.
+pub const MAX_OPEN_SCREEN_SHARE: f32 = 0.1;
+/// Largest share of the interior the restored regions may cover: past it the mask is more
+/// likely wrong (U²-Net takes a line of text for one blob, whose gaps then look enclosed)
+/// than the subject mostly key-coloured.
+pub const MAX_RESTORED_SHARE: f32 = 0.5;
 
 /// What the fusion changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -27,6 +50,8 @@ pub struct FuseStats {
     pub interior: usize,
     /// Interior pixels the keyer had made (partly) transparent, now opaque.
     pub restored: usize,
+    /// Why the mask was not used, when it was not.
+    pub ignored: Option<String>,
 }
 
 /// The erosion margin in pixels: wider than a segmenter's edge error, which grows with the
@@ -52,7 +77,8 @@ pub fn fuse_subject_mask(
     source: &str,
 ) -> Result<()> {
     let (w, h) = (keyed.width, keyed.height);
-    let n = w as usize * h as usize;
+    let (wu, hu) = (w as usize, h as usize);
+    let n = wu * hu;
     ensure!(
         rgb.len() == 3 * n,
         "internal error: image and key differ in size"
@@ -67,29 +93,90 @@ pub fn fuse_subject_mask(
         (w, h),
     )?;
     let subject = GrayImage::from_fn(w, h, |x, y| {
-        let v = bytes[y as usize * w as usize + x as usize];
+        let v = bytes[y as usize * wu + x as usize];
         image::Luma([if v >= SUBJECT_LEVEL { 255 } else { 0 }])
     });
     let interior = imageproc::morphology::erode(&subject, Norm::L2, interior_margin(w, h));
-    let mut stats = FuseStats {
-        source: source.to_string(),
-        ..FuseStats::default()
-    };
-    let mut background = 0usize;
-    for (i, p) in interior.as_raw().iter().enumerate() {
-        if *p != 0 {
-            stats.interior += 1;
-            if keyed.alpha[i] < 1.0 {
-                keyed.alpha[i] = 1.0;
-                keyed.foreground[3 * i..3 * i + 3].copy_from_slice(&rgb[3 * i..3 * i + 3]);
-                stats.restored += 1;
+    let inside = |i: usize| interior.as_raw()[i] != 0;
+    let alpha = &keyed.alpha;
+    let open = |i: usize| inside(i) && alpha[i] < OPAQUE_ALPHA;
+    let cc = label_runs(wu, hu, open);
+    // Per region: outline pixels, those on the interior's edge, and whether it has a seed.
+    let mut outline = vec![0u32; cc.count];
+    let mut on_edge = vec![0u32; cc.count];
+    let mut seeded = vec![false; cc.count];
+    for (r, &c) in cc.runs.iter().zip(&cc.comp) {
+        let (y, c) = (r.y as usize, c as usize);
+        for x in r.x0 as usize..r.x1 as usize {
+            let i = y * wu + x;
+            seeded[c] |= alpha[i] < SEED_ALPHA;
+            let neighbours = [
+                (x > 0).then(|| i - 1),
+                (x + 1 < wu).then(|| i + 1),
+                (y > 0).then(|| i - wu),
+                (y + 1 < hu).then(|| i + wu),
+            ];
+            if neighbours.iter().any(|nb| nb.is_none_or(|j| !open(j))) {
+                outline[c] += 1;
+                if neighbours.iter().any(|nb| nb.is_none_or(|j| !inside(j))) {
+                    on_edge[c] += 1;
+                }
             }
         }
-        if keyed.alpha[i] < 0.5 {
-            background += 1;
+    }
+    let enclosed: Vec<bool> = (0..cc.count)
+        .map(|c| seeded[c] && on_edge[c] as f32 <= MAX_OPEN_SHARE * outline[c] as f32)
+        .collect();
+    let mut stats = FuseStats {
+        source: source.to_string(),
+        interior: interior.as_raw().iter().filter(|&&p| p != 0).count(),
+        ..FuseStats::default()
+    };
+    let (mut restorable, mut open_screen) = (0usize, 0usize);
+    for (r, &c) in cc.runs.iter().zip(&cc.comp) {
+        let len = (r.x1 - r.x0) as usize;
+        if enclosed[c as usize] {
+            restorable += len;
+        } else {
+            let base = r.y as usize * wu;
+            open_screen += alpha[base + r.x0 as usize..base + r.x1 as usize]
+                .iter()
+                .filter(|&&a| a < SEED_ALPHA)
+                .count();
         }
     }
-    keyed.background_fraction = background as f32 / n.max(1) as f32;
+    // A mask that takes in plain screen not enclosed by the subject (the space between
+    // letters, a blob around a thin subject) is not a mask of this subject.
+    if open_screen as f32 > MAX_OPEN_SCREEN_SHARE * stats.interior as f32 {
+        stats.ignored = Some(format!(
+            "{:.0}% of the mask's interior is open screen: the mask does not fit the subject",
+            100.0 * open_screen as f32 / stats.interior as f32
+        ));
+        keyed.fused = Some(stats);
+        return Ok(());
+    }
+    if restorable as f32 > MAX_RESTORED_SHARE * stats.interior as f32 {
+        stats.ignored = Some(format!(
+            "the mask would make {:.0}% of its interior opaque: more likely a wrong mask than \
+             a subject mostly in the key colour",
+            100.0 * restorable as f32 / stats.interior as f32
+        ));
+        keyed.fused = Some(stats);
+        return Ok(());
+    }
+    for (r, &c) in cc.runs.iter().zip(&cc.comp) {
+        if !enclosed[c as usize] {
+            continue;
+        }
+        let base = r.y as usize * wu;
+        for i in base + r.x0 as usize..base + r.x1 as usize {
+            keyed.alpha[i] = 1.0;
+            keyed.foreground[3 * i..3 * i + 3].copy_from_slice(&rgb[3 * i..3 * i + 3]);
+        }
+    }
+    stats.restored = restorable;
+    keyed.background_fraction =
+        keyed.alpha.iter().filter(|&&a| a < 0.5).count() as f32 / n.max(1) as f32;
     keyed.fused = Some(stats);
     Ok(())
 }
@@ -182,6 +269,77 @@ mod tests {
         fuse_subject_mask(&mut fused, &rgb, &disc(0.0, N), "none").unwrap();
         assert_eq!(fused.alpha, keyed.alpha);
         assert_eq!(fused.fused.unwrap().restored, 0);
+    }
+
+    fn key(rgb: &[u8]) -> Keyed {
+        key_rgb8(N, N, rgb, &KeyOptions::new(KeyColor::green())).unwrap()
+    }
+
+    #[test]
+    fn screen_the_mask_takes_in_by_mistake_stays_screen() {
+        // A mask far too wide: the screen ring it covers is open to its edge, and the band
+        // joins that ring, so nothing is enclosed.
+        let rgb = scene();
+        let keyed = key(&rgb);
+        let mut fused = keyed.clone();
+        fuse_subject_mask(&mut fused, &rgb, &disc(45.0, N), "wide").unwrap();
+        assert_eq!(fused.alpha, keyed.alpha);
+        assert_eq!(fused.fused.unwrap().restored, 0);
+    }
+
+    #[test]
+    fn translucent_parts_are_left_to_the_keyer() {
+        // A disc of glass: half grey, half screen. The keyer sees no plain screen in it.
+        let mut rgb = Vec::new();
+        for i in 0..(N * N) as usize {
+            let glass = dist(i) < 30.0 && dist(i) > 25.0 || dist(i) < 20.0;
+            let frame = (20.0..=25.0).contains(&dist(i));
+            rgb.extend(if frame {
+                [128, 128, 128]
+            } else if glass {
+                [64, 152, 96]
+            } else {
+                SCREEN
+            });
+        }
+        let keyed = key(&rgb);
+        let centre = (48 * N + 48) as usize;
+        assert!(
+            keyed.alpha[centre] > 0.2 && keyed.alpha[centre] < 0.9,
+            "{}",
+            keyed.alpha[centre]
+        );
+        let mut fused = keyed.clone();
+        fuse_subject_mask(&mut fused, &rgb, &disc(30.0, N), "glass").unwrap();
+        assert_eq!(fused.alpha[centre], keyed.alpha[centre]);
+    }
+
+    #[test]
+    fn a_mask_that_is_mostly_the_keys_holes_is_ignored() {
+        // A thin grey ring around a wide disc of screen colour: enclosed, but most of the
+        // mask's interior.
+        let rgb: Vec<u8> = (0..(N * N) as usize)
+            .flat_map(|i| {
+                if (26.0..30.0).contains(&dist(i)) {
+                    [128, 128, 128]
+                } else {
+                    SCREEN
+                }
+            })
+            .collect();
+        let keyed = key(&rgb);
+        let mut fused = keyed.clone();
+        fuse_subject_mask(&mut fused, &rgb, &disc(30.0, N), "ring").unwrap();
+        assert_eq!(fused.alpha, keyed.alpha);
+        let stats = fused.fused.unwrap();
+        assert!(
+            stats
+                .ignored
+                .as_deref()
+                .unwrap_or("")
+                .contains("interior opaque"),
+            "{stats:?}"
+        );
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub fn write_image(
     if let (Some(k), Some((keyed, time))) = (&cfg.key, keyed) {
         key_time = time;
         warnings.extend(keyed.screen.warning.clone());
+        if let Some(why) = keyed.fused.as_ref().and_then(|f| f.ignored.as_ref()) {
+            warnings.push(format!("image {}: subject mask not used: {why}", img.index));
+        }
         let want = key::output_paths(&img.out, &k.outputs);
         let all_there = want.iter().all(|p| p.exists());
         if !(todo == Todo::Complete && all_there) {
@@ -172,6 +175,7 @@ pub fn write_image(
                 "model": f.source,
                 "interior_pixels": f.interior,
                 "restored_pixels": f.restored,
+                "ignored": f.ignored,
             })),
         });
     }
