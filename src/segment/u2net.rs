@@ -8,6 +8,7 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{D, Tensor};
+use crate::kernels::F32View;
 use candle_nn::VarBuilder;
 
 /// One residual U-block's shape: `depth` convolutions deep; a dilated ("F") block keeps the
@@ -208,18 +209,62 @@ impl ConvRelu {
     }
 }
 
-/// 2x2 max pooling, stride 2, rounding the output size up (PyTorch's `ceil_mode`). The pooled
-/// maps come out of ReLUs, so padding the odd edge with zeros is padding with -inf.
+/// 2x2 max pooling, stride 2, rounding the output size up (PyTorch's `ceil_mode`: a window
+/// over the odd edge takes the pixels it has). In parallel over planes on the CPU.
 fn pool2(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let mut x = x.clone();
-    if h % 2 == 1 {
-        x = x.pad_with_zeros(2, 0, 1)?;
+    use rayon::prelude::*;
+    let (b, c, h, w) = x.dims4()?;
+    if !crate::kernels::applies(x) {
+        // The pooled maps come out of ReLUs, so zeros pad like -inf.
+        let mut x = x.clone();
+        if h % 2 == 1 {
+            x = x.pad_with_zeros(2, 0, 1)?;
+        }
+        if w % 2 == 1 {
+            x = x.pad_with_zeros(3, 0, 1)?;
+        }
+        return Ok(x.max_pool2d(2)?);
     }
-    if w % 2 == 1 {
-        x = x.pad_with_zeros(3, 0, 1)?;
+    let x = x.contiguous()?;
+    let view = F32View::new(&x)?;
+    let input = view.slice();
+    let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+    let mut out = vec![0f32; b * c * oh * ow];
+    out.par_chunks_mut(oh * ow)
+        .zip(input.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for oy in 0..oh {
+                let (r0, r1) = (2 * oy, (2 * oy + 1).min(h - 1));
+                for ox in 0..ow {
+                    let (c0, c1) = (2 * ox, (2 * ox + 1).min(w - 1));
+                    dst[oy * ow + ox] = src[r0 * w + c0]
+                        .max(src[r0 * w + c1])
+                        .max(src[r1 * w + c0])
+                        .max(src[r1 * w + c1]);
+                }
+            }
+        });
+    Ok(Tensor::from_vec(out, (b, c, oh, ow), x.device())?)
+}
+
+/// `a + b` (same shapes), in parallel on the CPU.
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    if !crate::kernels::applies(a) || a.dims() != b.dims() {
+        return Ok((a + b)?);
     }
-    Ok(x.max_pool2d(2)?)
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (va, vb) = (F32View::new(&a)?, F32View::new(&b)?);
+    let mut out = vec![0f32; a.elem_count()];
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(va.slice().par_chunks(CHUNK).zip(vb.slice().par_chunks(CHUNK)))
+        .for_each(|(o, (p, q))| {
+            for ((o, p), q) in o.iter_mut().zip(p).zip(q) {
+                *o = p + q;
+            }
+        });
+    Ok(Tensor::from_vec(out, a.dims(), a.device())?)
 }
 
 /// Bilinear resize to `like`'s size (PyTorch's `align_corners=False`, as rembg's files do).
@@ -241,7 +286,9 @@ fn upsample_like(x: &Tensor, like: &Tensor) -> Result<Tensor> {
 fn upsample2x(x: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
     let (b, c, h, w) = x.dims4()?;
-    let input = x.flatten_all()?.to_vec1::<f32>()?;
+    let x = x.contiguous()?;
+    let view = F32View::new(&x)?;
+    let input = view.slice();
     let (oh, ow) = (2 * h, 2 * w);
     let mut out = vec![0f32; b * c * oh * ow];
     out.par_chunks_mut(oh * ow)
@@ -333,7 +380,7 @@ impl Rsu {
             let up = upsample_like(&d, skip)?;
             d = conv.forward(&Tensor::cat(&[&up, skip], 1)?)?;
         }
-        Ok((d + hxin)?)
+        add(&d, &hxin)
     }
 }
 
@@ -432,6 +479,34 @@ pub fn min_max(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn pooling_and_adding_are_candles() {
+        for (h, w) in [(6, 8), (5, 7), (1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu)
+                .unwrap()
+                .relu()
+                .unwrap();
+            let padded = x
+                .pad_with_zeros(2, 0, h % 2)
+                .unwrap()
+                .pad_with_zeros(3, 0, w % 2)
+                .unwrap();
+            let want = padded.max_pool2d(2).unwrap();
+            let got = pool2(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap();
+            assert_eq!(
+                diff.max(0).unwrap().to_scalar::<f32>().unwrap(),
+                0.0,
+                "{h}x{w}"
+            );
+            let sum = add(&x, &x).unwrap();
+            let want = (&x + &x).unwrap();
+            let diff = (sum - want).unwrap().abs().unwrap().flatten_all().unwrap();
+            assert_eq!(diff.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
 
     #[test]
     fn the_2x_upsample_is_candles_bilinear() {
