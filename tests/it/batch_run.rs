@@ -28,11 +28,7 @@ fn tkg(dir: &Path, args: &[&str]) -> Command {
 }
 
 fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "tkg failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::cli::assert_ok(&out);
     out
 }
 

@@ -1,7 +1,7 @@
 //! U²-Net against onnxruntime (goldens from tests/golden/segment/make_u2net_golden.py), and
 //! `tkg segment` / `--segment` / `--subject-mask` end to end.
 
-use crate::common::cli::{assert_fails, s, scratch, tkg};
+use crate::common::cli::{assert_fails, assert_ok, s, scratch, tkg};
 use crate::common::golden;
 use candle_core::Device;
 use sha2::{Digest, Sha256};
@@ -113,11 +113,7 @@ fn tkg_segment_writes_a_mask_and_refuses_bad_models() {
         "--out",
         s(&out),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_ok(&run);
     let mask = image::open(&out).unwrap();
     assert_eq!((mask.width(), mask.height()), (200, 150));
     assert!(matches!(mask, image::DynamicImage::ImageLuma8(_)));
@@ -180,11 +176,7 @@ fn tkg_segment_writes_a_mask_and_refuses_bad_models() {
     .env("TKG_MODELS", d.join("models.toml"))
     .output()
     .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_ok(&run);
     assert_eq!(
         image::open(&by_entry).unwrap().to_luma8().into_raw(),
         want.to_u8()
@@ -213,11 +205,7 @@ fn keying_takes_a_subject_mask_or_a_segmenter() {
     .unwrap();
     let plain = d.join("plain");
     let run = tkg(&["key", s(&img), "--out", s(&plain)]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_ok(&run);
     let with = d.join("with");
     let run = tkg(&[
         "key",
@@ -228,20 +216,12 @@ fn keying_takes_a_subject_mask_or_a_segmenter() {
         s(&mask),
         "-v",
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_ok(&run);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("interior pixels made opaque"), "{err}");
     let seg = d.join("seg");
     let run = tkg(&["key", s(&img), "--out", s(&seg), "--segment", "tiny-u2net"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_ok(&run);
     let matte = |p: &std::path::Path| {
         image::open(p.with_extension("matte.png"))
             .unwrap()
@@ -308,11 +288,7 @@ fn generate_fuses_the_segmenters_mask_and_records_it() {
         "--manifest",
         s(&manifest),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_ok(&run);
     let line: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string(&manifest)
             .unwrap()

@@ -53,6 +53,15 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A success: exit 0, or the test fails showing stderr.
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "tkg failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A proper failure: non-zero exit, exactly one line on stderr, starting `error:` and
 /// mentioning `needle`, no panic.
 pub fn assert_fails(out: &Output, needle: &str) {
