@@ -27,6 +27,10 @@ pub struct KeyArgs {
     /// BiRefNet, Photoshop or `tkg segment`. Parts of the subject in the key colour stay.
     #[arg(long, value_name = "MASK.png", conflicts_with_all = ["segment", "segment_model"])]
     pub subject_mask: Option<PathBuf>,
+    /// The --subject-mask is right: make its whole interior opaque, not only the holes the
+    /// subject encloses (for a subject entirely in the key colour).
+    #[arg(long, requires = "subject_mask")]
+    pub trust_mask: bool,
     #[command(flatten)]
     pub key: KeyFlags,
 }
@@ -47,7 +51,11 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
     if let (Some(path), Some(m)) = (&args.subject_mask, &mask) {
         let rgb = img.to_rgb8();
         let name = path.display().to_string();
-        key::fuse::fuse_subject_mask(&mut keyed, rgb.as_raw(), m, &name)?;
+        if args.trust_mask {
+            key::fuse::fuse_trusted_mask(&mut keyed, rgb.as_raw(), m, &name)?;
+        } else {
+            key::fuse::fuse_subject_mask(&mut keyed, rgb.as_raw(), m, &name)?;
+        }
     } else if let Some(s) = &segmenter {
         key::fuse::segment_and_fuse(&mut keyed, img.to_rgb8().as_raw(), s.0.as_ref())?;
     }

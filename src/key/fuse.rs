@@ -83,20 +83,7 @@ pub fn fuse_subject_mask(
         rgb.len() == 3 * n,
         "internal error: image and key differ in size"
     );
-    ensure!(
-        mask.values.len() == mask.width as usize * mask.height as usize && !mask.values.is_empty(),
-        "the subject mask is empty"
-    );
-    let bytes = Resize::new(PixelType::U8, FilterType::Bilinear).to_vec(
-        mask.to_u8(),
-        (mask.width, mask.height),
-        (w, h),
-    )?;
-    let subject = GrayImage::from_fn(w, h, |x, y| {
-        let v = bytes[y as usize * wu + x as usize];
-        image::Luma([if v >= SUBJECT_LEVEL { 255 } else { 0 }])
-    });
-    let interior = imageproc::morphology::erode(&subject, Norm::L2, interior_margin(w, h));
+    let interior = confident_interior(mask, w, h)?;
     let inside = |i: usize| interior.as_raw()[i] != 0;
     let alpha = &keyed.alpha;
     let open = |i: usize| inside(i) && alpha[i] < OPAQUE_ALPHA;
@@ -175,6 +162,64 @@ pub fn fuse_subject_mask(
         }
     }
     stats.restored = restorable;
+    keyed.background_fraction =
+        keyed.alpha.iter().filter(|&&a| a < 0.5).count() as f32 / n.max(1) as f32;
+    keyed.fused = Some(stats);
+    Ok(())
+}
+
+/// The mask stretched to `w` x `h`, thresholded and eroded by [`interior_margin`].
+fn confident_interior(mask: &SubjectMask, w: u32, h: u32) -> Result<GrayImage> {
+    ensure!(
+        mask.values.len() == mask.width as usize * mask.height as usize && !mask.values.is_empty(),
+        "the subject mask is empty"
+    );
+    let bytes = Resize::new(PixelType::U8, FilterType::Bilinear).to_vec(
+        mask.to_u8(),
+        (mask.width, mask.height),
+        (w, h),
+    )?;
+    let subject = GrayImage::from_fn(w, h, |x, y| {
+        let v = bytes[y as usize * w as usize + x as usize];
+        image::Luma([if v >= SUBJECT_LEVEL { 255 } else { 0 }])
+    });
+    Ok(imageproc::morphology::erode(
+        &subject,
+        Norm::L2,
+        interior_margin(w, h),
+    ))
+}
+
+/// Fuses a mask known to be right (`--trust-mask`): every pixel of its interior becomes
+/// opaque with its observed colour, enclosed or not, so a subject entirely in the key colour
+/// keeps its body; the edge band is still the keyer's.
+pub fn fuse_trusted_mask(
+    keyed: &mut Keyed,
+    rgb: &[u8],
+    mask: &SubjectMask,
+    source: &str,
+) -> Result<()> {
+    let n = keyed.width as usize * keyed.height as usize;
+    ensure!(
+        rgb.len() == 3 * n,
+        "internal error: image and key differ in size"
+    );
+    let interior = confident_interior(mask, keyed.width, keyed.height)?;
+    let mut stats = FuseStats {
+        source: source.to_string(),
+        ..FuseStats::default()
+    };
+    for (i, p) in interior.as_raw().iter().enumerate() {
+        if *p == 0 {
+            continue;
+        }
+        stats.interior += 1;
+        if keyed.alpha[i] < 1.0 {
+            keyed.alpha[i] = 1.0;
+            keyed.foreground[3 * i..3 * i + 3].copy_from_slice(&rgb[3 * i..3 * i + 3]);
+            stats.restored += 1;
+        }
+    }
     keyed.background_fraction =
         keyed.alpha.iter().filter(|&&a| a < 0.5).count() as f32 / n.max(1) as f32;
     keyed.fused = Some(stats);
@@ -340,6 +385,32 @@ mod tests {
                 .contains("interior opaque"),
             "{stats:?}"
         );
+    }
+
+    #[test]
+    fn a_trusted_mask_keeps_a_subject_entirely_in_the_key_colour() {
+        // The ring scene: ignored as a segmenter's mask, kept whole when trusted.
+        let rgb: Vec<u8> = (0..(N * N) as usize)
+            .flat_map(|i| {
+                if (26.0..30.0).contains(&dist(i)) {
+                    [128, 128, 128]
+                } else {
+                    SCREEN
+                }
+            })
+            .collect();
+        let keyed = key(&rgb);
+        let mut fused = keyed.clone();
+        fuse_trusted_mask(&mut fused, &rgb, &disc(30.0, N), "trusted").unwrap();
+        let centre = (48 * N + 48) as usize;
+        assert_eq!(fused.alpha[centre], 1.0);
+        assert_eq!(fused.foreground[3 * centre..3 * centre + 3], SCREEN);
+        for i in 0..(N * N) as usize {
+            if dist(i) > 31.0 {
+                assert_eq!(fused.alpha[i], keyed.alpha[i], "pixel {i}");
+            }
+        }
+        assert!(fused.fused.unwrap().restored > 2000);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! The topology is fixed (stage depths 7, 6, 5, 4, 4F, 4F and back); every width comes from
 //! the weights, so one loader serves all three files.
 
+use crate::kernels::F32View;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{D, Tensor};
-use crate::kernels::F32View;
 use candle_nn::VarBuilder;
 
 /// One residual U-block's shape: `depth` convolutions deep; a dilated ("F") block keeps the
@@ -258,7 +258,11 @@ fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; a.elem_count()];
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)
-        .zip(va.slice().par_chunks(CHUNK).zip(vb.slice().par_chunks(CHUNK)))
+        .zip(
+            va.slice()
+                .par_chunks(CHUNK)
+                .zip(vb.slice().par_chunks(CHUNK)),
+        )
         .for_each(|(o, (p, q))| {
             for ((o, p), q) in o.iter_mut().zip(p).zip(q) {
                 *o = p + q;

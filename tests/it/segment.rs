@@ -317,3 +317,64 @@ fn generate_fuses_the_segmenters_mask_and_records_it() {
         "unknown segmentation model `nope`",
     );
 }
+
+#[test]
+fn a_trusted_mask_keeps_a_subject_in_the_key_colour() {
+    // A thin grey ring around a disc of screen green: as a segmenter's mask, too much of it
+    // would become opaque and it is ignored with a warning; trusted, it is kept whole.
+    let d = scratch("trust");
+    let (img, mask) = (d.join("ring.png"), d.join("ring.mask.png"));
+    let r = |x: u32, y: u32| ((x as f32 - 60.0).powi(2) + (y as f32 - 60.0).powi(2)).sqrt();
+    image::RgbImage::from_fn(120, 120, |x, y| {
+        image::Rgb(if (36.0..40.0).contains(&r(x, y)) {
+            [128, 128, 128]
+        } else {
+            [0, 177, 64]
+        })
+    })
+    .save(&img)
+    .unwrap();
+    image::GrayImage::from_fn(120, 120, |x, y| {
+        image::Luma([if r(x, y) < 40.0 { 255 } else { 0 }])
+    })
+    .save(&mask)
+    .unwrap();
+    let run = tkg(&[
+        "key",
+        s(&img),
+        "--out",
+        s(&d.join("a")),
+        "--subject-mask",
+        s(&mask),
+    ]);
+    assert_ok(&run);
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("not used"),
+        "{run:?}"
+    );
+    let run = tkg(&[
+        "key",
+        s(&img),
+        "--out",
+        s(&d.join("b")),
+        "--subject-mask",
+        s(&mask),
+        "--trust-mask",
+    ]);
+    assert_ok(&run);
+    let matte = |n: &str| {
+        image::open(d.join(format!("{n}.matte.png")))
+            .unwrap()
+            .to_luma8()
+    };
+    assert!(matte("a")[(60, 60)].0[0] < 64);
+    assert_eq!(matte("b")[(60, 60)].0[0], 255);
+    assert!(
+        matte("b")[(2, 2)].0[0] < 64,
+        "the screen outside stays keyed"
+    );
+    assert_fails(
+        &tkg(&["key", s(&img), "--out", s(&d.join("c")), "--trust-mask"]),
+        "--subject-mask",
+    );
+}
