@@ -84,7 +84,7 @@ fn main() -> Result<()> {
                 println!("{:8.1} ms  {n:4}x  {name}", d.as_secs_f64() * 1000.0);
             }
             println!(
-                "total {:.1} ms, kernels {:.1} ms, the rest (candle ops) {:.1} ms",
+                "total {:.1} ms, timed scopes {:.1} ms, the rest {:.1} ms",
                 total.as_secs_f64() * 1000.0,
                 in_kernels.as_secs_f64() * 1000.0,
                 (total - in_kernels).as_secs_f64() * 1000.0

@@ -188,6 +188,7 @@ impl Conv {
         if self.dilation == 1 && crate::kernels::applies(x) {
             return crate::kernels::conv::conv2d(x, &self.weight, Some(&self.bias), None, 1, pad);
         }
+        let _p = crate::kernels::profile::scope(|| format!("u2net candle conv d{}", self.dilation));
         let y = x.conv2d(&self.weight, pad, 1, self.dilation, 1)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
@@ -213,6 +214,7 @@ impl ConvRelu {
 /// over the odd edge takes the pixels it has). In parallel over planes on the CPU.
 fn pool2(x: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
+    let _p = crate::kernels::profile::scope(|| "u2net pool".to_string());
     let (b, c, h, w) = x.dims4()?;
     if !crate::kernels::applies(x) {
         // The pooled maps come out of ReLUs, so zeros pad like -inf.
@@ -250,6 +252,7 @@ fn pool2(x: &Tensor) -> Result<Tensor> {
 /// `a + b` (same shapes), in parallel on the CPU.
 fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
+    let _p = crate::kernels::profile::scope(|| "u2net add".to_string());
     if !crate::kernels::applies(a) || a.dims() != b.dims() {
         return Ok((a + b)?);
     }
@@ -289,6 +292,7 @@ fn upsample_like(x: &Tensor, like: &Tensor) -> Result<Tensor> {
 /// (what PyTorch's `align_corners=False` gives at this ratio).
 fn upsample2x(x: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
+    let _p = crate::kernels::profile::scope(|| "u2net upsample".to_string());
     let (b, c, h, w) = x.dims4()?;
     let x = x.contiguous()?;
     let view = F32View::new(&x)?;
@@ -331,6 +335,12 @@ fn upsample2x(x: &Tensor) -> Result<Tensor> {
             }
         });
     Ok(Tensor::from_vec(out, (b, c, oh, ow), x.device())?)
+}
+
+/// Concatenation along channels.
+fn cat(xs: &[&Tensor]) -> Result<Tensor> {
+    let _p = crate::kernels::profile::scope(|| "u2net cat".to_string());
+    Ok(Tensor::cat(xs, 1)?)
 }
 
 /// A residual U-block.
@@ -382,7 +392,7 @@ impl Rsu {
         let mut d = self.encoder[depth - 1].forward(&skips[depth - 2])?;
         for (conv, skip) in self.decoder.iter().zip(skips.iter().rev()) {
             let up = upsample_like(&d, skip)?;
-            d = conv.forward(&Tensor::cat(&[&up, skip], 1)?)?;
+            d = conv.forward(&cat(&[&up, skip])?)?;
         }
         add(&d, &hxin)
     }
@@ -444,7 +454,7 @@ impl U2Net {
         for (stage, skip) in self.stages[6..].iter().zip(enc[..5].iter().rev()) {
             let deeper = dec.last().unwrap_or(&enc[5]);
             let up = upsample_like(deeper, skip)?;
-            let h = stage.forward(&Tensor::cat(&[&up, skip], 1)?)?;
+            let h = stage.forward(&cat(&[&up, skip])?)?;
             dec.push(h);
         }
         // Side i reads level i: hx1d .. hx5d, then hx6.
@@ -458,7 +468,9 @@ impl U2Net {
             };
             side_out.push(s);
         }
-        let fused = self.outconv.forward(&Tensor::cat(&side_out, 1)?)?;
+        let fused = self
+            .outconv
+            .forward(&cat(&side_out.iter().collect::<Vec<_>>())?)?;
         Ok(candle_nn::ops::sigmoid(&fused)?)
     }
 }
@@ -510,6 +522,25 @@ mod tests {
             let diff = (sum - want).unwrap().abs().unwrap().flatten_all().unwrap();
             assert_eq!(diff.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
         }
+    }
+
+    #[test]
+    fn concatenation_is_candles() {
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (2, 1, 4, 5), &Device::Cpu).unwrap();
+        let got = cat(&[&a, &b])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = Tensor::cat(&[&a, &b], 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]
