@@ -157,15 +157,25 @@ pub fn fuse_subject_mask(
         }
         let base = r.y as usize * wu;
         for i in base + r.x0 as usize..base + r.x1 as usize {
-            keyed.alpha[i] = 1.0;
-            keyed.foreground[3 * i..3 * i + 3].copy_from_slice(&rgb[3 * i..3 * i + 3]);
+            make_opaque(keyed, rgb, i);
         }
     }
     stats.restored = restorable;
-    keyed.background_fraction =
-        keyed.alpha.iter().filter(|&&a| a < 0.5).count() as f32 / n.max(1) as f32;
-    keyed.fused = Some(stats);
+    finish(keyed, stats);
     Ok(())
+}
+
+/// Pixel `i` becomes opaque subject with its observed colour (no despill).
+fn make_opaque(keyed: &mut Keyed, rgb: &[u8], i: usize) {
+    keyed.alpha[i] = 1.0;
+    keyed.foreground[3 * i..3 * i + 3].copy_from_slice(&rgb[3 * i..3 * i + 3]);
+}
+
+/// Records the fusion and the new share of background.
+fn finish(keyed: &mut Keyed, stats: FuseStats) {
+    let n = keyed.alpha.len().max(1);
+    keyed.background_fraction = keyed.alpha.iter().filter(|&&a| a < 0.5).count() as f32 / n as f32;
+    keyed.fused = Some(stats);
 }
 
 /// The mask stretched to `w` x `h`, thresholded and eroded by [`interior_margin`].
@@ -215,14 +225,11 @@ pub fn fuse_trusted_mask(
         }
         stats.interior += 1;
         if keyed.alpha[i] < 1.0 {
-            keyed.alpha[i] = 1.0;
-            keyed.foreground[3 * i..3 * i + 3].copy_from_slice(&rgb[3 * i..3 * i + 3]);
+            make_opaque(keyed, rgb, i);
             stats.restored += 1;
         }
     }
-    keyed.background_fraction =
-        keyed.alpha.iter().filter(|&&a| a < 0.5).count() as f32 / n.max(1) as f32;
-    keyed.fused = Some(stats);
+    finish(keyed, stats);
     Ok(())
 }
 
@@ -316,6 +323,19 @@ mod tests {
         assert_eq!(fused.fused.unwrap().restored, 0);
     }
 
+    /// A thin grey ring around a wide disc of screen colour.
+    fn ring_scene() -> Vec<u8> {
+        (0..(N * N) as usize)
+            .flat_map(|i| {
+                if (26.0..30.0).contains(&dist(i)) {
+                    [128, 128, 128]
+                } else {
+                    SCREEN
+                }
+            })
+            .collect()
+    }
+
     fn key(rgb: &[u8]) -> Keyed {
         key_rgb8(N, N, rgb, &KeyOptions::new(KeyColor::green())).unwrap()
     }
@@ -363,15 +383,7 @@ mod tests {
     fn a_mask_that_is_mostly_the_keys_holes_is_ignored() {
         // A thin grey ring around a wide disc of screen colour: enclosed, but most of the
         // mask's interior.
-        let rgb: Vec<u8> = (0..(N * N) as usize)
-            .flat_map(|i| {
-                if (26.0..30.0).contains(&dist(i)) {
-                    [128, 128, 128]
-                } else {
-                    SCREEN
-                }
-            })
-            .collect();
+        let rgb = ring_scene();
         let keyed = key(&rgb);
         let mut fused = keyed.clone();
         fuse_subject_mask(&mut fused, &rgb, &disc(30.0, N), "ring").unwrap();
@@ -390,15 +402,7 @@ mod tests {
     #[test]
     fn a_trusted_mask_keeps_a_subject_entirely_in_the_key_colour() {
         // The ring scene: ignored as a segmenter's mask, kept whole when trusted.
-        let rgb: Vec<u8> = (0..(N * N) as usize)
-            .flat_map(|i| {
-                if (26.0..30.0).contains(&dist(i)) {
-                    [128, 128, 128]
-                } else {
-                    SCREEN
-                }
-            })
-            .collect();
+        let rgb = ring_scene();
         let keyed = key(&rgb);
         let mut fused = keyed.clone();
         fuse_trusted_mask(&mut fused, &rgb, &disc(30.0, N), "trusted").unwrap();
