@@ -294,7 +294,8 @@ pub struct KeyFlags {
     pub composite: Option<PathBuf>,
     /// Help the keyer with a segmenter's subject mask, so parts of the subject in the key
     /// colour stay: u2netp (the default), u2net, silueta (rembg's files, found in
-    /// $U2NET_HOME, then ~/.u2net), tiny-u2net (built in, random weights), or an .onnx path.
+    /// $U2NET_HOME, then ~/.u2net), tiny-u2net (built in, random weights), a
+    /// [segmenters.NAME] entry of models.toml, or an .onnx path.
     #[arg(long, value_name = "MODEL", num_args = 0..=1, default_missing_value = "u2netp")]
     pub segment: Option<String>,
     /// The segmentation model file for --segment (rembg's ONNX layout); implies --segment.
