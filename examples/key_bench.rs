@@ -1548,12 +1548,16 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            // Where rembg keeps it: $U2NET_HOME, then ~/.u2net.
-            std::env::var_os("U2NET_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::home_dir().map(|h| h.join(".u2net")))
-                .unwrap_or_default()
-                .join("u2netp.onnx")
+            // Where rembg keeps it: the first of its folders that has it.
+            let dirs = tkg::segment::rembg_dirs(&|k| std::env::var(k).ok());
+            match tkg::segment::locate("u2netp", &dirs) {
+                Ok(tkg::segment::SegmentSource::File(p)) => p,
+                _ => dirs
+                    .first()
+                    .cloned()
+                    .unwrap_or_default()
+                    .join("u2netp.onnx"),
+            }
         });
     let mut net_note = String::new();
     let net = if !segment {

@@ -15,15 +15,10 @@
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use std::path::Path;
-use tkg::segment::{self, SegmentSource, U2NetSegmenter};
+use tkg::segment::{self, U2NetSegmenter};
 
 fn load(model: &str) -> Result<U2NetSegmenter> {
-    let source = if model == segment::TINY_U2NET {
-        SegmentSource::Builtin
-    } else {
-        SegmentSource::File(model.into())
-    };
-    segment::load(&source, model, &Device::Cpu)
+    segment::load(&segment::locate(model, &[])?, model, &Device::Cpu)
 }
 
 fn main() -> Result<()> {

@@ -349,9 +349,7 @@ impl KeyFlags {
         key::check_output_flags(&flags)?;
         Ok((opts, flags))
     }
-}
 
-impl KeyFlags {
     /// The segmenter --segment / --segment-model name, loaded on the CPU (none without them).
     pub fn segmenter(&self) -> Result<Option<SharedSegmenter>> {
         let name = match (&self.segment_model, &self.segment) {
@@ -372,17 +370,8 @@ pub fn load_segmenter(name: &str) -> Result<SharedSegmenter> {
         Some(entry) => entry.file.display().to_string(),
         None => name.to_string(),
     };
-    SharedSegmenter::load(&name, &segment_dirs(), &candle_core::Device::Cpu)
-}
-
-/// Where rembg keeps its models: $U2NET_HOME, then ~/.u2net.
-fn segment_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("U2NET_HOME")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    dirs.extend(std::env::home_dir().map(|h| h.join(".u2net")));
-    dirs
+    let dirs = tkg::segment::rembg_dirs(&|k| std::env::var(k).ok());
+    SharedSegmenter::load(&name, &dirs, &candle_core::Device::Cpu)
 }
 
 /// The user's models.toml: the flag, else where the environment says.

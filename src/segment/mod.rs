@@ -214,9 +214,20 @@ pub enum SegmentSource {
     File(PathBuf),
 }
 
+/// Where rembg keeps its models: `$U2NET_HOME`, then `~/.u2net`. `env` looks variables up
+/// (the CLI passes `std::env::var`; the library reads none itself).
+pub fn rembg_dirs(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = env("U2NET_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    dirs.extend(env("HOME").map(|h| PathBuf::from(h).join(".u2net")));
+    dirs
+}
+
 /// Finds a segmentation model: an `.onnx` path as given, the built-in tiny model, or
-/// `NAME.onnx` in the first of `dirs` that has it (the CLI passes `$U2NET_HOME`, then
-/// `~/.u2net`, rembg's own places).
+/// `NAME.onnx` in the first of `dirs` that has it (the CLI passes [`rembg_dirs`]).
 pub fn locate(name: &str, dirs: &[PathBuf]) -> Result<SegmentSource> {
     if name == TINY_U2NET {
         return Ok(SegmentSource::Builtin);
@@ -229,7 +240,7 @@ pub fn locate(name: &str, dirs: &[PathBuf]) -> Result<SegmentSource> {
         );
         return Ok(SegmentSource::File(as_path.to_path_buf()));
     }
-    if name == "isnet-general-use" || name.starts_with("isnet") || name.starts_with("sam") {
+    if name.starts_with("isnet") || name.starts_with("sam") {
         bail!(
             "segmentation model `{name}` is not supported yet: tkg runs rembg's U²-Net files \
              ({}) and {TINY_U2NET}",

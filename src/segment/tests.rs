@@ -211,6 +211,25 @@ fn models_are_found_where_rembg_keeps_them() {
 }
 
 #[test]
+fn rembg_keeps_models_in_u2net_home_then_the_home_folder() {
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let both = env(&[("U2NET_HOME", "/m"), ("HOME", "/h")]);
+    assert_eq!(
+        rembg_dirs(&both),
+        [PathBuf::from("/m"), PathBuf::from("/h/.u2net")]
+    );
+    let home = env(&[("U2NET_HOME", ""), ("HOME", "/h")]);
+    assert_eq!(rembg_dirs(&home), [PathBuf::from("/h/.u2net")]);
+    assert!(rembg_dirs(&env(&[])).is_empty());
+}
+
+#[test]
 fn a_corrupt_file_gets_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("u2netp.onnx");
