@@ -20,6 +20,7 @@ pub mod alpha;
 pub mod cleanup;
 pub mod despill;
 pub mod fuse;
+pub mod keyability;
 pub mod metrics;
 pub mod screen;
 
