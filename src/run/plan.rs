@@ -242,7 +242,7 @@ pub fn expand(
                 index,
                 seed,
                 prompt: &settings.prompt,
-                color: &settings.color,
+                color: settings.auto_colors.is_empty().then_some(&settings.color),
                 model: &settings.model,
                 date,
                 image: k,
