@@ -47,6 +47,24 @@ pub const SDXL_LATENT_RGB: LatentRgbFactors = LatentRgbFactors {
     bias: [0.1084, -0.0175, -0.0011],
 };
 
+/// An RGB8 preview of latents (`[4, h, w]` row-major, as the UNet leaves them) through the
+/// latent-to-RGB factors, which map them to about [-1, 1].
+pub fn latent_preview_rgb8(latents: &[f32], h: usize, w: usize, f: &LatentRgbFactors) -> Vec<u8> {
+    let n = h * w;
+    debug_assert_eq!(latents.len(), 4 * n);
+    let mut out = Vec::with_capacity(n * 3);
+    for i in 0..n {
+        for k in 0..3 {
+            let v: f32 = (0..4)
+                .map(|c| latents[c * n + i] * f.factors[c][k])
+                .sum::<f32>()
+                + f.bias[k];
+            out.push(((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8);
+        }
+    }
+    out
+}
+
 /// A key (screen) colour as the user asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyColor {

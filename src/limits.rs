@@ -14,6 +14,10 @@ pub const MAX_PIXELS: usize = 4096 * 4096;
 pub const MAX_STEPS: usize = 10_000;
 /// Most images one job line or one run may ask for.
 pub const MAX_IMAGES: usize = 1_000_000;
+/// Most seeds one image may try (`best_of` plus `retries`).
+pub const MAX_TRIES: usize = 32;
+/// Most key colours `--color auto` compares.
+pub const MAX_AUTO_COLORS: usize = 8;
 /// Largest job or prompt file.
 pub const MAX_JOB_FILE: u64 = 64 << 20;
 /// Longest prompt, in characters (CLIP reads 77 tokens; A1111-style chunking a few hundred).

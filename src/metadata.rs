@@ -8,10 +8,11 @@ mod place;
 pub use place::{HarmonizeRecipe, PLACE_TOOL, PlaceRecipe};
 
 use crate::color::KeyColor;
+use crate::key::keyability::Keyability;
 use crate::rng::RngKind;
 use crate::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
 use crate::settings::{Method, Offset, Size, prompt_suffix};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -611,9 +612,162 @@ impl ManifestRecord<'_> {
     }
 }
 
+/// The `parameters` entry holding the keyability score.
+pub const KEYABILITY_KEY: &str = "TKG keyability";
+/// The `parameters` entry holding the keyability parts, `name=value` separated by spaces.
+pub const KEYABILITY_PARTS_KEY: &str = "TKG keyability parts";
+
+/// Adds the keyability report to `parameters` (no ',' or ':' in the values, so A1111 shows
+/// them unquoted).
+pub fn push_keyability(p: &mut Parameters, k: &Keyability) {
+    for (key, value) in keyability_text(k) {
+        p.push(&key, value);
+    }
+}
+
+/// The keyability report as `(key, value)` pairs: `parameters` entries, or PNG text chunks
+/// of their own where an image has no `parameters` (`tkg key`'s outputs).
+pub fn keyability_text(k: &Keyability) -> Vec<(String, String)> {
+    let score = format!("{:.1}", k.score);
+    let parts = [
+        ("border_screen", k.border_screen),
+        ("screen_confidence", k.screen_confidence),
+        ("plate_residual", k.plate_residual),
+        ("border_subject", k.border_subject),
+        ("entanglement", k.entanglement),
+        ("enclosed_screen", k.enclosed_screen),
+        ("ambiguous", k.ambiguous),
+        ("spill", k.spill),
+        ("subject_size", k.subject_size),
+    ];
+    let mut text: Vec<String> = parts.iter().map(|(n, v)| format!("{n}={v:.4}")).collect();
+    text.push(format!("touches_border={}", k.touches_border));
+    vec![
+        (KEYABILITY_KEY.into(), score),
+        (KEYABILITY_PARTS_KEY.into(), text.join(" ")),
+    ]
+}
+
+/// The keyability report in `parameters`: `None` when the image has none.
+pub fn keyability_from_parameters(p: &Parameters) -> Option<Result<Keyability>> {
+    keyability_from(|k| p.get(k))
+}
+
+/// The keyability report in a PNG's text: its `parameters` entries, else chunks of their
+/// own; `None` when it has none.
+pub fn keyability_from_png_text(chunks: &[(String, String)]) -> Option<Result<Keyability>> {
+    let parameters = chunks
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .and_then(|(_, v)| Parameters::parse(v).ok());
+    if let Some(found) = parameters.as_ref().and_then(keyability_from_parameters) {
+        return Some(found);
+    }
+    keyability_from(|key| {
+        chunks
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    })
+}
+
+fn keyability_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Result<Keyability>> {
+    let score = get(KEYABILITY_KEY)?;
+    let parts = get(KEYABILITY_PARTS_KEY);
+    Some((|| {
+        let num = |name: &str, v: &str| -> Result<f32> {
+            let x: f32 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("keyability {name} '{v}' is not a number"))?;
+            ensure!(x.is_finite(), "keyability {name} '{v}' is not finite");
+            Ok(x)
+        };
+        let mut k = Keyability {
+            score: num("score", score)?,
+            border_screen: 0.0,
+            screen_confidence: 0.0,
+            plate_residual: 0.0,
+            border_subject: 0.0,
+            touches_border: false,
+            entanglement: 0.0,
+            enclosed_screen: 0.0,
+            ambiguous: 0.0,
+            spill: 0.0,
+            subject_size: 0.0,
+        };
+        for item in parts.unwrap_or("").split_whitespace() {
+            let Some((name, v)) = item.split_once('=') else {
+                bail!("keyability part '{item}' is not name=value");
+            };
+            let slot = match name {
+                "border_screen" => &mut k.border_screen,
+                "screen_confidence" => &mut k.screen_confidence,
+                "plate_residual" => &mut k.plate_residual,
+                "border_subject" => &mut k.border_subject,
+                "entanglement" => &mut k.entanglement,
+                "enclosed_screen" => &mut k.enclosed_screen,
+                "ambiguous" => &mut k.ambiguous,
+                "spill" => &mut k.spill,
+                "subject_size" => &mut k.subject_size,
+                "touches_border" => {
+                    k.touches_border = match v {
+                        "true" => true,
+                        "false" => false,
+                        _ => bail!("keyability touches_border '{v}' is not true or false"),
+                    };
+                    continue;
+                }
+                // A later version's part: shown by `tkg info` as text, not an error here.
+                _ => continue,
+            };
+            *slot = num(name, v)?;
+        }
+        Ok(k)
+    })())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyability_round_trips_through_parameters_and_text_chunks() {
+        let k = Keyability {
+            score: 73.4,
+            border_screen: 0.99,
+            screen_confidence: 0.95,
+            plate_residual: 2.5,
+            border_subject: 0.0,
+            touches_border: false,
+            entanglement: 0.0125,
+            enclosed_screen: 0.25,
+            ambiguous: 0.0312,
+            spill: 4.0,
+            subject_size: 0.3,
+        };
+        let mut p = Parameters::new("a car", "");
+        p.push("Steps", "20".into());
+        p.push("Seed", "1".into());
+        push_keyability(&mut p, &k);
+        let back = Parameters::parse(&p.to_string()).unwrap();
+        assert_eq!(keyability_from_parameters(&back).unwrap().unwrap(), k);
+        let chunks = vec![("parameters".to_string(), p.to_string())];
+        assert_eq!(keyability_from_png_text(&chunks).unwrap().unwrap(), k);
+        assert_eq!(
+            keyability_from_png_text(&keyability_text(&k))
+                .unwrap()
+                .unwrap(),
+            k
+        );
+        assert!(keyability_from_png_text(&[]).is_none());
+        let bad = vec![
+            (KEYABILITY_KEY.to_string(), "NaN".to_string()),
+            (KEYABILITY_PARTS_KEY.to_string(), String::new()),
+        ];
+        let e = keyability_from_png_text(&bad).unwrap().unwrap_err();
+        assert!(e.to_string().contains("not finite"), "{e}");
+    }
 
     #[test]
     fn a1111_layout() {

@@ -198,6 +198,85 @@ pub struct Settings {
     pub strength: Option<f64>,
     /// Inpainting: what to repaint in the init image (white = repaint).
     pub mask: Option<PathBuf>,
+    /// Seeds tried per image (seed, seed + n, ... with n the job's image count); the one
+    /// whose key scores best is kept.
+    pub best_of: usize,
+    /// What to write of the tries.
+    pub keep: Keep,
+    /// Retry with the next seeds while the best keyability score is below this.
+    pub min_keyability: Option<f64>,
+    /// How many more seeds to try for `min_keyability`.
+    pub retries: usize,
+    /// Not empty: pick the key colour among these by a preview of each (`--color auto`).
+    #[serde(serialize_with = "colors_as_text")]
+    pub auto_colors: Vec<KeyColor>,
+}
+
+/// What `--keep` keeps of an image's tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// Only the best, as the image.
+    #[default]
+    Best,
+    /// The best as the image, and every try as `X.tryN.png` with its keyed outputs.
+    All,
+}
+
+impl Keep {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "best" => Ok(Self::Best),
+            "all" => Ok(Self::All),
+            _ => Err(format!("'{s}' is not best or all")),
+        }
+    }
+}
+
+/// The candidates `--color auto` picks from unless `--colors` says.
+pub const AUTO_COLORS: [&str; 3] = ["green", "blue", "magenta"];
+
+/// A `--color` value: a key colour, or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColorChoice {
+    Fixed(KeyColor),
+    Auto,
+}
+
+impl ColorChoice {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        KeyColor::parse(s)
+            .map(Self::Fixed)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `--colors green,blue`: the auto candidates, each a colour (not `auto`), none twice.
+pub fn parse_colors(s: &str) -> Result<Vec<KeyColor>, String> {
+    let mut out: Vec<KeyColor> = Vec::new();
+    for part in s.split(',') {
+        let c = KeyColor::parse(part.trim()).map_err(|e| format!("--colors: {e}"))?;
+        if out.contains(&c) {
+            return Err(format!("--colors: {} is given twice", part.trim()));
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// The default auto candidates.
+pub fn default_auto_colors() -> Vec<KeyColor> {
+    AUTO_COLORS
+        .iter()
+        .map(|c| KeyColor::parse(c).expect("named colours parse"))
+        .collect()
+}
+
+fn colors_as_text<S: serde::Serializer>(v: &[KeyColor], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|c| c.to_string()))
 }
 
 fn as_text<T: fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -246,6 +325,11 @@ impl Default for Settings {
             init_image: None,
             strength: None,
             mask: None,
+            best_of: 1,
+            keep: Keep::Best,
+            min_keyability: None,
+            retries: 0,
+            auto_colors: Vec::new(),
         }
     }
 }
@@ -293,6 +377,12 @@ pub struct SettingsPatch {
     pub init_image: Option<PathBuf>,
     pub strength: Option<f64>,
     pub mask: Option<PathBuf>,
+    pub best_of: Option<usize>,
+    pub keep: Option<Keep>,
+    pub min_keyability: Option<f64>,
+    pub retries: Option<usize>,
+    /// `Some(empty)`: a fixed colour (`color`); else the auto candidates.
+    pub auto_colors: Option<Vec<KeyColor>>,
 }
 
 /// The name a `--model-dir` model goes by: the folder's name.
@@ -360,6 +450,11 @@ impl SettingsPatch {
         set_opt(&mut s.init_image, &self.init_image);
         set_opt(&mut s.strength, &self.strength);
         set_opt(&mut s.mask, &self.mask);
+        set(&mut s.best_of, &self.best_of);
+        set(&mut s.keep, &self.keep);
+        set_opt(&mut s.min_keyability, &self.min_keyability);
+        set(&mut s.retries, &self.retries);
+        set(&mut s.auto_colors, &self.auto_colors);
         s
     }
 
@@ -440,6 +535,11 @@ struct RawPatch {
     init_image: Option<PathBuf>,
     strength: Option<f64>,
     mask: Option<PathBuf>,
+    best_of: Option<usize>,
+    keep: Option<String>,
+    min_keyability: Option<f64>,
+    retries: Option<usize>,
+    colors: Option<OneOrMany<String>>,
 }
 
 /// Parses an optional field, prefixing its error with the field's name.
@@ -473,12 +573,29 @@ impl RawPatch {
                     .map_err(|e| format!("subject_center: {e}"))
             })
             .transpose()?;
+        let color = field("color", self.color, ColorChoice::parse)?;
+        let colors = self
+            .colors
+            .map(|c| {
+                parse_colors(&c.into_vec().join(","))
+                    .map_err(|e| e.replacen("--colors", "colors", 1))
+            })
+            .transpose()?;
+        let (color, auto_colors) = match (color, colors) {
+            (Some(ColorChoice::Auto), colors) => {
+                (None, Some(colors.unwrap_or_else(default_auto_colors)))
+            }
+            (_, Some(_)) => return Err("colors: give \"color\": \"auto\" with it".into()),
+            (Some(ColorChoice::Fixed(c)), None) => (Some(c), Some(Vec::new())),
+            (None, None) => (None, None),
+        };
         Ok(SettingsPatch {
             model,
             lora: self.lora.map(OneOrMany::into_vec),
             prompt: self.prompt,
             negative_prompt: self.negative_prompt,
-            color: field("color", self.color, KeyColor::parse)?,
+            color,
+            auto_colors,
             seed: self.seed,
             num_images: self.num_images,
             steps: self.steps,
@@ -505,6 +622,10 @@ impl RawPatch {
             init_image: self.init_image,
             strength: self.strength,
             mask: self.mask,
+            best_of: self.best_of,
+            keep: field("keep", self.keep, Keep::parse)?,
+            min_keyability: self.min_keyability,
+            retries: self.retries,
         })
     }
 }
@@ -672,6 +793,41 @@ impl Settings {
                 ));
             }
         }
+        if self.best_of == 0 || self.best_of + self.retries > limits::MAX_TRIES {
+            return Err(FieldError::new(
+                &["best_of", "retries"],
+                format!(
+                    "{{0}} must be at least 1, and {{0}} plus {{1}} at most {}; got {} and {}",
+                    limits::MAX_TRIES,
+                    self.best_of,
+                    self.retries
+                ),
+            ));
+        }
+        if let Some(m) = self.min_keyability
+            && !(0.0..=100.0).contains(&m)
+        {
+            return Err(FieldError::new(
+                &["min_keyability"],
+                format!("{{0}} must be a score from 0 to 100, not {m}"),
+            ));
+        }
+        if self.retries > 0 && self.min_keyability.is_none() {
+            return Err(FieldError::new(
+                &["retries", "min_keyability"],
+                "{0} retries images below {1}; give {1}".into(),
+            ));
+        }
+        if self.auto_colors.len() > limits::MAX_AUTO_COLORS {
+            return Err(FieldError::new(
+                &["colors"],
+                format!(
+                    "{{0}}: at most {} candidates, not {}",
+                    limits::MAX_AUTO_COLORS,
+                    self.auto_colors.len()
+                ),
+            ));
+        }
         for l in &self.lora {
             let spec = crate::models::lora::LoraSpec::parse(l)
                 .map_err(|e| FieldError::new(&[], format!("{e:#}")))?;
@@ -710,6 +866,46 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_lines_choose_auto_or_fixed_colours_and_tries() {
+        let base = Settings {
+            prompt: "a car".into(),
+            ..Settings::default()
+        };
+        let auto = SettingsPatch::from_json(
+            r#"{"color": "auto", "colors": ["green", "blue"], "best_of": 3, "keep": "all"}"#,
+        )
+        .unwrap()
+        .apply(&base);
+        let names: Vec<String> = auto.auto_colors.iter().map(|c| c.to_string()).collect();
+        assert_eq!(names, ["green", "blue"]);
+        assert_eq!((auto.best_of, auto.keep), (3, Keep::All));
+        let default_auto = SettingsPatch::from_json(r#"{"color": "auto"}"#)
+            .unwrap()
+            .apply(&base);
+        assert_eq!(default_auto.auto_colors.len(), AUTO_COLORS.len());
+        // A fixed colour on a job line undoes the command line's auto.
+        let fixed = SettingsPatch::from_json(r#"{"color": "blue"}"#)
+            .unwrap()
+            .apply(&auto);
+        assert!(fixed.auto_colors.is_empty());
+        assert_eq!(fixed.color.to_string(), "blue");
+        let e = SettingsPatch::from_json(r#"{"colors": "green"}"#).unwrap_err();
+        assert!(e.contains("auto"), "{e}");
+        let e = SettingsPatch::from_json(r#"{"keep": "most"}"#).unwrap_err();
+        assert!(e.contains("keep"), "{e}");
+        let retry = SettingsPatch::from_json(r#"{"retries": 2}"#)
+            .unwrap()
+            .apply(&base);
+        assert!(
+            retry
+                .validate()
+                .unwrap_err()
+                .as_fields()
+                .contains("min_keyability")
+        );
+    }
 
     #[test]
     fn a_patch_replaces_only_its_fields() {

@@ -14,7 +14,10 @@ use tkg::rng::RngKind;
 use tkg::run::{KeySettings, RunConfig, Shard};
 use tkg::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
 use tkg::segment::SharedSegmenter;
-use tkg::settings::{Method, ModelChoice, Offset, Settings, SettingsPatch, Size, parse_center};
+use tkg::settings::{
+    ColorChoice, Keep, Method, ModelChoice, Offset, Settings, SettingsPatch, Size,
+    default_auto_colors, parse_center, parse_colors,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
@@ -60,9 +63,28 @@ pub struct JobOptions {
     /// What to avoid (the unconditional side of classifier-free guidance).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// The background key colour: a name or #RRGGBB.
-    #[arg(long, default_value = "green", value_parser = KeyColor::parse)]
-    pub color: KeyColor,
+    /// The background key colour: a name or #RRGGBB, or auto: preview each of --colors for
+    /// a few steps and keep the one whose preview keys best (a heuristic; docs/keying.md).
+    #[arg(long, default_value = "green", value_parser = ColorChoice::parse)]
+    pub color: ColorChoice,
+    /// The candidates of --color auto, comma-separated [default: green,blue,magenta].
+    #[arg(long, value_name = "COLOR,COLOR", value_parser = parse_color_list)]
+    pub colors: Option<ColorList>,
+    /// Try N seeds per image (seed, seed+1, ...; with --num-images M, seed, seed+M, ...) and
+    /// keep the one whose key scores best (keyability, 0-100).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub best_of: usize,
+    /// What to write of the tries: best (the image only) or all (also X.tryN.png for each,
+    /// with its keyed outputs).
+    #[arg(long, default_value = "best", value_parser = Keep::parse)]
+    pub keep: Keep,
+    /// Retry with the next seeds (up to --retries more) while the keyability score is
+    /// below this (0-100); the best try is kept either way.
+    #[arg(long, value_name = "SCORE", allow_hyphen_values = true)]
+    pub min_keyability: Option<f64>,
+    /// How many more seeds --min-keyability may try.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub retries: usize,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -379,6 +401,14 @@ pub fn registry_file(explicit: Option<&std::path::Path>) -> Option<UserFile> {
     tkg::models::registry::default_user_file(explicit, &|k| std::env::var(k).ok())
 }
 
+/// `--colors`' list (one clap value, not one per colour).
+#[derive(Debug, Clone)]
+pub struct ColorList(pub Vec<KeyColor>);
+
+fn parse_color_list(s: &str) -> Result<ColorList, String> {
+    parse_colors(s).map(ColorList)
+}
+
 impl ModelArgs {
     /// The model these flags name.
     pub fn choice(&self) -> ModelChoice {
@@ -398,7 +428,15 @@ impl JobOptions {
             lora: None,
             prompt: None,
             negative_prompt: Some(self.negative_prompt.clone()),
-            color: Some(self.color.clone()),
+            color: match &self.color {
+                ColorChoice::Fixed(c) => Some(c.clone()),
+                ColorChoice::Auto => None,
+            },
+            auto_colors: Some(self.auto_colors()),
+            best_of: Some(self.best_of),
+            keep: Some(self.keep),
+            min_keyability: self.min_keyability,
+            retries: Some(self.retries),
             seed: None,
             num_images: Some(self.run.num_images as usize),
             steps: self.steps,
@@ -428,6 +466,17 @@ impl JobOptions {
         }
     }
 
+    /// The candidates of --color auto (none for a fixed colour).
+    fn auto_colors(&self) -> Vec<KeyColor> {
+        match &self.color {
+            ColorChoice::Fixed(_) => Vec::new(),
+            ColorChoice::Auto => self
+                .colors
+                .clone()
+                .map_or_else(default_auto_colors, |c| c.0),
+        }
+    }
+
     /// The command line's settings over the defaults, writing `default_out` unless --out.
     pub fn base_settings(&self, prompt: &str, default_out: &str) -> Settings {
         let base = Settings {
@@ -442,6 +491,9 @@ impl JobOptions {
     /// size) before any work.
     pub fn run_config(&self, create_dirs: bool, ui: Ui) -> Result<RunConfig> {
         let run = &self.run;
+        if self.colors.is_some() && self.color != ColorChoice::Auto {
+            bail!("--colors names the candidates of --color auto; give --color auto");
+        }
         let shard = match run.shard.as_deref() {
             None => Shard::ALL,
             Some("auto") => Shard::auto(&|k| std::env::var(k).ok(), run.shard_count)?,
@@ -455,7 +507,12 @@ impl JobOptions {
         let key = if self.no_key {
             None
         } else {
-            let (options, outputs) = self.key.to_options(self.color.clone())?;
+            // Each image keys in its own colour; this one is the default's.
+            let colour = match &self.color {
+                ColorChoice::Fixed(c) => c.clone(),
+                ColorChoice::Auto => self.auto_colors()[0].clone(),
+            };
+            let (options, outputs) = self.key.to_options(colour)?;
             Some(KeySettings {
                 options,
                 outputs,

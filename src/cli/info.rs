@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::borrow::Cow;
 use std::path::PathBuf;
-use tkg::metadata::{Parameters, PlaceRecipe, Recipe, repro_name};
+use tkg::key::keyability::Keyability;
+use tkg::metadata::{Parameters, PlaceRecipe, Recipe, keyability_from_png_text, repro_name};
 use tkg::output;
 use tkg::text::{json_terminal_safe, terminal_safe};
 
@@ -26,6 +27,21 @@ pub struct InfoArgs {
 
 pub fn run(args: &InfoArgs, ui: Ui) -> Result<()> {
     let chunks = output::read_png_text(&args.image)?;
+    let keyability = keyability_from_png_text(&chunks)
+        .transpose()
+        .with_context(|| args.image.display().to_string())?;
+    if !chunks.iter().any(|(k, _)| k == "parameters")
+        && let Some(k) = &keyability
+    {
+        // A `tkg key` output: its keyability, and no settings.
+        if args.json {
+            let v = serde_json::json!({ "keyability": k });
+            outln!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            outln!("{}", keyability_line(k));
+        }
+        return Ok(());
+    }
     let text = chunks
         .iter()
         .find(|(k, _)| k == "parameters")
@@ -49,6 +65,7 @@ pub fn run(args: &InfoArgs, ui: Ui) -> Result<()> {
             "negative_prompt": params.negative_prompt,
             "settings": settings,
             "command": command.as_ref().ok(),
+            "keyability": keyability,
             "command_error": command.as_ref().err().map(|e| format!("{e:#}")),
         });
         outln!("{}", json_terminal_safe(&serde_json::to_string_pretty(&v)?));
@@ -63,6 +80,9 @@ pub fn run(args: &InfoArgs, ui: Ui) -> Result<()> {
     }
     for (k, v) in &params.entries {
         outln!("{}: {}", terminal_safe(k), terminal_safe(v));
+    }
+    if let Some(k) = &keyability {
+        outln!("{}", keyability_line(k));
     }
     match command {
         Ok(c) => {
@@ -80,4 +100,26 @@ pub fn run(args: &InfoArgs, ui: Ui) -> Result<()> {
         }
         Err(e) => bail!("cannot rebuild the command that made it: {e:#}"),
     }
+}
+
+/// The score and the parts a person reads first.
+fn keyability_line(k: &Keyability) -> String {
+    format!(
+        "Keyability {:.1}/100: border {:.0}% screen, residual {:.1}, subject {:.0}% of the \
+         image{}, key-hued parts {:.1}%, enclosed screen {:.1}%, ambiguous alpha {:.1}%, \
+         spill {:.1}",
+        k.score,
+        k.border_screen * 100.0,
+        k.plate_residual,
+        k.subject_size * 100.0,
+        if k.touches_border {
+            " (touches the border)"
+        } else {
+            ""
+        },
+        k.entanglement * 100.0,
+        k.enclosed_screen * 100.0,
+        k.ambiguous * 100.0,
+        k.spill
+    )
 }

@@ -31,6 +31,9 @@ pub struct KeyArgs {
     /// subject encloses (for a subject entirely in the key colour).
     #[arg(long, requires = "subject_mask")]
     pub trust_mask: bool,
+    /// Also write the keyability report (the score, 0-100, and its parts) as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
     #[command(flatten)]
     pub key: KeyFlags,
 }
@@ -38,7 +41,9 @@ pub struct KeyArgs {
 pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
     let (opts, flags) = args.key.to_options(args.color.clone())?;
     let out = args.out.clone().unwrap_or_else(|| args.image.clone());
-    output::check_targets(&key::output_paths(&out, &flags), args.overwrite)?;
+    let mut targets = key::output_paths(&out, &flags);
+    targets.extend(args.report.clone());
+    output::check_targets(&targets, args.overwrite)?;
     let img = key::load_image(&args.image)?;
     let mask = args
         .subject_mask
@@ -90,7 +95,23 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
         keyed.background_fraction * 100.0,
         start.elapsed().as_secs_f64() * 1000.0
     ));
-    for p in key::write_outputs(&out, &keyed, &flags, &[], args.overwrite)? {
+    let report = key::keyability::measure(&keyed, img.to_rgb8().as_raw());
+    ui.detail(format!("keyability {:.1}", report.score));
+    let text = tkg::metadata::keyability_text(&report);
+    let mut written = key::write_outputs(&out, &keyed, &flags, &text, args.overwrite)?;
+    if let Some(path) = &args.report {
+        let s = keyed.screen.rgb.map(|v| v.round().clamp(0.0, 255.0) as u8);
+        let json = serde_json::json!({
+            "image": args.image.display().to_string(),
+            "keyability": report,
+            "screen": format!("#{:02x}{:02x}{:02x}", s[0], s[1], s[2]),
+            "noise": keyed.noise,
+        });
+        let bytes = serde_json::to_vec_pretty(&json)?;
+        output::write_atomic(path, args.overwrite, |w| Ok(w.write_all(&bytes)?))?;
+        written.push(path.clone());
+    }
+    for p in written {
         outln!("{}", p.display());
     }
     Ok(())

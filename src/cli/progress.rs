@@ -143,6 +143,14 @@ impl Events for Reporter {
                     b.finish_and_clear();
                 }
             }
+            Event::Tried {
+                index,
+                try_index,
+                seed,
+                score,
+            } => self.ui.info(format!(
+                "image {index}: try {try_index} (seed {seed}) keyability {score:.1}"
+            )),
             Event::Image(f) => {
                 for w in &f.warnings {
                     self.ui.warn(w);

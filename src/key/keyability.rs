@@ -9,6 +9,9 @@
 //! error can weigh them: a subject cut by the frame and a subject too small to use. They
 //! multiply the score by stated factors ([`usability`]).
 
+// Pixel loops index the plate row, the alpha and the image at once.
+#![allow(clippy::needless_range_loop)]
+
 use super::Keyed;
 use serde::{Deserialize, Serialize};
 
@@ -268,12 +271,10 @@ mod tests {
         for y in 0..s {
             for x in 0..s {
                 let d = ((x as f32 + 0.5 - cx).powi(2) + (y as f32 + 0.5 - cy).powi(2)).sqrt();
-                let c = if d < r * 0.4 && inner.is_some() {
-                    inner.unwrap()
-                } else if d < r {
-                    fill
-                } else {
-                    GREEN
+                let c = match inner {
+                    Some(c) if d < r * 0.4 => c,
+                    _ if d < r => fill,
+                    _ => GREEN,
                 };
                 v.extend_from_slice(&c);
             }

@@ -73,15 +73,17 @@ impl Pipeline {
         let decoded = self.per_image(reqs.len(), |i| {
             let t2 = Instant::now();
             let latents = final_latents.narrow(0, i, 1)?;
-            let rgb = self.decode(&latents)?;
-            Ok((latents, rgb, t2.elapsed()))
+            let (rgb, size) = self.decode_for(&reqs[i], &latents)?;
+            Ok((latents, rgb, size, t2.elapsed()))
         })?;
         let mut out = Vec::with_capacity(reqs.len());
         let parts = reqs.iter().zip(conds).zip(inits).zip(decoded);
-        for (i, (((r, c), (noise, start, shift)), (latents, rgb, decode))) in parts.enumerate() {
+        for (i, (((_, c), (noise, start, shift)), (latents, rgb, size, decode))) in
+            parts.enumerate()
+        {
             out.push(Generated {
                 rgb,
-                size: r.size,
+                size,
                 noise,
                 init: start.noise,
                 final_latents: latents,

@@ -125,6 +125,9 @@ pub struct Request {
     pub micro: Option<MicroCond>,
     /// img2img / inpainting: the photo to start from (`init` is then not used).
     pub source: Option<SourceImage>,
+    /// Skip the VAE: the image is the latents through the family's latent-to-RGB factors,
+    /// at latent resolution (a cheap preview, e.g. to compare key colours).
+    pub preview: bool,
 }
 
 impl Request {
@@ -492,6 +495,20 @@ impl Pipeline {
         vae::to_rgb8(&image.squeeze(0)?)
     }
 
+    /// The image of final latents: the VAE's, or with `req.preview` the latent-to-RGB
+    /// factors' at latent resolution.
+    fn decode_for(&self, req: &Request, latents: &Tensor) -> Result<(Vec<u8>, Size)> {
+        if !req.preview {
+            return Ok((self.decode(latents)?, req.size));
+        }
+        let z = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let (_, c, h, w) = z.dims4()?;
+        anyhow::ensure!(c == 4, "a latent preview needs 4 latent channels, not {c}");
+        let v: Vec<f32> = z.flatten_all()?.to_vec1()?;
+        let rgb = crate::color::latent_preview_rgb8(&v, h, w, self.family.spec().latent_rgb);
+        Ok((rgb, Size::new(w, h)))
+    }
+
     /// Makes one image.
     pub fn generate(
         &self,
@@ -525,11 +542,11 @@ impl Pipeline {
             self.denoise_from(&start, &cond, &req.sampling, &mut step_noise, control)?;
         let init = start.noise;
         let t2 = Instant::now();
-        let rgb = self.decode(&final_latents)?;
+        let (rgb, size) = self.decode_for(req, &final_latents)?;
         let t3 = Instant::now();
         Ok(Generated {
             rgb,
-            size: req.size,
+            size,
             noise,
             init,
             final_latents,

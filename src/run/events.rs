@@ -67,6 +67,13 @@ pub enum Event<'a> {
         steps: usize,
     },
     BatchEnd,
+    /// One try of an image that chooses among seeds was keyed.
+    Tried {
+        index: usize,
+        try_index: usize,
+        seed: u64,
+        score: f32,
+    },
     Image(&'a FinishedImage),
     /// The run was cancelled; `abandoned` are the images in progress.
     Interrupted {
@@ -116,6 +123,13 @@ impl Event<'_> {
                 step,
                 steps,
             } => json!({"event": "step", "indices": indices, "step": step, "steps": steps}),
+            Event::Tried {
+                index,
+                try_index,
+                seed,
+                score,
+            } => json!({"event": "try", "index": index, "try": try_index, "seed": seed,
+                "keyability": score}),
             Event::Image(f) => json!({"event": "image", "index": f.index, "seed": f.seed,
                 "paths": f.paths, "seconds": f.seconds, "done": f.done, "todo": f.todo}),
             Event::Interrupted { written, abandoned } => json!({"event": "interrupted",

@@ -10,6 +10,7 @@ pub mod place;
 pub mod plan;
 pub mod record;
 pub mod request;
+pub mod select;
 pub mod shard;
 pub mod source;
 pub mod template;
@@ -22,7 +23,7 @@ use crate::key::{KeyOptions, KeyOutputFlags};
 use crate::models::hub::Notices;
 use crate::models::registry::UserFile;
 use crate::pipeline::{LoadOptions, Request};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use manifest::Manifest;
 use rayon::prelude::*;
@@ -109,6 +110,9 @@ impl Default for RunConfig {
         }
     }
 }
+
+/// A try's files (`--keep all`), and those of them written now.
+type TryFiles = (Vec<String>, Vec<PathBuf>);
 
 /// The error a cancelled run ends with.
 #[derive(Debug, thiserror::Error)]
@@ -319,8 +323,10 @@ impl Runner<'_> {
     }
 
     /// Denoises one batch, then keys and writes its images side by side; reports them in
-    /// job order, every finished image before the first failure. Returns how many were
-    /// written, and how many another worker wrote first (with --skip-existing).
+    /// job order, every finished image before the first failure. Images that choose (a
+    /// colour by preview, the best of several seeds) make their previews and tries first.
+    /// Returns how many were written, and how many another worker wrote first (with
+    /// --skip-existing).
     fn run_batch(
         &self,
         plan: &Plan,
@@ -332,59 +338,39 @@ impl Runner<'_> {
     ) -> Result<(usize, usize)> {
         let cfg = self.config;
         let indices: Vec<usize> = batch.iter().map(|(i, _, _)| *i).collect();
-        let first = &batch[0].2;
-        self.events.event(&Event::BatchStart {
-            indices: &indices,
-            steps: loaded
-                .pipe
-                .denoise_calls(&first.sampling, first.source.as_ref().map(|s| s.strength))?,
-            done,
-            todo,
-        });
-        let reqs: Vec<Request> = batch.iter().map(|(_, _, r)| r.clone()).collect();
+        let mut jobs: Vec<ImageJob> = indices.iter().map(|&i| plan.images[i].clone()).collect();
+        let mut reqs: Vec<Request> = batch.iter().map(|(_, _, r)| r.clone()).collect();
         let rng = plan.images[indices[0]].settings.rng;
         let t0 = Instant::now();
-        let result =
-            loaded
-                .pipe
-                .generate_batch(&reqs, rng, cfg.fuse_cpu_batch, &mut |step, steps| {
-                    self.events.event(&Event::Step {
-                        indices: &indices,
-                        step,
-                        steps,
-                    });
-                    if self.cancel.load(Ordering::SeqCst) {
-                        bail!(Interrupted { done });
-                    }
-                    Ok(())
-                });
-        self.events.event(&Event::BatchEnd);
-        let generated = match result {
-            Ok(g) => g,
-            Err(e) => {
-                if e.is::<Interrupted>() {
-                    self.events.event(&Event::Interrupted {
-                        written: done,
-                        abandoned: &indices,
-                    });
-                }
-                return Err(e);
-            }
+        let previews = self.pick_colors(loaded, &indices, &mut jobs, &mut reqs, done, todo)?;
+        let generated = self.generate(loaded, &indices, &reqs, rng, done, todo)?;
+        let selecting = jobs.iter().any(select::selects);
+        let mut written: Vec<Result<record::Written>> = if !selecting {
+            let per_image = t0.elapsed() / indices.len() as u32;
+            batch
+                .par_iter()
+                .zip(&generated)
+                .map(|((i, t, req), g)| {
+                    let img = &plan.images[*i];
+                    let keyed = cfg
+                        .key
+                        .as_ref()
+                        .map(|k| record::key_generated(k, img, g))
+                        .transpose()?;
+                    record::write_image(cfg, loaded, img, req, *t, g, keyed, per_image)
+                })
+                .collect()
+        } else {
+            let todos: Vec<Todo> = batch.iter().map(|(_, t, _)| *t).collect();
+            self.select_tries(
+                loaded, &indices, &todos, jobs, reqs, generated, rng, t0, done, todo,
+            )?
         };
-        let per_image = t0.elapsed() / indices.len() as u32;
-        let written: Vec<Result<record::Written>> = batch
-            .par_iter()
-            .zip(&generated)
-            .map(|((i, t, req), g)| {
-                let img = &plan.images[*i];
-                let keyed = cfg
-                    .key
-                    .as_ref()
-                    .map(|k| record::key_generated(k, img, g))
-                    .transpose()?;
-                record::write_image(cfg, loaded, img, req, *t, g, keyed, per_image)
-            })
-            .collect();
+        for (w, p) in written.iter_mut().zip(previews) {
+            if let (Ok(w), Some(p)) = (w, p) {
+                w.record["color_previews"] = serde_json::json!(p);
+            }
+        }
         let mut failed = None;
         let (mut n, mut late) = (0, 0);
         for (w, &i) in written.into_iter().zip(&indices) {
@@ -412,5 +398,298 @@ impl Runner<'_> {
             Some(e) => Err(e),
             None => Ok((n, late)),
         }
+    }
+
+    /// Denoises `reqs` as one batch, with its events and the cancel flag.
+    fn generate(
+        &self,
+        loaded: &LoadedModel,
+        indices: &[usize],
+        reqs: &[Request],
+        rng: crate::rng::RngKind,
+        done: usize,
+        todo: usize,
+    ) -> Result<Vec<crate::pipeline::Generated>> {
+        let first = &reqs[0];
+        self.events.event(&Event::BatchStart {
+            indices,
+            steps: loaded
+                .pipe
+                .denoise_calls(&first.sampling, first.source.as_ref().map(|s| s.strength))?,
+            done,
+            todo,
+        });
+        let result = loaded.pipe.generate_batch(
+            reqs,
+            rng,
+            self.config.fuse_cpu_batch,
+            &mut |step, steps| {
+                self.events.event(&Event::Step {
+                    indices,
+                    step,
+                    steps,
+                });
+                if self.cancel.load(Ordering::SeqCst) {
+                    bail!(Interrupted { done });
+                }
+                Ok(())
+            },
+        );
+        self.events.event(&Event::BatchEnd);
+        result.inspect_err(|e| {
+            if e.is::<Interrupted>() {
+                self.events.event(&Event::Interrupted {
+                    written: done,
+                    abandoned: indices,
+                });
+            }
+        })
+    }
+
+    /// `--color auto`: previews every candidate colour of the images that ask (one batch),
+    /// keys each preview, and gives each image the colour that scored best. Returns each
+    /// image's preview scores.
+    fn pick_colors(
+        &self,
+        loaded: &LoadedModel,
+        indices: &[usize],
+        jobs: &mut [ImageJob],
+        reqs: &mut [Request],
+        done: usize,
+        todo: usize,
+    ) -> Result<Vec<Option<Vec<select::ColorPreview>>>> {
+        let mut out = vec![None; jobs.len()];
+        let Some(key) = &self.config.key else {
+            return Ok(out);
+        };
+        // A preview is too coarse for a segmenter: the keyer alone compares colours.
+        let key = KeySettings {
+            segment: None,
+            ..key.clone()
+        };
+        let mut who = Vec::new();
+        let mut preview_jobs = Vec::new();
+        let mut preview_reqs = Vec::new();
+        let mut sources = source::SourceCache::default();
+        for (k, job) in jobs.iter().enumerate() {
+            for c in &job.settings.auto_colors {
+                let mut j = job.clone();
+                j.settings.color = c.clone();
+                preview_reqs.push(select::preview_request(&loaded.request(&j, &mut sources)?));
+                preview_jobs.push(j);
+                who.push(k);
+            }
+        }
+        if who.is_empty() {
+            return Ok(out);
+        }
+        let shown: Vec<usize> = who.iter().map(|&k| indices[k]).collect();
+        let rng = jobs[0].settings.rng;
+        let made = self.generate(loaded, &shown, &preview_reqs, rng, done, todo)?;
+        let scores: Vec<f32> = preview_jobs
+            .par_iter()
+            .zip(&made)
+            .map(|(j, g)| Ok(record::key_generated(&key, j, g)?.report.score))
+            .collect::<Result<_>>()?;
+        for k in 0..jobs.len() {
+            let mine: Vec<usize> = (0..who.len()).filter(|&p| who[p] == k).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let s: Vec<f32> = mine.iter().map(|&p| scores[p]).collect();
+            let pick = &preview_jobs[mine[select::best_index(&s)]];
+            let list: Vec<select::ColorPreview> = mine
+                .iter()
+                .map(|&p| select::ColorPreview {
+                    color: preview_jobs[p].settings.color.to_string(),
+                    score: scores[p],
+                })
+                .collect();
+            let text: Vec<String> = list
+                .iter()
+                .map(|c| format!("{} {:.1}", c.color, c.score))
+                .collect();
+            self.events.event(&Event::Notice(format!(
+                "image {}: colour preview {}: {}",
+                indices[k],
+                text.join(", "),
+                pick.settings.color
+            )));
+            jobs[k].settings.color = pick.settings.color.clone();
+            reqs[k] = loaded.request(&jobs[k], &mut sources)?;
+            out[k] = Some(list);
+        }
+        Ok(out)
+    }
+
+    /// Keys the first tries, makes the further tries the images ask for (as batches of the
+    /// images still trying), keeps each image's best, and writes it (with every try under
+    /// `--keep all`). Holds at most the best and the newest try of each image.
+    #[allow(clippy::too_many_arguments)]
+    fn select_tries(
+        &self,
+        loaded: &LoadedModel,
+        indices: &[usize],
+        todos: &[Todo],
+        jobs: Vec<ImageJob>,
+        reqs: Vec<Request>,
+        generated: Vec<crate::pipeline::Generated>,
+        rng: crate::rng::RngKind,
+        t0: Instant,
+        done: usize,
+        todo: usize,
+    ) -> Result<Vec<Result<record::Written>>> {
+        let cfg = self.config;
+        let key = cfg
+            .key
+            .as_ref()
+            .context("internal error: choosing among tries without keying")?;
+        let n = jobs.len();
+        let mut tries: Vec<Vec<select::TryRecord>> = vec![Vec::new(); n];
+        let mut best: Vec<Option<select::Candidate>> = (0..n).map(|_| None).collect();
+        let mut round: Vec<(usize, ImageJob, Request, crate::pipeline::Generated)> = jobs
+            .iter()
+            .cloned()
+            .zip(reqs.iter().cloned())
+            .zip(generated)
+            .enumerate()
+            .map(|(k, ((j, r), g))| (k, j, r, g))
+            .collect();
+        let mut made = vec![0usize; n];
+        let mut written: Vec<Vec<std::path::PathBuf>> = vec![Vec::new(); n];
+        loop {
+            // Key this round's tries and write them under --keep all.
+            let keyed: Vec<Result<(usize, select::Candidate, TryFiles)>> = round
+                .into_par_iter()
+                .map(|(k, job, req, generated)| {
+                    let key_result = record::key_generated(key, &job, &generated)?;
+                    let c = select::Candidate {
+                        try_index: made[k],
+                        job,
+                        req,
+                        generated,
+                        key: key_result,
+                    };
+                    let files = if c.job.settings.keep == crate::settings::Keep::All {
+                        self.write_try(loaded, &c, todos[k])?
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
+                    Ok((k, c, files))
+                })
+                .collect();
+            for r in keyed {
+                let (k, c, (paths, files)) = r?;
+                made[k] += 1;
+                written[k].extend(files);
+                self.events.event(&Event::Tried {
+                    index: c.job.index,
+                    try_index: c.try_index,
+                    seed: c.job.seed,
+                    score: c.score(),
+                });
+                tries[k].push(c.record(paths));
+                if best[k].as_ref().is_none_or(|b| c.score() > b.score()) {
+                    best[k] = Some(c);
+                }
+            }
+            // The next round: the images that want another seed.
+            let mut next = Vec::new();
+            for k in 0..n {
+                let b = best[k].as_ref().map_or(0.0, |b| b.score());
+                if !select::wants_another(&jobs[k], made[k], b) {
+                    continue;
+                }
+                let mut job = jobs[k].clone();
+                job.seed = job
+                    .try_seed(made[k])
+                    .context("internal error: a try past the checked seeds")?;
+                let mut req = reqs[k].clone();
+                req.seed = job.seed;
+                next.push((k, job, req));
+            }
+            if next.is_empty() {
+                break;
+            }
+            let shown: Vec<usize> = next.iter().map(|(k, ..)| indices[*k]).collect();
+            let rs: Vec<Request> = next.iter().map(|(_, _, r)| r.clone()).collect();
+            let gs = self.generate(loaded, &shown, &rs, rng, done, todo)?;
+            round = next
+                .into_iter()
+                .zip(gs)
+                .map(|((k, j, r), g)| (k, j, r, g))
+                .collect();
+        }
+        let per_image = t0.elapsed() / n as u32;
+        Ok(best
+            .into_par_iter()
+            .zip(tries)
+            .zip(written)
+            .zip(todos)
+            .map(|(((b, tries), tries_written), &t)| {
+                let b = b.context("internal error: an image without a try")?;
+                let chosen = b.try_index;
+                let score = b.score();
+                let img = &b.job;
+                let mut w = record::write_image(
+                    cfg,
+                    loaded,
+                    img,
+                    &b.req,
+                    t,
+                    &b.generated,
+                    Some(b.key),
+                    per_image,
+                )?;
+                let s = &img.settings;
+                let passed = s.min_keyability.map(|m| score as f64 >= m);
+                if passed == Some(false) {
+                    w.finished.warnings.push(format!(
+                        "image {}: the best keyability after {} tries is {score:.1}, below \
+                         --min-keyability {}; kept the best",
+                        img.index,
+                        tries.len(),
+                        s.min_keyability.unwrap_or_default()
+                    ));
+                }
+                for tr in &tries {
+                    w.finished.paths.extend(tr.paths.iter().cloned());
+                }
+                w.finished.written.extend(tries_written);
+                w.record["tries"] = serde_json::json!(tries);
+                w.record["chosen_try"] = serde_json::json!(chosen);
+                w.record["min_keyability_passed"] = serde_json::json!(passed);
+                Ok(w)
+            })
+            .collect())
+    }
+
+    /// Writes one try as `X.tryN.png` with its keyed outputs (`--keep all`); returns its
+    /// files, and those written now.
+    fn write_try(
+        &self,
+        loaded: &LoadedModel,
+        c: &select::Candidate,
+        todo: Todo,
+    ) -> Result<TryFiles> {
+        let mut job = c.job.clone();
+        job.out = job.try_path(c.try_index);
+        job.save_latents = None;
+        let key = record::KeyResult {
+            keyed: c.key.keyed.clone(),
+            report: c.key.report,
+            time: c.key.time,
+        };
+        let w = record::write_image(
+            self.config,
+            loaded,
+            &job,
+            &c.req,
+            todo,
+            &c.generated,
+            Some(key),
+            std::time::Duration::ZERO,
+        )?;
+        Ok((w.finished.paths, w.finished.written))
     }
 }

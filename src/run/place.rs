@@ -204,6 +204,7 @@ fn harmonized(
             strength: h.strength,
             mask: Some(Arc::new(mask.into_raw())),
         }),
+        preview: false,
     };
     let made = loaded
         .pipe

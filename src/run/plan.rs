@@ -125,6 +125,24 @@ pub struct ImageJob {
 }
 
 impl ImageJob {
+    /// How many seeds this image may try: `best_of`, plus `retries` below `min_keyability`.
+    pub fn max_tries(&self) -> usize {
+        self.settings.best_of + self.settings.retries
+    }
+
+    /// The seed of try `t` (0: the image's own seed): seed + t x the job's image count, so
+    /// the tries of one job's images never share a seed, and a single image tries seed,
+    /// seed + 1, ...
+    pub fn try_seed(&self, t: usize) -> Option<u64> {
+        let step = (t as u64).checked_mul(self.settings.num_images as u64)?;
+        self.seed.checked_add(step)
+    }
+
+    /// Where `--keep all` writes try `t`: `X.tryT.png`.
+    pub fn try_path(&self, t: usize) -> PathBuf {
+        crate::output::sibling(&self.out, &format!("try{t}"))
+    }
+
     /// "jobs.jsonl line 3: " for a job line, "" for the command line.
     pub fn where_prefix(&self, file: &str) -> String {
         if self.line == 0 {
@@ -224,7 +242,7 @@ pub fn expand(
                 index,
                 seed,
                 prompt: &settings.prompt,
-                color: &settings.color,
+                color: settings.auto_colors.is_empty().then_some(&settings.color),
                 model: &settings.model,
                 date,
                 image: k,
@@ -245,7 +263,7 @@ pub fn expand(
                 errors.push((jl.line, where_(e)));
                 break;
             }
-            images.push(ImageJob {
+            let job = ImageJob {
                 index,
                 line: jl.line,
                 image: k,
@@ -253,7 +271,19 @@ pub fn expand(
                 out,
                 save_latents,
                 settings: settings.clone(),
-            });
+            };
+            if job.try_seed(job.max_tries() - 1).is_none() {
+                errors.push((
+                    jl.line,
+                    where_(format!(
+                        "seed: image {}'s tries would need a seed past {} (seeds do not wrap)",
+                        k + 1,
+                        u64::MAX
+                    )),
+                ));
+                break;
+            }
+            images.push(job);
         }
     }
     errors.sort_by_key(|(l, _)| *l);
@@ -412,11 +442,32 @@ impl Plan {
                 if let Some(k) = &cfg.key {
                     t.extend(key::output_paths(&img.out, &k.outputs));
                 }
+                // --keep all: every best-of try (retries' tries are made only when needed,
+                // so they are not part of what an image is).
+                if img.settings.keep == crate::settings::Keep::All {
+                    for n in 0..img.settings.best_of {
+                        let p = img.try_path(n);
+                        if let Some(k) = &cfg.key {
+                            t.extend(key::output_paths(&p, &k.outputs));
+                        }
+                        t.push(p);
+                    }
+                }
                 t.extend(img.save_latents.clone());
                 t
             })
             .collect();
         check_unique_paths(file, &images, &targets)?;
+        if cfg.key.is_none()
+            && let Some(img) = images.iter().find(|i| super::select::selects(i))
+        {
+            bail!(
+                "{}image {}: best-of, retries and --color auto choose by how the image keys; \
+                 they need keying (drop --no-key)",
+                img.where_prefix(file),
+                img.index
+            );
+        }
         for (img, t) in images.iter().zip(&targets) {
             for p in t {
                 if p.extension().is_none_or(|e| e.is_empty()) || p.file_name().is_none() {

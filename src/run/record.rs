@@ -6,6 +6,7 @@ use super::plan::{ImageJob, Todo};
 use super::request::LoadedModel;
 use super::{KeySettings, RunConfig};
 use crate::key;
+use crate::key::keyability::{self, Keyability};
 use crate::metadata::ManifestRecord;
 use crate::output::{self, Pixels, PngImage};
 use crate::pipeline::{Generated, Request};
@@ -14,12 +15,15 @@ use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Keys one generated image.
-pub fn key_generated(
-    k: &KeySettings,
-    img: &ImageJob,
-    g: &Generated,
-) -> Result<(key::Keyed, Duration)> {
+/// A keyed image and how cleanly it keyed.
+pub struct KeyResult {
+    pub keyed: key::Keyed,
+    pub report: Keyability,
+    pub time: Duration,
+}
+
+/// Keys one generated image (in its own colour) and measures its keyability.
+pub fn key_generated(k: &KeySettings, img: &ImageJob, g: &Generated) -> Result<KeyResult> {
     let tk = Instant::now();
     let mut opts = k.options.clone();
     opts.requested = img.settings.color.clone();
@@ -27,7 +31,12 @@ pub fn key_generated(
     if let Some(s) = &k.segment {
         key::fuse::segment_and_fuse(&mut keyed, &g.rgb, s.0.as_ref())?;
     }
-    Ok((keyed, tk.elapsed()))
+    let report = keyability::measure(&keyed, &g.rgb);
+    Ok(KeyResult {
+        keyed,
+        report,
+        time: tk.elapsed(),
+    })
 }
 
 /// Writes the noise, TKG init and final latents as f32 safetensors.
@@ -93,7 +102,10 @@ pub fn recovered_record(
         batch_size: cfg.batch_size,
         tkg_deltas: None,
         timings: serde_json::Value::Null,
-        key: serde_json::Value::Null,
+        key: match crate::metadata::keyability_from_parameters(&params) {
+            Some(Ok(k)) => json!({ "keyability": k }),
+            _ => serde_json::Value::Null,
+        },
     }
     .to_json();
     record["recovered"] = json!(true);
@@ -116,7 +128,7 @@ pub fn write_image(
     req: &Request,
     todo: Todo,
     g: &Generated,
-    keyed: Option<(key::Keyed, Duration)>,
+    keyed: Option<KeyResult>,
     gen_time: Duration,
 ) -> Result<Written> {
     let t0 = Instant::now();
@@ -127,7 +139,10 @@ pub fn write_image(
         .collect();
     let mut written = Vec::new();
     let recipe = m.recipe(img, req);
-    let params = recipe.to_parameters();
+    let mut params = recipe.to_parameters();
+    if let Some(k) = &keyed {
+        crate::metadata::push_keyability(&mut params, &k.report);
+    }
     let text = vec![("parameters".to_string(), params.to_string())];
     let overwrite = cfg.overwrite;
     let mut paths = Vec::new();
@@ -147,7 +162,15 @@ pub fn write_image(
     paths.push(img.out.display().to_string());
     let mut key_time = Duration::ZERO;
     let mut key_rec = serde_json::Value::Null;
-    if let (Some(k), Some((keyed, time))) = (&cfg.key, keyed) {
+    if let (
+        Some(k),
+        Some(KeyResult {
+            keyed,
+            report,
+            time,
+        }),
+    ) = (&cfg.key, keyed)
+    {
         key_time = time;
         warnings.extend(keyed.screen.warning.clone());
         if let Some(why) = keyed.fused.as_ref().and_then(|f| f.ignored.as_ref()) {
@@ -171,6 +194,7 @@ pub fn write_image(
             "background_fraction": keyed.background_fraction,
             "noise": keyed.noise,
             "warning": keyed.screen.warning,
+            "keyability": report,
             "segment": keyed.fused.as_ref().map(|f| json!({
                 "model": f.source,
                 "interior_pixels": f.interior,

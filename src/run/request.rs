@@ -154,6 +154,7 @@ impl LoadedModel {
                 aesthetic,
             }),
             source,
+            preview: false,
         })
     }
 

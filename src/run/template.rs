@@ -30,7 +30,8 @@ pub struct Fields<'a> {
     pub index: usize,
     pub seed: u64,
     pub prompt: &'a str,
-    pub color: &'a KeyColor,
+    /// `None`: chosen at run time (`--color auto`), named `auto`.
+    pub color: Option<&'a KeyColor>,
     pub model: &'a str,
     pub date: &'a str,
     /// The image's number within its job (0-based).
@@ -127,7 +128,7 @@ impl Template {
                         "index" => f.index.to_string(),
                         "seed" => f.seed.to_string(),
                         "slug" => slug(f.prompt),
-                        "color" => color_slug(f.color),
+                        "color" => f.color.map_or_else(|| "auto".into(), color_slug),
                         "model" => sanitize(f.model),
                         "date" => f.date.to_string(),
                         "image" => f.image.to_string(),
@@ -225,7 +226,7 @@ mod tests {
             index: 7,
             seed: 42,
             prompt: "A red car, 4K!",
-            color: &c,
+            color: Some(&c),
             model: "my model",
             date: "2026-01-02",
             image: 0,

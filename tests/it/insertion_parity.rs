@@ -100,6 +100,7 @@ fn request(case: &serde_json::Value) -> Request {
             strength: case["strength"].as_f64().unwrap(),
             mask,
         }),
+        preview: false,
     }
 }
 
@@ -241,6 +242,7 @@ fn sdxl_refiner_aesthetic_conditioning_matches_diffusers() {
                 strength: case["strength"].as_f64().unwrap(),
                 mask,
             }),
+            preview: false,
         };
         let g = pipe
             .generate_with(&req, RngKind::TorchCpu, &mut |_, _| Ok(()))

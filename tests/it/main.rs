@@ -13,6 +13,7 @@ mod insertion_cli;
 mod insertion_parity;
 mod key_cli;
 mod key_robustness;
+mod keyability_cli;
 mod lora_cli;
 mod lora_parity;
 mod parity;

@@ -82,6 +82,7 @@ fn generate(p: &Pipeline) -> (Tensor, Vec<u8>) {
         init: InitNoise::Plain,
         micro: None,
         source: None,
+        preview: false,
     };
     let g = p.generate(&req, &mut |_, _| {}).unwrap();
     (g.final_latents, g.rgb)
