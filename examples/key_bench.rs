@@ -58,14 +58,16 @@
 //! - Each image is keyed with `key_rgb8` (default options for its nominal colour) and measured
 //!   with `keyability::measure`; its error is the whole-image SAD of the 8-bit alpha.
 //! - Fit: non-negative least squares (projected coordinate descent) of ln(SAD + 0.05) on the
-//!   8 penalties, weights >= 0, intercept free. The usability factor (frame cut, subject
-//!   size) is stated, not fitted. Printed as a `WEIGHTS` line to paste.
+//!   penalties, weights >= 0, intercept free, on the main and key-coloured sets (the bar's
+//!   sets; the frame-cut and small sets are scored, not fitted: their error is what the
+//!   usability factor is for). The usability factor (frame cut, subject size) is stated, not
+//!   fitted. Printed as a `WEIGHTS` line to paste.
 //! - Reported: Spearman rho (average ranks for ties) of the full score (`score_with` the
 //!   fitted weights, usability included) and of its matte part against SAD, per set, on the
 //!   main and key-coloured sets together (the bar: <= -0.6) and overall; in sample, 2-fold by
 //!   source subject (even and odd; an icon, its key-coloured version and its variants are one
 //!   subject) and leave one source subject out. Also each penalty's own rho, spread and
-//!   per-set mean; a fit on the main and key-coloured sets alone; candidate penalty
+//!   per-set mean; a fit on all four sets, for comparison; candidate penalty
 //!   definitions (`candidate_penalties`); the largest residuals.
 
 // Pixel and channel loops index several buffers at once.
@@ -1696,6 +1698,9 @@ fn small_subject(sub: &Subject, target: f32) -> Subject {
 
 const KA_SETS: [&str; 4] = ["main", "key-coloured", "frame-cut", "small"];
 
+/// Number of the keyability penalties.
+const NP: usize = key::keyability::N_PENALTIES;
+
 /// One keyed image of the keyability set.
 struct KaSample {
     /// Index into [`KA_SETS`].
@@ -1706,20 +1711,20 @@ struct KaSample {
     sad: f64,
     k: key::keyability::Keyability,
     /// The candidate penalties ([`candidate_penalties`]).
-    alt: [f64; 8],
+    alt: [f64; NP],
 }
 
 /// The library's penalties of `s` (negatives clipped, as `score_with` does).
-fn library_penalties(s: &KaSample) -> [f64; 8] {
+fn library_penalties(s: &KaSample) -> [f64; NP] {
     s.k.penalties().map(|p| p.max(0.0) as f64)
 }
 
-fn alt_penalties(s: &KaSample) -> [f64; 8] {
+fn alt_penalties(s: &KaSample) -> [f64; NP] {
     s.alt
 }
 
 /// Names of [`candidate_penalties`]: the library's, with two replaced.
-const ALT_NAMES: [&str; 8] = [
+const ALT_NAMES: [&str; NP] = [
     "border_unclear*",
     "subject_size*",
     "plate_residual",
@@ -1728,6 +1733,7 @@ const ALT_NAMES: [&str; 8] = [
     "gap_screen*",
     "ambiguous",
     "spill",
+    "keyed_out",
 ];
 
 /// Candidate definitions, tried here against the library's (the library does not use them):
@@ -1745,7 +1751,7 @@ fn candidate_penalties(
     keyed: &key::Keyed,
     rgb: &[u8],
     k: &key::keyability::Keyability,
-) -> [f64; 8] {
+) -> [f64; NP] {
     let mut p = k.penalties().map(|v| v.max(0.0) as f64);
     p[0] = (1.0 - k.border_screen - k.border_subject).max(0.0) as f64;
     p[1] = 10.0 * k.subject_size as f64;
@@ -1836,32 +1842,32 @@ fn spearman(a: &[f64], b: &[f64]) -> f64 {
 
 /// Non-negative least squares with a free intercept: minimises |y - b - X w|^2 over w >= 0 and
 /// b, by projected (cyclic) coordinate descent on the centred normal equations. Returns (w, b).
-fn nnls_intercept(x: &[[f64; 8]], y: &[f64]) -> ([f64; 8], f64) {
+fn nnls_intercept(x: &[[f64; NP]], y: &[f64]) -> ([f64; NP], f64) {
     let n = y.len() as f64;
-    let mx: [f64; 8] = std::array::from_fn(|j| x.iter().map(|r| r[j]).sum::<f64>() / n);
+    let mx: [f64; NP] = std::array::from_fn(|j| x.iter().map(|r| r[j]).sum::<f64>() / n);
     let my = y.iter().sum::<f64>() / n;
     // Centred Gram matrix and right-hand side.
-    let mut g = [[0f64; 8]; 8];
-    let mut c = [0f64; 8];
+    let mut g = [[0f64; NP]; NP];
+    let mut c = [0f64; NP];
     for (r, &v) in x.iter().zip(y) {
-        for j in 0..8 {
+        for j in 0..NP {
             let a = r[j] - mx[j];
             c[j] += a * (v - my);
-            for k in 0..8 {
+            for k in 0..NP {
                 g[j][k] += a * (r[k] - mx[k]);
             }
         }
     }
-    let mut w = [0f64; 8];
+    let mut w = [0f64; NP];
     for _ in 0..200_000 {
         let mut change = 0f64;
-        for j in 0..8 {
+        for j in 0..NP {
             // A penalty that does not vary carries no information: weight 0.
             if g[j][j] <= 1e-12 * n {
                 w[j] = 0.0;
                 continue;
             }
-            let grad: f64 = c[j] - (0..8).map(|k| g[j][k] * w[k]).sum::<f64>();
+            let grad: f64 = c[j] - (0..NP).map(|k| g[j][k] * w[k]).sum::<f64>();
             let new = (w[j] + grad / g[j][j]).max(0.0);
             change = change.max((new - w[j]).abs());
             w[j] = new;
@@ -1870,7 +1876,7 @@ fn nnls_intercept(x: &[[f64; 8]], y: &[f64]) -> ([f64; 8], f64) {
             break;
         }
     }
-    let b = my - (0..8).map(|j| w[j] * mx[j]).sum::<f64>();
+    let b = my - (0..NP).map(|j| w[j] * mx[j]).sum::<f64>();
     (w, b)
 }
 
@@ -1879,10 +1885,23 @@ fn ka_target(sad: f64) -> f64 {
     (sad + 0.05).ln()
 }
 
-type Penalties = fn(&KaSample) -> [f64; 8];
+type Penalties = fn(&KaSample) -> [f64; NP];
 
-fn ka_fit(samples: &[&KaSample], pen: Penalties) -> ([f64; 8], f64) {
-    let x: Vec<[f64; 8]> = samples.iter().map(|s| pen(s)).collect();
+/// Penalties held at weight 0 (reported, not fitted): screen_doubt is about constant (its
+/// weight swings from fold to fold on a few images), border_subject is 0 on the main and
+/// key-coloured sets (a frame cut is what usability weighs), and spill is anti-correlated with
+/// the error on its own (it only enters a fit as a suppressor, which hurts out of sample).
+const KA_UNFITTED: [usize; 3] = [1, 3, 7];
+
+fn ka_fit(samples: &[&KaSample], pen: Penalties) -> ([f64; NP], f64) {
+    let x: Vec<[f64; NP]> = samples
+        .iter()
+        .map(|s| {
+            let mut p = pen(s);
+            KA_UNFITTED.iter().for_each(|&j| p[j] = 0.0);
+            p
+        })
+        .collect();
     let y: Vec<f64> = samples.iter().map(|s| ka_target(s.sad)).collect();
     nnls_intercept(&x, &y)
 }
@@ -1890,10 +1909,10 @@ fn ka_fit(samples: &[&KaSample], pen: Penalties) -> ([f64; 8], f64) {
 /// A fit and its scores of every image: in sample, and out of sample (2-fold by source
 /// subject, leave one source subject out). Each score is (full, matte-only).
 struct KaEval {
-    w: [f64; 8],
+    w: [f64; NP],
     b: f64,
     /// Fitted on the even-numbered subjects, and on the odd.
-    folds: [([f64; 8], f64); 2],
+    folds: [([f64; NP], f64); 2],
     ins: Vec<(f64, f64)>,
     two: Vec<(f64, f64)>,
     loso: Vec<(f64, f64)>,
@@ -1921,10 +1940,10 @@ fn ka_evaluate(
         fit_where(&|s| s.group % 2 == 0),
         fit_where(&|s| s.group % 2 == 1),
     ];
-    let loso: Vec<([f64; 8], f64)> = (0..n_groups)
+    let loso: Vec<([f64; NP], f64)> = (0..n_groups)
         .map(|g| fit_where(&|s| s.group != g))
         .collect();
-    let score = |s: &KaSample, w: &[f64; 8]| -> (f64, f64) {
+    let score = |s: &KaSample, w: &[f64; NP]| -> (f64, f64) {
         let e: f64 = pen(s).iter().zip(w).map(|(p, w)| p * w).sum();
         let matte = 100.0 * (-e).exp();
         let full = if library {
@@ -1958,7 +1977,7 @@ fn ka_rho(samples: &[KaSample], idx: &[usize], pred: &[(f64, f64)], full: bool) 
     spearman(&p, &y)
 }
 
-fn weights_literal(w: &[f64; 8]) -> String {
+fn weights_literal(w: &[f64; NP]) -> String {
     let lit: Vec<String> = w.iter().map(|v| format!("{v:.4}")).collect();
     format!("[{}]", lit.join(", "))
 }
@@ -2062,13 +2081,15 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
     let keyed_s = t0.elapsed().as_secs_f64();
     eprintln!("small variants keyed ({keyed_s:.0}s)");
 
-    // Fits: the library's penalties on all images (the weights to paste); on main +
-    // key-coloured alone; the candidate penalties on all images.
+    // Fits: the library's penalties on main + key-coloured (the weights to paste: the bar is
+    // on those sets, and the frame-cut and small sets' error is what usability is for); on
+    // all images, for comparison; the candidate penalties on main + key-coloured.
+    let n_mk = samples.iter().filter(|s| s.set <= 1).count();
     let n_groups = groups.len();
     let n = samples.len();
-    let lib = ka_evaluate(&samples, n_groups, library_penalties, |_| true, true);
-    let lib_mk = ka_evaluate(&samples, n_groups, library_penalties, |s| s.set <= 1, true);
-    let alt = ka_evaluate(&samples, n_groups, alt_penalties, |_| true, false);
+    let lib = ka_evaluate(&samples, n_groups, library_penalties, |s| s.set <= 1, true);
+    let lib_all = ka_evaluate(&samples, n_groups, library_penalties, |_| true, true);
+    let alt = ka_evaluate(&samples, n_groups, alt_penalties, |s| s.set <= 1, false);
     let (w, b) = (lib.w, lib.b);
 
     // Report.
@@ -2104,8 +2125,9 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
         counts[3],
     );
     println!(
-        "Fit: non-negative least squares of ln(SAD + 0.05) on the 8 penalties (weights >= 0) \
-         plus a free intercept, on all {n} images. The usability factor (frame cut, subject \
+        "Fit: non-negative least squares of ln(SAD + 0.05) on the {NP} penalties (weights >= 0) \
+         plus a free intercept, on the {n_mk} main and key-coloured images (the frame-cut \
+         and small sets are scored, not fitted). The usability factor (frame cut, subject \
          size) is not fitted; `score` below is the full `score_with(weights)`, usability \
          included; `matte` is 100 exp(-sum w p) alone. Out of sample: 2-fold by source subject \
          (fit on even-numbered subjects, score the odd ones, and back), and leave one source \
@@ -2113,20 +2135,20 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
          one subject.\n"
     );
     println!(
-        "Fitted weights (all images), the folds', and a fit on main + key-coloured alone, for \
+        "Fitted weights (main + key-coloured), the folds', and a fit on all images, for \
          comparison:\n"
     );
-    println!("| penalty | all | fold even | fold odd | main + kc only |");
+    println!("| penalty | main + kc | fold even | fold odd | all images |");
     println!("|---|---:|---:|---:|---:|");
-    for j in 0..8 {
+    for j in 0..NP {
         println!(
             "| {} | {:.4} | {:.4} | {:.4} | {:.4} |",
-            PENALTY_NAMES[j], w[j], lib.folds[0].0[j], lib.folds[1].0[j], lib_mk.w[j]
+            PENALTY_NAMES[j], w[j], lib.folds[0].0[j], lib.folds[1].0[j], lib_all.w[j]
         );
     }
     println!(
         "| (intercept) | {b:.4} | {:.4} | {:.4} | {:.4} |",
-        lib.folds[0].1, lib.folds[1].1, lib_mk.b
+        lib.folds[0].1, lib.folds[1].1, lib_all.b
     );
     let resid: Vec<f64> = samples
         .iter()
@@ -2149,7 +2171,10 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
         (ss_res / n as f64).sqrt()
     );
     println!("\nPaste into src/key/keyability.rs (order: {PENALTY_NAMES:?}):\n");
-    println!("pub const WEIGHTS: [f32; 8] = {};", weights_literal(&w));
+    println!(
+        "pub const WEIGHTS: [f32; N_PENALTIES] = {};",
+        weights_literal(&w)
+    );
     println!("// intercept (not used by the score): {b:.4}");
 
     println!(
@@ -2223,9 +2248,9 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
     let everything = &selections[5].1;
     for (name, e) in [
-        ("library penalties, all images (above)", &lib),
-        ("library penalties, main + kc only", &lib_mk),
-        ("candidate penalties, all images", &alt),
+        ("library penalties, main + kc (above)", &lib),
+        ("library penalties, all images", &lib_all),
+        ("candidate penalties, main + kc", &alt),
     ] {
         let (a, c) = (six(e, mk), six(e, everything));
         println!(
@@ -2280,7 +2305,7 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
         };
         println!("{line} {m:.4} | {sd:.4} | {lo:.4} | {hi:.4} | {nz:.2} | {share} |");
     };
-    for j in 0..8 {
+    for j in 0..NP {
         let fit: f64 = samples.iter().map(|s| library_penalties(s)[j] * w[j]).sum();
         part_row(
             PENALTY_NAMES[j],
@@ -2338,7 +2363,7 @@ fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<(
             mean(&idx.iter().map(|&t| f(&samples[t])).collect::<Vec<_>>())
         };
         let mut line = format!("| {name} | {:.3} |", m(&|s| s.sad));
-        for j in 0..8 {
+        for j in 0..NP {
             line.push_str(&format!(" {:.4} |", m(&|s| library_penalties(s)[j])));
         }
         line.push_str(&format!(" {:.4} |", m(&|s| s.alt[4])));
