@@ -7,6 +7,7 @@
 #   bash benches/key_bench.sh            # full set (about 10 minutes on 2 cores)
 #   bash benches/key_bench.sh --quick    # a smaller set and grid (about 2 minutes)
 #   bash benches/key_bench.sh --worst    # also list tkg's worst images on stderr
+#   bash benches/key_bench.sh --keyability  # fit the keyability score's weights (about 20 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()

@@ -37,6 +37,38 @@
 //!   colour-only vs + u2netp (no-regression: within +2%); u2netp's mask IoU; and the CPU time
 //!   of u2netp's `segment()` on the 1024x1024 speed composite (median of 5, all threads; the
 //!   count follows RAYON_NUM_THREADS, else the machine's cores).
+//!
+//! `--keyability` fits the matte-error weights of `tkg::key::keyability` (its `WEIGHTS`) and
+//! reports how well the score ranks images by their real matte error; nothing else runs (no
+//! FFmpeg, no speed test; `--segment` and `--tkg-only` are ignored). About 20 s for the full
+//! set on 2 cores:
+//!
+//! ```sh
+//! bash benches/key_bench.sh --keyability [--quick]
+//! ```
+//!
+//! - The set: the main set (every subject over the six screen kinds) and the key-coloured
+//!   set above (over its kinds), each image composed exactly as in those modes; widened with
+//!   frame-cut variants (every main subject, its alpha and colour shifted by 35-45% of the
+//!   side in one of eight directions, seeded, so part of it leaves the frame; over 3 screen
+//!   kinds, `--quick` 2) and small-subject variants (every main subject scaled down,
+//!   premultiplied and area-averaged, until its alpha >= 0.5 covers 0.5%, 1% or 2% of the
+//!   image, centred; over 2 kinds, `--quick` 1). The ground truth moves and shrinks with the
+//!   subject.
+//! - Each image is keyed with `key_rgb8` (default options for its nominal colour) and measured
+//!   with `keyability::measure`; its error is the whole-image SAD of the 8-bit alpha.
+//! - Fit: non-negative least squares (projected coordinate descent) of ln(SAD + 0.05) on the
+//!   penalties, weights >= 0, intercept free, on the main and key-coloured sets (the bar's
+//!   sets; the frame-cut and small sets are scored, not fitted: their error is what the
+//!   usability factor is for). The usability factor (frame cut, subject size) is stated, not
+//!   fitted. Printed as a `WEIGHTS` line to paste.
+//! - Reported: Spearman rho (average ranks for ties) of the full score (`score_with` the
+//!   fitted weights, usability included) and of its matte part against SAD, per set, on the
+//!   main and key-coloured sets together (the bar: <= -0.6) and overall; in sample, 2-fold by
+//!   source subject (even and odd; an icon, its key-coloured version and its variants are one
+//!   subject) and leave one source subject out. Also each penalty's own rho, spread and
+//!   per-set mean; a fit on all four sets, for comparison; candidate penalty
+//!   definitions (`candidate_penalties`); the largest residuals.
 
 // Pixel and channel loops index several buffers at once.
 #![allow(clippy::needless_range_loop)]
@@ -1084,20 +1116,24 @@ impl SegScore {
     }
 }
 
-fn seg_score(comp: &Composite, trimap: &[u8], keyed: &key::Keyed, part: &[bool]) -> SegScore {
-    // What the PNG carries: 8-bit alpha.
-    let a8: Vec<f32> = keyed
-        .alpha
-        .iter()
-        .map(|a| (a * 255.0).round() / 255.0)
-        .collect();
-    let s = score(comp, trimap, &a8, &keyed.foreground, false);
-    let whole_sad = a8
-        .iter()
-        .zip(&comp.gt_a)
+/// What the PNG carries: 8-bit alpha.
+fn alpha8(alpha: &[f32]) -> Vec<f32> {
+    alpha.iter().map(|a| (a * 255.0).round() / 255.0).collect()
+}
+
+/// Whole-image SAD: sum over all pixels |a_hat - a| / 1000.
+fn whole_sad(a8: &[f32], gt: &[f32]) -> f64 {
+    a8.iter()
+        .zip(gt)
         .map(|(p, g)| (p - g).abs() as f64)
         .sum::<f64>()
-        / 1000.0;
+        / 1000.0
+}
+
+fn seg_score(comp: &Composite, trimap: &[u8], keyed: &key::Keyed, part: &[bool]) -> SegScore {
+    let a8 = alpha8(&keyed.alpha);
+    let s = score(comp, trimap, &a8, &keyed.foreground, false);
+    let whole_sad = whole_sad(&a8, &comp.gt_a);
     let part_a: Vec<f32> = comp
         .gt_a
         .iter()
@@ -1229,39 +1265,87 @@ fn big_composite(sub: &Subject) -> image::RgbImage {
     image::imageops::resize(&img, 1024, 1024, image::imageops::FilterType::CatmullRom)
 }
 
-/// The key-coloured set: opaque subjects with key-coloured parts, keyed and fused over
-/// `kinds`.
+/// The key-coloured set: opaque bases (icons with index % 4 != 1, 12 of the full 16, under
+/// `--quick` all 4; plus procedural shape groups) with key-coloured parts, every fourth on
+/// blue, and its screen kinds.
+struct KeyColoured {
+    /// Each subject with its part mask.
+    parted: Vec<(Subject, Vec<bool>)>,
+    kinds: Vec<&'static str>,
+}
+
+impl KeyColoured {
+    /// `subjects[..n_icons]` are the main set's icons.
+    fn new(subjects: &[Subject], n_icons: usize, quick: bool) -> Self {
+        let mut bases: Vec<Subject> = subjects[..n_icons]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| quick || i % 4 != 1)
+            .map(|(_, s)| s.clone())
+            .collect();
+        let n_shapes = if quick { 2 } else { 4 };
+        for s in 0..n_shapes {
+            let hue = if bases.len() % 4 == 3 { 217.0 } else { 142.0 };
+            bases.push(shapes(600 + s, hue));
+        }
+        let parted = bases
+            .iter()
+            .enumerate()
+            .map(|(j, b)| with_key_parts(b, 7000 + 13 * j as u64, Self::nominal(j)))
+            .collect();
+        let kinds = if quick {
+            vec!["flat", "gradient", "spill", "offhue"]
+        } else {
+            KINDS.to_vec()
+        };
+        Self { parted, kinds }
+    }
+    fn family(j: usize) -> &'static str {
+        if j % 4 == 3 { "blue" } else { "green" }
+    }
+    fn nominal(j: usize) -> [f32; 3] {
+        if Self::family(j) == "blue" {
+            BLUE
+        } else {
+            GREEN
+        }
+    }
+    fn seed(j: usize) -> u64 {
+        2000 + 7 * j as u64
+    }
+    /// Subject `j` over screen `kind`.
+    fn composite(&self, j: usize, kind: &str) -> Composite {
+        make(&self.parted[j].0, kind, Self::nominal(j), Self::seed(j))
+    }
+}
+
+/// The key-coloured set keyed and fused over its kinds.
 fn run_key_coloured(
     set: &mut SegSet,
-    bases: &[Subject],
-    kinds: &[&'static str],
+    kc: &KeyColoured,
     net: Option<&U2NetSegmenter>,
 ) -> Result<usize> {
-    let family = |i: usize| if i % 4 == 3 { "blue" } else { "green" };
-    let parted: Vec<(Subject, Vec<bool>)> = bases
-        .iter()
-        .enumerate()
-        .map(|(j, b)| {
-            let nominal = if family(j) == "blue" { BLUE } else { GREEN };
-            with_key_parts(b, 7000 + 13 * j as u64, nominal)
-        })
-        .collect();
     let t0 = Instant::now();
-    for &kind in kinds {
-        for (j, (sub, part)) in parted.iter().enumerate() {
-            let fam = family(j);
-            let nominal = if fam == "blue" { BLUE } else { GREEN };
-            let seed = 2000 + 7 * j as u64;
-            let comp = make(sub, kind, nominal, seed);
+    for &kind in &kc.kinds {
+        for (j, (sub, part)) in kc.parted.iter().enumerate() {
+            let comp = kc.composite(j, kind);
             let trimap = metrics::trimap(S, S, &comp.gt_a, 5);
             let keyed = key::key_rgb8(
                 S as u32,
                 S as u32,
                 &comp.rgb,
-                &KeyOptions::new(KeyColor::parse(fam)?),
+                &KeyOptions::new(KeyColor::parse(KeyColoured::family(j))?),
             )?;
             study_fusions(
-                set, kind, &sub.name, &comp, &trimap, &keyed, part, net, seed,
+                set,
+                kind,
+                &sub.name,
+                &comp,
+                &trimap,
+                &keyed,
+                part,
+                net,
+                KeyColoured::seed(j),
             )?;
         }
         eprintln!(
@@ -1269,7 +1353,7 @@ fn run_key_coloured(
             t0.elapsed().as_secs_f64()
         );
     }
-    Ok(parted.len())
+    Ok(kc.parted.len())
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -1505,6 +1589,811 @@ fn print_segment_report(
 }
 // ---------------------------------------------------------------------------------------------
 
+/// The main set's key family of subject `i`: every fourth on blue, the rest on green.
+fn main_family(i: usize) -> &'static str {
+    if i % 4 == 3 { "blue" } else { "green" }
+}
+
+/// The main set's composite seed of subject `i`.
+fn main_seed(i: usize) -> u64 {
+    1000 + i as u64 * 7
+}
+
+fn nominal_of(fam: &str) -> [f32; 3] {
+    if fam == "blue" { BLUE } else { GREEN }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keyability (--keyability): the score's matte-error weights, fitted on the ground truth.
+
+/// `sub` moved by (dx, dy) pixels; what leaves the frame is lost.
+fn shifted(sub: &Subject, dx: i64, dy: i64, name: String) -> Subject {
+    let mut a = vec![0f32; S * S];
+    let mut f = vec![[0f32; 3]; S * S];
+    for y in 0..S as i64 {
+        let sy = y - dy;
+        if !(0..S as i64).contains(&sy) {
+            continue;
+        }
+        for x in 0..S as i64 {
+            let sx = x - dx;
+            if !(0..S as i64).contains(&sx) {
+                continue;
+            }
+            let (d, s) = ((y * S as i64 + x) as usize, (sy * S as i64 + sx) as usize);
+            a[d] = sub.a[s];
+            f[d] = sub.f[s];
+        }
+    }
+    Subject { name, a, f }
+}
+
+/// A frame-cut variant: `sub` shifted by 35-45% of the side in one of eight directions
+/// (seeded), so part of it leaves the frame.
+fn frame_cut(sub: &Subject, seed: u64) -> Subject {
+    let mut rng = Rng(seed);
+    const DIRS: [(i64, i64); 8] = [
+        (1, 0),
+        (-1, 0),
+        (0, 1),
+        (0, -1),
+        (1, 1),
+        (-1, 1),
+        (1, -1),
+        (-1, -1),
+    ];
+    let (ux, uy) = DIRS[(rng.next_u64() % 8) as usize];
+    let d = (rng.range(0.35, 0.45) * S as f32).round() as i64;
+    shifted(sub, ux * d, uy * d, format!("{}@cut", sub.name))
+}
+
+/// A small-subject variant: `sub` scaled down (area-averaged, premultiplied) so that its
+/// opaque part (alpha >= 0.5) covers about `target` of the image, centred.
+fn small_subject(sub: &Subject, target: f32) -> Subject {
+    let mut name = format!("{}@small{:.1}%", sub.name, target * 100.0);
+    let visible: Vec<usize> = (0..S * S).filter(|&i| sub.a[i] > 0.002).collect();
+    if visible.is_empty() {
+        return Subject {
+            name,
+            ..sub.clone()
+        };
+    }
+    let (mut x0, mut y0, mut x1, mut y1) = (S, S, 0, 0);
+    for &i in &visible {
+        x0 = x0.min(i % S);
+        x1 = x1.max(i % S);
+        y0 = y0.min(i / S);
+        y1 = y1.max(i / S);
+    }
+    let (bw, bh) = (x1 - x0 + 1, y1 - y0 + 1);
+    let opaque = sub.a.iter().filter(|&&a| a >= 0.5).count();
+    let area = if opaque > 0 { opaque } else { bw * bh } as f32 / (S * S) as f32;
+    let k = (target / area).sqrt().min(1.0);
+    let crop = image::Rgba32FImage::from_fn(bw as u32, bh as u32, |x, y| {
+        let i = (y as usize + y0) * S + x as usize + x0;
+        let a = sub.a[i];
+        let f = sub.f[i];
+        image::Rgba([f[0] * a, f[1] * a, f[2] * a, a])
+    });
+    let (sw, sh) = (
+        ((bw as f32 * k).round() as u32).max(1),
+        ((bh as f32 * k).round() as u32).max(1),
+    );
+    let small = image::imageops::resize(&crop, sw, sh, image::imageops::FilterType::Triangle);
+    let (ox, oy) = ((S - sw as usize) / 2, (S - sh as usize) / 2);
+    let mut a = vec![0f32; S * S];
+    let mut f = vec![[0f32; 3]; S * S];
+    for (x, y, p) in small.enumerate_pixels() {
+        let i = (y as usize + oy) * S + x as usize + ox;
+        let v = p.0[3].clamp(0.0, 1.0);
+        a[i] = v;
+        if v > 1e-6 {
+            f[i] = [0, 1, 2].map(|c| (p.0[c] / v).clamp(0.0, 255.0));
+        }
+    }
+    let got = a.iter().filter(|&&v| v >= 0.5).count() as f32 / (S * S) as f32;
+    name = format!("{name}={:.2}%", got * 100.0);
+    Subject { name, a, f }
+}
+
+const KA_SETS: [&str; 4] = ["main", "key-coloured", "frame-cut", "small"];
+
+/// Number of the keyability penalties.
+const NP: usize = key::keyability::N_PENALTIES;
+
+/// One keyed image of the keyability set.
+struct KaSample {
+    /// Index into [`KA_SETS`].
+    set: usize,
+    /// The source subject (the same for an icon, its key-coloured and its variants).
+    group: usize,
+    label: String,
+    sad: f64,
+    k: key::keyability::Keyability,
+    /// The candidate penalties ([`candidate_penalties`]).
+    alt: [f64; NP],
+}
+
+/// The library's penalties of `s` (negatives clipped, as `score_with` does).
+fn library_penalties(s: &KaSample) -> [f64; NP] {
+    s.k.penalties().map(|p| p.max(0.0) as f64)
+}
+
+fn alt_penalties(s: &KaSample) -> [f64; NP] {
+    s.alt
+}
+
+/// Names of [`candidate_penalties`]: the library's, with two replaced.
+const ALT_NAMES: [&str; NP] = [
+    "border_unclear*",
+    "subject_size*",
+    "plate_residual",
+    "border_subject",
+    "clear_off_plate*",
+    "gap_screen*",
+    "ambiguous",
+    "spill",
+    "keyed_out",
+];
+
+/// Candidate definitions, tried here against the library's (the library does not use them):
+/// `border_unclear` = the share of the border ring that is neither clear screen nor subject
+/// (1 - border_screen - border_subject: a key that failed on the screen, not a subject that
+/// touches the frame) replaces border_not_screen; `clear_off_plate` = 10 x the share of the
+/// image keyed clear (alpha < 0.05) whose colour is more than max(6 noise, 20) levels from the
+/// clean plate (the keyer called it screen, but it is not the screen: key-coloured parts
+/// keyed out) replaces entanglement; and in screen_doubt's place (about constant here),
+/// `subject_size` x 10, to see how much of the whole-image SAD is only the subject's size;
+/// `gap_screen` = clear area (alpha < 0.5) inside the subject mask (alpha >= 0.5) closed by
+/// 16 px, as a share of the closed mask, replaces enclosed_screen (a key-coloured band keyed
+/// out reaches the outline, so it is never enclosed).
+fn candidate_penalties(
+    keyed: &key::Keyed,
+    rgb: &[u8],
+    k: &key::keyability::Keyability,
+) -> [f64; NP] {
+    let mut p = k.penalties().map(|v| v.max(0.0) as f64);
+    p[0] = (1.0 - k.border_screen - k.border_subject).max(0.0) as f64;
+    p[1] = 10.0 * k.subject_size as f64;
+    let tol = (6.0 * keyed.noise).max(20.0);
+    let (w, h) = (keyed.width as usize, keyed.height as usize);
+    let mut row = vec![[0f32; 3]; w];
+    let mut off = 0usize;
+    for y in 0..h {
+        keyed.plate.row(y, &mut row);
+        for x in 0..w {
+            let i = y * w + x;
+            if keyed.alpha[i] < 0.05 {
+                let d: f32 = (0..3)
+                    .map(|c| (rgb[3 * i + c] as f32 - row[x][c]).powi(2))
+                    .sum();
+                off += (d.sqrt() > tol) as usize;
+            }
+        }
+    }
+    p[4] = 10.0 * off as f64 / (w * h) as f64;
+    use imageproc::distance_transform::Norm;
+    let mask = image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Luma([if keyed.alpha[y as usize * w + x as usize] >= 0.5 {
+            255
+        } else {
+            0
+        }])
+    });
+    let closed = imageproc::morphology::close(&mask, Norm::L2, 16);
+    let (mut gap, mut inside) = (0usize, 0usize);
+    for (m, c) in mask.as_raw().iter().zip(closed.as_raw()) {
+        if *c > 0 {
+            inside += 1;
+            gap += (*m == 0) as usize;
+        }
+    }
+    p[5] = if inside == 0 {
+        0.0
+    } else {
+        gap as f64 / inside as f64
+    };
+    p
+}
+
+/// Average ranks (1-based; ties share the mean of their ranks).
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &t in &idx[i..=j] {
+            r[t] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma) * (x - ma);
+        sbb += (y - mb) * (y - mb);
+    }
+    if saa <= 0.0 || sbb <= 0.0 {
+        f64::NAN
+    } else {
+        sab / (saa * sbb).sqrt()
+    }
+}
+
+/// Spearman's rank correlation, average ranks for ties (NaN where one side is constant).
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() < 2 {
+        return f64::NAN;
+    }
+    pearson(&ranks(a), &ranks(b))
+}
+
+/// Non-negative least squares with a free intercept: minimises |y - b - X w|^2 over w >= 0 and
+/// b, by projected (cyclic) coordinate descent on the centred normal equations. Returns (w, b).
+fn nnls_intercept(x: &[[f64; NP]], y: &[f64]) -> ([f64; NP], f64) {
+    let n = y.len() as f64;
+    let mx: [f64; NP] = std::array::from_fn(|j| x.iter().map(|r| r[j]).sum::<f64>() / n);
+    let my = y.iter().sum::<f64>() / n;
+    // Centred Gram matrix and right-hand side.
+    let mut g = [[0f64; NP]; NP];
+    let mut c = [0f64; NP];
+    for (r, &v) in x.iter().zip(y) {
+        for j in 0..NP {
+            let a = r[j] - mx[j];
+            c[j] += a * (v - my);
+            for k in 0..NP {
+                g[j][k] += a * (r[k] - mx[k]);
+            }
+        }
+    }
+    let mut w = [0f64; NP];
+    for _ in 0..200_000 {
+        let mut change = 0f64;
+        for j in 0..NP {
+            // A penalty that does not vary carries no information: weight 0.
+            if g[j][j] <= 1e-12 * n {
+                w[j] = 0.0;
+                continue;
+            }
+            let grad: f64 = c[j] - (0..NP).map(|k| g[j][k] * w[k]).sum::<f64>();
+            let new = (w[j] + grad / g[j][j]).max(0.0);
+            change = change.max((new - w[j]).abs());
+            w[j] = new;
+        }
+        if change < 1e-13 {
+            break;
+        }
+    }
+    let b = my - (0..NP).map(|j| w[j] * mx[j]).sum::<f64>();
+    (w, b)
+}
+
+/// The response the weights are fitted to.
+fn ka_target(sad: f64) -> f64 {
+    (sad + 0.05).ln()
+}
+
+type Penalties = fn(&KaSample) -> [f64; NP];
+
+/// Penalties held at weight 0 (reported, not fitted): screen_doubt is about constant (its
+/// weight swings from fold to fold on a few images), border_subject is 0 on the main and
+/// key-coloured sets (a frame cut is what usability weighs), and spill is anti-correlated with
+/// the error on its own (it only enters a fit as a suppressor, which hurts out of sample).
+const KA_UNFITTED: [usize; 3] = [1, 3, 7];
+
+fn ka_fit(samples: &[&KaSample], pen: Penalties) -> ([f64; NP], f64) {
+    let x: Vec<[f64; NP]> = samples
+        .iter()
+        .map(|s| {
+            let mut p = pen(s);
+            KA_UNFITTED.iter().for_each(|&j| p[j] = 0.0);
+            p
+        })
+        .collect();
+    let y: Vec<f64> = samples.iter().map(|s| ka_target(s.sad)).collect();
+    nnls_intercept(&x, &y)
+}
+
+/// A fit and its scores of every image: in sample, and out of sample (2-fold by source
+/// subject, leave one source subject out). Each score is (full, matte-only).
+struct KaEval {
+    w: [f64; NP],
+    b: f64,
+    /// Fitted on the even-numbered subjects, and on the odd.
+    folds: [([f64; NP], f64); 2],
+    ins: Vec<(f64, f64)>,
+    two: Vec<(f64, f64)>,
+    loso: Vec<(f64, f64)>,
+}
+
+/// Fits `pen` on the images `train` keeps and scores all images. The full score is the
+/// library's `score_with` (usability included) for the library's penalties, else the same
+/// formula; the matte-only score is 100 exp(-sum w p).
+fn ka_evaluate(
+    samples: &[KaSample],
+    n_groups: usize,
+    pen: Penalties,
+    train: fn(&KaSample) -> bool,
+    library: bool,
+) -> KaEval {
+    let pool: Vec<&KaSample> = samples.iter().filter(|s| train(s)).collect();
+    let fit_where = |keep: &dyn Fn(&KaSample) -> bool| {
+        ka_fit(
+            &pool.iter().copied().filter(|s| keep(s)).collect::<Vec<_>>(),
+            pen,
+        )
+    };
+    let (w, b) = fit_where(&|_| true);
+    let folds = [
+        fit_where(&|s| s.group % 2 == 0),
+        fit_where(&|s| s.group % 2 == 1),
+    ];
+    let loso: Vec<([f64; NP], f64)> = (0..n_groups)
+        .map(|g| fit_where(&|s| s.group != g))
+        .collect();
+    let score = |s: &KaSample, w: &[f64; NP]| -> (f64, f64) {
+        let e: f64 = pen(s).iter().zip(w).map(|(p, w)| p * w).sum();
+        let matte = 100.0 * (-e).exp();
+        let full = if library {
+            s.k.score_with(&w.map(|v| v as f32)) as f64
+        } else {
+            (matte * key::keyability::usability(&s.k) as f64).clamp(0.0, 100.0)
+        };
+        (full, matte)
+    };
+    KaEval {
+        w,
+        b,
+        folds,
+        ins: samples.iter().map(|s| score(s, &w)).collect(),
+        // Fold f was fitted on the subjects with group % 2 == f: score with the other one.
+        two: samples
+            .iter()
+            .map(|s| score(s, &folds[1 - s.group % 2].0))
+            .collect(),
+        loso: samples.iter().map(|s| score(s, &loso[s.group].0)).collect(),
+    }
+}
+
+/// Spearman rho(score, SAD) over the images `idx`; `full` picks the full or the matte score.
+fn ka_rho(samples: &[KaSample], idx: &[usize], pred: &[(f64, f64)], full: bool) -> f64 {
+    let p: Vec<f64> = idx
+        .iter()
+        .map(|&t| if full { pred[t].0 } else { pred[t].1 })
+        .collect();
+    let y: Vec<f64> = idx.iter().map(|&t| samples[t].sad).collect();
+    spearman(&p, &y)
+}
+
+fn weights_literal(w: &[f64; NP]) -> String {
+    let lit: Vec<String> = w.iter().map(|v| format!("{v:.4}")).collect();
+    format!("[{}]", lit.join(", "))
+}
+
+/// Keys every image of the keyability set, fits the weights and reports.
+fn run_keyability(subjects: &[Subject], n_icons: usize, quick: bool) -> Result<()> {
+    use key::keyability::{self, PENALTY_NAMES};
+    let t0 = Instant::now();
+    let mut samples: Vec<KaSample> = Vec::new();
+    let mut groups: Vec<String> = subjects.iter().map(|s| s.name.clone()).collect();
+    let mut group_of = |name: &str| -> usize {
+        match groups.iter().position(|g| g == name) {
+            Some(g) => g,
+            None => {
+                groups.push(name.to_string());
+                groups.len() - 1
+            }
+        }
+    };
+    let mut measure = |set: usize,
+                       group: usize,
+                       kind: &str,
+                       name: &str,
+                       fam: &str,
+                       comp: &Composite|
+     -> Result<()> {
+        let keyed = key::key_rgb8(
+            S as u32,
+            S as u32,
+            &comp.rgb,
+            &KeyOptions::new(KeyColor::parse(fam)?),
+        )?;
+        let sad = whole_sad(&alpha8(&keyed.alpha), &comp.gt_a);
+        let k = keyability::measure(&keyed, &comp.rgb);
+        samples.push(KaSample {
+            set,
+            group,
+            label: format!("{}/{kind}/{name}", KA_SETS[set]),
+            sad,
+            k,
+            alt: candidate_penalties(&keyed, &comp.rgb, &k),
+        });
+        Ok(())
+    };
+    // The main set: every subject over every screen kind, as the benchmark composes it.
+    for kind in KINDS {
+        for (i, sub) in subjects.iter().enumerate() {
+            let fam = main_family(i);
+            let comp = make(sub, kind, nominal_of(fam), main_seed(i));
+            measure(0, i, kind, &sub.name, fam, &comp)?;
+        }
+    }
+    eprintln!("main set keyed ({:.0}s)", t0.elapsed().as_secs_f64());
+    // The key-coloured set, as --segment builds it.
+    let kc = KeyColoured::new(subjects, n_icons, quick);
+    for &kind in &kc.kinds {
+        for (j, (sub, _)) in kc.parted.iter().enumerate() {
+            let base = sub.name.trim_end_matches("+key").to_string();
+            let g = group_of(&base);
+            let comp = kc.composite(j, kind);
+            measure(1, g, kind, &sub.name, KeyColoured::family(j), &comp)?;
+        }
+    }
+    eprintln!(
+        "key-coloured set keyed ({:.0}s)",
+        t0.elapsed().as_secs_f64()
+    );
+    // Frame-cut variants: every subject shifted out of the frame, over 3 kinds (--quick: 2).
+    let cut_kinds = if quick { 2 } else { 3 };
+    for (i, sub) in subjects.iter().enumerate() {
+        let fam = main_family(i);
+        let cut = frame_cut(sub, 4000 + i as u64);
+        for r in 0..cut_kinds {
+            let kind = KINDS[(i + 2 * r) % KINDS.len()];
+            let comp = make(&cut, kind, nominal_of(fam), 3000 + 7 * i as u64 + r as u64);
+            measure(2, i, kind, &cut.name, fam, &comp)?;
+        }
+    }
+    eprintln!(
+        "frame-cut variants keyed ({:.0}s)",
+        t0.elapsed().as_secs_f64()
+    );
+    // Small subjects: every subject scaled to 0.5%, 1% or 2% of the image, over 2 kinds
+    // (--quick: 1).
+    let small_kinds = if quick { 1 } else { 2 };
+    for (i, sub) in subjects.iter().enumerate() {
+        let fam = main_family(i);
+        for r in 0..small_kinds {
+            let target = [0.005, 0.01, 0.02][(i + r) % 3];
+            let small = small_subject(sub, target);
+            let kind = KINDS[(i + 3 + 2 * r) % KINDS.len()];
+            let comp = make(
+                &small,
+                kind,
+                nominal_of(fam),
+                5000 + 7 * i as u64 + r as u64,
+            );
+            measure(3, i, kind, &small.name, fam, &comp)?;
+        }
+    }
+    let keyed_s = t0.elapsed().as_secs_f64();
+    eprintln!("small variants keyed ({keyed_s:.0}s)");
+
+    // Fits: the library's penalties on main + key-coloured (the weights to paste: the bar is
+    // on those sets, and the frame-cut and small sets' error is what usability is for); on
+    // all images, for comparison; the candidate penalties on main + key-coloured.
+    let n_mk = samples.iter().filter(|s| s.set <= 1).count();
+    let n_groups = groups.len();
+    let n = samples.len();
+    let lib = ka_evaluate(&samples, n_groups, library_penalties, |s| s.set <= 1, true);
+    let lib_all = ka_evaluate(&samples, n_groups, library_penalties, |_| true, true);
+    let alt = ka_evaluate(&samples, n_groups, alt_penalties, |s| s.set <= 1, false);
+    let (w, b) = (lib.w, lib.b);
+
+    // Report.
+    let counts: Vec<usize> = (0..4)
+        .map(|k| samples.iter().filter(|s| s.set == k).count())
+        .collect();
+    let touching = samples
+        .iter()
+        .filter(|s| s.set == 2 && s.k.touches_border)
+        .count();
+    let under = samples
+        .iter()
+        .filter(|s| s.set == 3 && s.k.subject_size < keyability::MIN_SUBJECT)
+        .count();
+    println!(
+        "\n## Keyability: fitting the score's weights ({n} images, {S}x{S}, {n_groups} source \
+         subjects)\n"
+    );
+    println!(
+        "Sets: main = {} subjects x 6 screen kinds ({} images); key-coloured = {} opaque \
+         subjects with key-coloured parts x {} kinds ({} images); frame-cut = every main \
+         subject shifted 35-45% of the side out of the frame, {cut_kinds} kinds each ({} \
+         images, {touching} touch the border); small = every main subject scaled to 0.5/1/2% \
+         of the image, {small_kinds} kind(s) each ({} images, {under} under MIN_SUBJECT). \
+         Each keyed with key_rgb8 (default options for its nominal colour); SAD = whole-image \
+         sum |a_hat - a| / 1000 on the 8-bit alpha. Keyed in {keyed_s:.0}s.\n",
+        subjects.len(),
+        counts[0],
+        kc.parted.len(),
+        kc.kinds.len(),
+        counts[1],
+        counts[2],
+        counts[3],
+    );
+    println!(
+        "Fit: non-negative least squares of ln(SAD + 0.05) on the {NP} penalties (weights >= 0) \
+         plus a free intercept, on the {n_mk} main and key-coloured images (the frame-cut \
+         and small sets are scored, not fitted). The usability factor (frame cut, subject \
+         size) is not fitted; `score` below is the full `score_with(weights)`, usability \
+         included; `matte` is 100 exp(-sum w p) alone. Out of sample: 2-fold by source subject \
+         (fit on even-numbered subjects, score the odd ones, and back), and leave one source \
+         subject out ({n_groups} fits); an icon, its key-coloured version and its variants are \
+         one subject.\n"
+    );
+    println!(
+        "Fitted weights (main + key-coloured), the folds', and a fit on all images, for \
+         comparison:\n"
+    );
+    println!("| penalty | main + kc | fold even | fold odd | all images |");
+    println!("|---|---:|---:|---:|---:|");
+    for j in 0..NP {
+        println!(
+            "| {} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            PENALTY_NAMES[j], w[j], lib.folds[0].0[j], lib.folds[1].0[j], lib_all.w[j]
+        );
+    }
+    println!(
+        "| (intercept) | {b:.4} | {:.4} | {:.4} | {:.4} |",
+        lib.folds[0].1, lib.folds[1].1, lib_all.b
+    );
+    let resid: Vec<f64> = samples
+        .iter()
+        .map(|s| {
+            let e: f64 = library_penalties(s)
+                .iter()
+                .zip(&w)
+                .map(|(p, w)| p * w)
+                .sum();
+            ka_target(s.sad) - b - e
+        })
+        .collect();
+    let ys: Vec<f64> = samples.iter().map(|s| ka_target(s.sad)).collect();
+    let my = mean(&ys);
+    let ss_tot: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
+    let ss_res: f64 = resid.iter().map(|r| r * r).sum();
+    println!(
+        "\nln(SAD + 0.05) fit: R^2 {:.3}, residual RMS {:.3}.",
+        1.0 - ss_res / ss_tot,
+        (ss_res / n as f64).sqrt()
+    );
+    println!("\nPaste into src/key/keyability.rs (order: {PENALTY_NAMES:?}):\n");
+    println!(
+        "pub const WEIGHTS: [f32; N_PENALTIES] = {};",
+        weights_literal(&w)
+    );
+    println!("// intercept (not used by the score): {b:.4}");
+
+    println!(
+        "\nSpearman rho(score, SAD) (the bar: <= -0.6 on main + key-coloured; the score should \
+         fall as the error grows):\n"
+    );
+    println!(
+        "| set | images | mean SAD | score in-sample | score 2-fold | score leave-one-out | matte in-sample | matte 2-fold | matte leave-one-out |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let selections: Vec<(String, Vec<usize>)> = (0..4)
+        .map(|k| {
+            (
+                KA_SETS[k].to_string(),
+                (0..n).filter(|&t| samples[t].set == k).collect(),
+            )
+        })
+        .chain([
+            (
+                "**main + key-coloured**".to_string(),
+                (0..n).filter(|&t| samples[t].set <= 1).collect(),
+            ),
+            ("**all**".to_string(), (0..n).collect()),
+        ])
+        .collect();
+    let six = |e: &KaEval, idx: &[usize]| -> [f64; 6] {
+        [
+            ka_rho(&samples, idx, &e.ins, true),
+            ka_rho(&samples, idx, &e.two, true),
+            ka_rho(&samples, idx, &e.loso, true),
+            ka_rho(&samples, idx, &e.ins, false),
+            ka_rho(&samples, idx, &e.two, false),
+            ka_rho(&samples, idx, &e.loso, false),
+        ]
+    };
+    for (name, idx) in &selections {
+        let sad: Vec<f64> = idx.iter().map(|&t| samples[t].sad).collect();
+        let r = six(&lib, idx);
+        println!(
+            "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            idx.len(),
+            mean(&sad),
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5]
+        );
+    }
+    let mk = &selections[4].1;
+    let bar = six(&lib, mk);
+    println!(
+        "\nBar (main + key-coloured, score <= -0.6): in-sample {} ({:.3}), 2-fold {} ({:.3}), \
+         leave-one-out {} ({:.3}).",
+        bar[0] <= -0.6,
+        bar[0],
+        bar[1] <= -0.6,
+        bar[1],
+        bar[2] <= -0.6,
+        bar[2]
+    );
+
+    println!(
+        "\nOther fits, the same Spearman rho(score, SAD) (main + kc | all; in-sample, 2-fold, \
+         leave-one-out; the candidate penalties * are defined in `candidate_penalties`):\n"
+    );
+    println!(
+        "| fit | main + kc in | 2-fold | leave-one-out | all in | 2-fold | leave-one-out | weights |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    let everything = &selections[5].1;
+    for (name, e) in [
+        ("library penalties, main + kc (above)", &lib),
+        ("library penalties, all images", &lib_all),
+        ("candidate penalties, main + kc", &alt),
+    ] {
+        let (a, c) = (six(e, mk), six(e, everything));
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+            a[0],
+            a[1],
+            a[2],
+            c[0],
+            c[1],
+            c[2],
+            weights_literal(&e.w)
+        );
+    }
+    println!("\n(candidate order: {ALT_NAMES:?})");
+
+    println!(
+        "\nEach penalty alone: Spearman rho(penalty, SAD) (positive = the penalty grows with \
+         the error), its spread, and its share of the fitted sum (sum w p over the images / \
+         sum of all w p):\n"
+    );
+    println!(
+        "| penalty | weight | main | key-coloured | frame-cut | small | main + kc | all | mean | sd | min | max | share > 0.01 | share of fit |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let total_fit: f64 = samples
+        .iter()
+        .map(|s| {
+            library_penalties(s)
+                .iter()
+                .zip(&w)
+                .map(|(p, w)| p * w)
+                .sum::<f64>()
+        })
+        .sum();
+    let part_row = |name: &str, weight: String, val: &dyn Fn(&KaSample) -> f64, fit: f64| {
+        let mut line = format!("| {name} | {weight} |");
+        for (_, idx) in &selections {
+            let p: Vec<f64> = idx.iter().map(|&t| val(&samples[t])).collect();
+            let y: Vec<f64> = idx.iter().map(|&t| samples[t].sad).collect();
+            line.push_str(&format!(" {:.3} |", spearman(&p, &y)));
+        }
+        let v: Vec<f64> = samples.iter().map(val).collect();
+        let m = mean(&v);
+        let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let nz = v.iter().filter(|x| x.abs() > 0.01).count() as f64 / v.len() as f64;
+        let share = if fit.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", fit / total_fit)
+        };
+        println!("{line} {m:.4} | {sd:.4} | {lo:.4} | {hi:.4} | {nz:.2} | {share} |");
+    };
+    for j in 0..NP {
+        let fit: f64 = samples.iter().map(|s| library_penalties(s)[j] * w[j]).sum();
+        part_row(
+            PENALTY_NAMES[j],
+            format!("{:.4}", w[j]),
+            &|s: &KaSample| library_penalties(s)[j],
+            fit,
+        );
+    }
+    for j in [0, 1, 4, 5] {
+        part_row(
+            ALT_NAMES[j],
+            format!("{:.4}", alt.w[j]),
+            &|s: &KaSample| s.alt[j],
+            f64::NAN,
+        );
+    }
+    part_row(
+        "(usability, not fitted)",
+        "-".into(),
+        &|s: &KaSample| keyability::usability(&s.k) as f64,
+        f64::NAN,
+    );
+    part_row(
+        "(subject_size)",
+        "-".into(),
+        &|s: &KaSample| s.k.subject_size as f64,
+        f64::NAN,
+    );
+    part_row(
+        "(fitted sum w p)",
+        "-".into(),
+        &|s: &KaSample| {
+            library_penalties(s)
+                .iter()
+                .zip(&w)
+                .map(|(p, w)| p * w)
+                .sum::<f64>()
+        },
+        f64::NAN,
+    );
+
+    println!(
+        "\nMean of each penalty per set (a penalty that tells the sets' errors apart should \
+         follow the mean SAD):\n"
+    );
+    let mut head = String::from("| set | mean SAD |");
+    let mut rule = String::from("|---|---:|");
+    for name in PENALTY_NAMES.iter().chain(&[ALT_NAMES[4], ALT_NAMES[5]]) {
+        head.push_str(&format!(" {name} |"));
+        rule.push_str("---:|");
+    }
+    println!("{head}\n{rule}");
+    for (name, idx) in &selections {
+        let m = |f: &dyn Fn(&KaSample) -> f64| {
+            mean(&idx.iter().map(|&t| f(&samples[t])).collect::<Vec<_>>())
+        };
+        let mut line = format!("| {name} | {:.3} |", m(&|s| s.sad));
+        for j in 0..NP {
+            line.push_str(&format!(" {:.4} |", m(&|s| library_penalties(s)[j])));
+        }
+        line.push_str(&format!(" {:.4} |", m(&|s| s.alt[4])));
+        line.push_str(&format!(" {:.4} |", m(&|s| s.alt[5])));
+        println!("{line}");
+    }
+
+    let mut worst: Vec<(f64, usize)> = resid.iter().enumerate().map(|(t, r)| (*r, t)).collect();
+    worst.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()));
+    println!(
+        "\nLargest residuals of the fit (ln SAD above (+) or below (-) what the penalties say):\n"
+    );
+    for &(r, t) in worst.iter().take(10) {
+        let s = &samples[t];
+        println!(
+            "- {:+.2} {}: SAD {:.2}, score {:.1}, penalties {}",
+            r,
+            s.label,
+            s.sad,
+            lib.ins[t].0,
+            weights_literal(&library_penalties(s))
+        );
+    }
+    println!(
+        "\nTotal {:.0}s (keying and measuring {keyed_s:.0}s).",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -1540,8 +2429,10 @@ fn main() -> Result<()> {
         icons.truncate(4);
         fonts.truncate(1);
     }
+    // Fitting the keyability score's weights (see the doc comment); nothing else runs.
+    let keyability = args.iter().any(|a| a == "--keyability");
     // Subject-mask fusion study (see the doc comment).
-    let segment = args.iter().any(|a| a == "--segment");
+    let segment = !keyability && args.iter().any(|a| a == "--segment");
     let u2netp_path = args
         .iter()
         .position(|a| a == "--u2netp")
@@ -1588,7 +2479,7 @@ fn main() -> Result<()> {
     // Every fourth subject goes on blue, the rest on green; coloured subjects keep their hues
     // at least 60 degrees from their screen's (a subject in the screen's own hue cannot be
     // keyed by anyone).
-    let family = |i: usize| if i % 4 == 3 { "blue" } else { "green" };
+    let family = main_family;
     let hue_of = |i: usize| if family(i) == "blue" { 217.0 } else { 142.0 };
     let mut subjects: Vec<Subject> = Vec::new();
     for p in &icons {
@@ -1613,6 +2504,9 @@ fn main() -> Result<()> {
         subjects.len(),
         t0.elapsed().as_secs_f64()
     );
+    if keyability {
+        return run_keyability(&subjects, icons.len(), quick);
+    }
 
     let work = std::env::temp_dir().join(format!("tkg-keybench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -1651,7 +2545,7 @@ fn main() -> Result<()> {
             let mut comps = Vec::new();
             let mut trimaps = Vec::new();
             for (f, &i) in members.iter().enumerate() {
-                let comp = make(&subjects[i], kind, nominal, 1000 + i as u64 * 7);
+                let comp = make(&subjects[i], kind, nominal, main_seed(i));
                 let png = dir.join(format!("{f:04}.png"));
                 image::save_buffer(
                     &png,
@@ -1765,25 +2659,10 @@ fn main() -> Result<()> {
 
     // The fusion study's own set, and u2netp's speed.
     let seg_report = if segment {
-        // Opaque bases: icons with index % 4 != 1 (12 of the full 16), plus procedural shapes.
-        let mut bases: Vec<Subject> = subjects[..icons.len()]
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| quick || i % 4 != 1)
-            .map(|(_, s)| s.clone())
-            .collect();
-        let n_shapes = if quick { 2 } else { 4 };
-        for s in 0..n_shapes {
-            let hue = if bases.len() % 4 == 3 { 217.0 } else { 142.0 };
-            bases.push(shapes(600 + s, hue));
-        }
-        let kc_kinds: Vec<&'static str> = if quick {
-            vec!["flat", "gradient", "spill", "offhue"]
-        } else {
-            KINDS.to_vec()
-        };
-        let mut kc = SegSet::default();
-        let kc_n = run_key_coloured(&mut kc, &bases, &kc_kinds, net.as_ref())?;
+        let kc = KeyColoured::new(&subjects, icons.len(), quick);
+        let kc_kinds = kc.kinds.clone();
+        let mut kc_set = SegSet::default();
+        let kc_n = run_key_coloured(&mut kc_set, &kc, net.as_ref())?;
         let timing = match &net {
             Some(net) => {
                 let big = big_composite(&subjects[0]);
@@ -1819,7 +2698,7 @@ fn main() -> Result<()> {
         let has_net = net.is_some();
         Some(move || {
             print_segment_report(
-                &seg_main, n_main, &kc, kc_n, &kc_kinds, &net_note, has_net, &timing,
+                &seg_main, n_main, &kc_set, kc_n, &kc_kinds, &net_note, has_net, &timing,
             )
         })
     } else {

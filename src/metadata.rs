@@ -639,6 +639,7 @@ pub fn keyability_text(k: &Keyability) -> Vec<(String, String)> {
         ("ambiguous", k.ambiguous),
         ("spill", k.spill),
         ("subject_size", k.subject_size),
+        ("keyed_out", k.keyed_out),
     ];
     let mut text: Vec<String> = parts.iter().map(|(n, v)| format!("{n}={v:.4}")).collect();
     text.push(format!("touches_border={}", k.touches_border));
@@ -695,6 +696,7 @@ fn keyability_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Result<K
             ambiguous: 0.0,
             spill: 0.0,
             subject_size: 0.0,
+            keyed_out: 0.0,
         };
         for item in parts.unwrap_or("").split_whitespace() {
             let Some((name, v)) = item.split_once('=') else {
@@ -710,6 +712,7 @@ fn keyability_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Result<K
                 "ambiguous" => &mut k.ambiguous,
                 "spill" => &mut k.spill,
                 "subject_size" => &mut k.subject_size,
+                "keyed_out" => &mut k.keyed_out,
                 "touches_border" => {
                     k.touches_border = match v {
                         "true" => true,
@@ -745,6 +748,7 @@ mod tests {
             ambiguous: 0.0312,
             spill: 4.0,
             subject_size: 0.3,
+            keyed_out: 0.0042,
         };
         let mut p = Parameters::new("a car", "");
         p.push("Steps", "20".into());

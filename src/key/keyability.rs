@@ -4,8 +4,10 @@
 //! Each part is a fact about this image; [`Keyability::penalties`] maps them to penalties
 //! (0 = no problem) and the score is `100 exp(-sum w_i p_i)`. The matte-error weights
 //! ([`WEIGHTS`]) are fitted on the key benchmark's ground-truth set (a non-negative least
-//! squares fit of ln(whole-image SAD) on the penalties; `bash benches/key_bench.sh
-//! --keyability`, docs/keying.md). Two parts are about use, not matte error, so no matte
+//! squares fit of ln(whole-image SAD) on the penalties, on its main and key-coloured sets;
+//! `bash benches/key_bench.sh --keyability`, docs/keying.md). Three parts carry the score:
+//! ambiguous alpha, parts of the subject keyed out ([`Keyability::keyed_out`]) and the plate
+//! residual; the others have weight 0 (see [`WEIGHTS`]) and are reported, not scored. Two parts are about use, not matte error, so no matte
 //! error can weigh them: a subject cut by the frame and a subject too small to use. They
 //! multiply the score by stated factors ([`usability`]).
 
@@ -43,10 +45,20 @@ pub struct Keyability {
     pub spill: f32,
     /// Share of the image that is subject (alpha >= 0.5).
     pub subject_size: f32,
+    /// Parts of the subject keyed out: the share of the image, each pixel weighted by how
+    /// clear it was keyed (1 - alpha), that lies between two opaque pixels (alpha >= 0.98, at
+    /// most [`keyed_out_gap`] apart along a row, column or diagonal) and whose colour is not
+    /// the clean plate's. A key-coloured stripe, disc or band keyed partly or fully clear is
+    /// ringed by opaque subject and is not the screen; a gap showing the screen is the plate.
+    #[serde(default)]
+    pub keyed_out: f32,
 }
 
+/// Number of [`Keyability::penalties`].
+pub const N_PENALTIES: usize = 9;
+
 /// Names of [`Keyability::penalties`], in order.
-pub const PENALTY_NAMES: [&str; 8] = [
+pub const PENALTY_NAMES: [&str; N_PENALTIES] = [
     "border_not_screen",
     "screen_doubt",
     "plate_residual",
@@ -55,10 +67,25 @@ pub const PENALTY_NAMES: [&str; 8] = [
     "enclosed_screen",
     "ambiguous",
     "spill",
+    "keyed_out",
 ];
 
 /// Matte-error weights of the penalties, fitted on the key benchmark (docs/keying.md).
-pub const WEIGHTS: [f32; 8] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+/// Fitted on the main and key-coloured sets (the frame-cut and small sets are what
+/// [`usability`] weighs). screen_doubt, border_subject and spill are held at 0, not fitted:
+/// screen_doubt is about constant, border_subject is 0 on those sets, and spill is
+/// anti-correlated with the matte error. entanglement and enclosed_screen are fitted and get
+/// 0: keyed_out says what they did, better. The zero-weight parts stay in the report as
+/// facts about the image; they do not move the score.
+pub const WEIGHTS: [f32; N_PENALTIES] = [
+    0.0000, 0.0000, 0.1528, 0.0000, 0.0000, 0.0000, 0.4620, 0.0000, 2.5715,
+];
+
+/// The longest run of non-opaque pixels between two opaque ones that
+/// [`Keyability::keyed_out`] counts: a ninth of the shorter side (64 px at 576).
+pub fn keyed_out_gap(width: usize, height: usize) -> usize {
+    (width.min(height) / 9).max(8)
+}
 
 /// Below this share of the image the subject is too small to use.
 pub const MIN_SUBJECT: f32 = 0.01;
@@ -90,6 +117,9 @@ pub fn measure(keyed: &Keyed, rgb: &[u8]) -> Keyability {
     let (mut res_sq, mut res_n) = (0f64, 0usize);
     let (mut ambiguous, mut subject) = (0usize, 0usize);
     let (mut spill, mut opaque) = (0f64, 0usize);
+    let tol = (6.0 * keyed.noise).max(20.0);
+    // Not opaque and not the plate's colour (what keyed_out weighs).
+    let mut off_plate = vec![false; n];
     let mut plate_row = vec![[0f32; 3]; w];
     for y in 0..h {
         keyed.plate.row(y, &mut plate_row);
@@ -97,11 +127,14 @@ pub fn measure(keyed: &Keyed, rgb: &[u8]) -> Keyability {
             let i = y * w + x;
             let v = a[i];
             let c = &rgb[3 * i..3 * i + 3];
-            if v <= 0.0 {
+            if v < 0.98 {
                 let p = plate_row[x];
                 let d: f32 = (0..3).map(|k| (c[k] as f32 - p[k]).powi(2)).sum();
-                res_sq += d as f64 / 3.0;
-                res_n += 1;
+                if v <= 0.0 {
+                    res_sq += d as f64 / 3.0;
+                    res_n += 1;
+                }
+                off_plate[i] = d.sqrt() > tol;
             }
             if v > 0.02 && v < 0.98 {
                 ambiguous += 1;
@@ -142,7 +175,6 @@ pub fn measure(keyed: &Keyed, rgb: &[u8]) -> Keyability {
         .map(|m| imageproc::morphology::erode(&m, imageproc::distance_transform::Norm::LInf, 2))
         .expect("mask size");
     let screen_hue = hue_sat(keyed.screen.rgb);
-    let tol = (6.0 * keyed.noise).max(20.0);
     let (mut inner, mut key_hued) = (0usize, 0usize);
     for y in 0..h {
         keyed.plate.row(y, &mut plate_row);
@@ -181,9 +213,59 @@ pub fn measure(keyed: &Keyed, rgb: &[u8]) -> Keyability {
             (spill / opaque as f64) as f32
         },
         subject_size: ratio(subject, n),
+        keyed_out: keyed_out(a, &off_plate, w, h),
     };
     k.score = k.score_with(&WEIGHTS);
     k
+}
+
+/// [`Keyability::keyed_out`]: four linear passes (rows, columns, both diagonals) mark the
+/// pixels of each run of non-opaque pixels, at most [`keyed_out_gap`] long, that has an opaque
+/// pixel at both ends; the marked off-plate pixels are summed by 1 - alpha.
+fn keyed_out(a: &[f32], off_plate: &[bool], w: usize, h: usize) -> f32 {
+    let n = w * h;
+    if n == 0 {
+        return 0.0;
+    }
+    let gap = keyed_out_gap(w, h);
+    let mut between = vec![false; n];
+    // One line: `len` pixels from `start`, `step` apart.
+    let mut line = |start: usize, step: usize, len: usize| {
+        let mut last: Option<usize> = None;
+        for t in 0..len {
+            if a[start + t * step] >= 0.98 {
+                if let Some(l) = last
+                    && t - l - 1 <= gap
+                {
+                    for u in l + 1..t {
+                        between[start + u * step] = true;
+                    }
+                }
+                last = Some(t);
+            }
+        }
+    };
+    for y in 0..h {
+        line(y * w, 1, w);
+    }
+    for x in 0..w {
+        line(x, w, h);
+    }
+    // Down-right diagonals start on the top row and the left column; down-left ones on the
+    // top row and the right column.
+    for x in 0..w {
+        line(x, w + 1, (w - x).min(h));
+        line(x, w - 1, (x + 1).min(h));
+    }
+    for y in 1..h {
+        line(y * w, w + 1, (h - y).min(w));
+        line(y * w + w - 1, w - 1, (h - y).min(w));
+    }
+    let sum: f64 = (0..n)
+        .filter(|&i| between[i] && off_plate[i])
+        .map(|i| (1.0 - a[i].clamp(0.0, 1.0)) as f64)
+        .sum();
+    (sum / n as f64) as f32
 }
 
 fn ratio(a: usize, b: usize) -> f32 {
@@ -218,7 +300,7 @@ fn same_hue(c: (f32, f32), screen: (f32, f32)) -> bool {
 impl Keyability {
     /// The penalties (0 = no problem), in [`PENALTY_NAMES`] order; each is about 1 where
     /// that problem is severe.
-    pub fn penalties(&self) -> [f32; 8] {
+    pub fn penalties(&self) -> [f32; N_PENALTIES] {
         [
             1.0 - self.border_screen,
             1.0 - self.screen_confidence,
@@ -228,11 +310,12 @@ impl Keyability {
             self.enclosed_screen,
             self.ambiguous * 10.0,
             self.spill / 32.0,
+            self.keyed_out * 10.0,
         ]
     }
 
     /// The score these parts give with matte-error weights `weights`.
-    pub fn score_with(&self, weights: &[f32; 8]) -> f32 {
+    pub fn score_with(&self, weights: &[f32; N_PENALTIES]) -> f32 {
         let e: f32 = self
             .penalties()
             .iter()
@@ -331,6 +414,49 @@ mod tests {
         assert!(dark.entanglement > 0.08, "{dark:?}");
     }
 
+    /// A disc of `fill` (radius r, centred) crossed by a horizontal band of `band`, `bw` px
+    /// wide, that reaches the disc's outline.
+    fn banded(s: usize, r: f32, fill: [u8; 3], band: [u8; 3], bw: f32) -> Vec<u8> {
+        let c = s as f32 / 2.0;
+        let mut v = Vec::with_capacity(s * s * 3);
+        for y in 0..s {
+            for x in 0..s {
+                let (dx, dy) = (x as f32 + 0.5 - c, y as f32 + 0.5 - c);
+                let px = if (dx * dx + dy * dy).sqrt() >= r {
+                    GREEN
+                } else if dy.abs() < bw / 2.0 {
+                    band
+                } else {
+                    fill
+                };
+                v.extend_from_slice(&px);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_key_coloured_band_keyed_out_is_measured_and_a_screen_gap_is_not() {
+        // A bright key shade (not the plate, but keyed out): between opaque subject above and
+        // below, reaching the outline, so no enclosed hole sees it.
+        let band = report(128, &banded(128, 40.0, [200, 40, 40], [0, 210, 80], 8.0));
+        let area = 8.0 * 80.0 / (128.0 * 128.0);
+        assert!(band.keyed_out > 0.5 * area, "{band:?}");
+        assert!(band.enclosed_screen < 0.01, "{band:?}");
+        // The same band in the screen's own colour is a gap showing the plate.
+        let gap = report(128, &banded(128, 40.0, [200, 40, 40], GREEN, 8.0));
+        assert!(gap.keyed_out < 0.1 * area, "{gap:?}");
+        // A band wider than keyed_out_gap is not between opaque pixels.
+        let wide = report(128, &banded(128, 40.0, [200, 40, 40], [0, 210, 80], 30.0));
+        assert!(
+            wide.keyed_out < band.keyed_out * 0.5,
+            "{wide:?} vs {band:?}"
+        );
+        assert!(band.score < gap.score, "{} vs {}", band.score, gap.score);
+        let clean = report(128, &scene(128, 64.0, 64.0, 40.0, [200, 40, 40], None));
+        assert!(clean.keyed_out < 0.001, "{clean:?}");
+    }
+
     #[test]
     fn a_tiny_subject_falls_off_and_an_empty_key_is_zero() {
         let tiny = report(128, &scene(128, 64.0, 64.0, 4.0, [200, 40, 40], None));
@@ -349,9 +475,9 @@ mod tests {
     #[test]
     fn the_score_falls_with_every_penalty() {
         let k = report(128, &scene(128, 64.0, 64.0, 30.0, [200, 40, 40], None));
-        let base = k.score_with(&[1.0; 8]);
-        for i in 0..8 {
-            let mut w = [1.0; 8];
+        let base = k.score_with(&[1.0; N_PENALTIES]);
+        for i in 0..N_PENALTIES {
+            let mut w = [1.0; N_PENALTIES];
             w[i] = 5.0;
             let mut worse = k;
             match i {
@@ -362,7 +488,8 @@ mod tests {
                 4 => worse.entanglement += 0.3,
                 5 => worse.enclosed_screen += 0.3,
                 6 => worse.ambiguous += 0.03,
-                _ => worse.spill += 10.0,
+                7 => worse.spill += 10.0,
+                _ => worse.keyed_out += 0.02,
             }
             assert!(worse.score_with(&w) < base, "penalty {}", PENALTY_NAMES[i]);
         }
