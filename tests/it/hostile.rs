@@ -526,11 +526,13 @@ mod fuzz {
         #[test]
         fn small_parsers_never_panic(s in "\\PC{0,24}") {
             let _ = Template::parse(&s).map(|t| t.render(&Fields {
-                index: usize::MAX, seed: u64::MAX, prompt: &s, color: &tkg::color::KeyColor::green(),
+                index: usize::MAX, seed: u64::MAX, prompt: &s, color: Some(&tkg::color::KeyColor::green()),
                 model: &s, date: "", image: 0, line: 0,
             }));
             let _ = Shard::parse(&s);
             let _ = tkg::color::KeyColor::parse(&s);
+            let _ = tkg::settings::ColorChoice::parse(&s);
+            let _ = tkg::settings::parse_colors(&s);
             let _ = Size::parse(&s);
             let _ = Offset::parse(&s);
             let _ = tkg::settings::parse_center(&s);
