@@ -357,7 +357,7 @@ impl Runner<'_> {
                         .as_ref()
                         .map(|k| record::key_generated(k, img, g))
                         .transpose()?;
-                    record::write_image(cfg, loaded, img, req, *t, g, keyed, per_image)
+                    record::write_image(cfg, loaded, img, req, *t, g, keyed.as_ref(), per_image)
                 })
                 .collect()
         } else {
@@ -638,7 +638,7 @@ impl Runner<'_> {
                     &b.req,
                     t,
                     &b.generated,
-                    Some(b.key),
+                    Some(&b.key),
                     per_image,
                 )?;
                 let s = &img.settings;
@@ -675,11 +675,6 @@ impl Runner<'_> {
         let mut job = c.job.clone();
         job.out = job.try_path(c.try_index);
         job.save_latents = None;
-        let key = record::KeyResult {
-            keyed: c.key.keyed.clone(),
-            report: c.key.report,
-            time: c.key.time,
-        };
         let w = record::write_image(
             self.config,
             loaded,
@@ -687,7 +682,7 @@ impl Runner<'_> {
             &c.req,
             todo,
             &c.generated,
-            Some(key),
+            Some(&c.key),
             std::time::Duration::ZERO,
         )?;
         Ok((w.finished.paths, w.finished.written))

@@ -128,7 +128,7 @@ pub fn write_image(
     req: &Request,
     todo: Todo,
     g: &Generated,
-    keyed: Option<KeyResult>,
+    keyed: Option<&KeyResult>,
     gen_time: Duration,
 ) -> Result<Written> {
     let t0 = Instant::now();
@@ -171,7 +171,7 @@ pub fn write_image(
         }),
     ) = (&cfg.key, keyed)
     {
-        key_time = time;
+        key_time = *time;
         warnings.extend(keyed.screen.warning.clone());
         if let Some(why) = keyed.fused.as_ref().and_then(|f| f.ignored.as_ref()) {
             warnings.push(format!("image {}: subject mask not used: {why}", img.index));
@@ -182,7 +182,7 @@ pub fn write_image(
             // Completing a half-written image: the files that exist are rewritten with the
             // same bytes (generation is deterministic), atomically.
             let ow = overwrite || todo == Todo::Complete;
-            written.extend(key::write_outputs(&img.out, &keyed, &k.outputs, &text, ow)?);
+            written.extend(key::write_outputs(&img.out, keyed, &k.outputs, &text, ow)?);
         }
         paths.extend(want.iter().map(|p| p.display().to_string()));
         let s = keyed.screen.rgb.map(|v| v.round().clamp(0.0, 255.0) as u8);
