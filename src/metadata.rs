@@ -629,19 +629,12 @@ pub fn push_keyability(p: &mut Parameters, k: &Keyability) {
 /// of their own where an image has no `parameters` (`tkg key`'s outputs).
 pub fn keyability_text(k: &Keyability) -> Vec<(String, String)> {
     let score = format!("{:.1}", k.score);
-    let parts = [
-        ("border_screen", k.border_screen),
-        ("screen_confidence", k.screen_confidence),
-        ("plate_residual", k.plate_residual),
-        ("border_subject", k.border_subject),
-        ("entanglement", k.entanglement),
-        ("enclosed_screen", k.enclosed_screen),
-        ("ambiguous", k.ambiguous),
-        ("spill", k.spill),
-        ("subject_size", k.subject_size),
-        ("keyed_out", k.keyed_out),
-    ];
-    let mut text: Vec<String> = parts.iter().map(|(n, v)| format!("{n}={v:.4}")).collect();
+    let mut copy = *k;
+    let mut text: Vec<String> = copy
+        .parts_mut()
+        .iter()
+        .map(|(n, v)| format!("{n}={:.4}", **v))
+        .collect();
     text.push(format!("touches_border={}", k.touches_border));
     vec![
         (KEYABILITY_KEY.into(), score),
@@ -686,45 +679,25 @@ fn keyability_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Result<K
         };
         let mut k = Keyability {
             score: num("score", score)?,
-            border_screen: 0.0,
-            screen_confidence: 0.0,
-            plate_residual: 0.0,
-            border_subject: 0.0,
-            touches_border: false,
-            entanglement: 0.0,
-            enclosed_screen: 0.0,
-            ambiguous: 0.0,
-            spill: 0.0,
-            subject_size: 0.0,
-            keyed_out: 0.0,
+            ..Keyability::default()
         };
         for item in parts.unwrap_or("").split_whitespace() {
             let Some((name, v)) = item.split_once('=') else {
                 bail!("keyability part '{item}' is not name=value");
             };
-            let slot = match name {
-                "border_screen" => &mut k.border_screen,
-                "screen_confidence" => &mut k.screen_confidence,
-                "plate_residual" => &mut k.plate_residual,
-                "border_subject" => &mut k.border_subject,
-                "entanglement" => &mut k.entanglement,
-                "enclosed_screen" => &mut k.enclosed_screen,
-                "ambiguous" => &mut k.ambiguous,
-                "spill" => &mut k.spill,
-                "subject_size" => &mut k.subject_size,
-                "keyed_out" => &mut k.keyed_out,
-                "touches_border" => {
-                    k.touches_border = match v {
-                        "true" => true,
-                        "false" => false,
-                        _ => bail!("keyability touches_border '{v}' is not true or false"),
-                    };
-                    continue;
-                }
-                // A later version's part: shown by `tkg info` as text, not an error here.
-                _ => continue,
-            };
-            *slot = num(name, v)?;
+            if name == "touches_border" {
+                k.touches_border = match v {
+                    "true" => true,
+                    "false" => false,
+                    _ => bail!("keyability touches_border '{v}' is not true or false"),
+                };
+                continue;
+            }
+            // A name not among the parts is a later version's: shown by `tkg info` as
+            // text, not an error here.
+            if let Some((_, slot)) = k.parts_mut().into_iter().find(|(n, _)| *n == name) {
+                *slot = num(name, v)?;
+            }
         }
         Ok(k)
     })())

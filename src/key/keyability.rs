@@ -18,7 +18,7 @@ use super::Keyed;
 use serde::{Deserialize, Serialize};
 
 /// The parts of the report, each a measurement of this image.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Keyability {
     /// 0..100, higher keys better.
     pub score: f32,
@@ -298,6 +298,23 @@ fn same_hue(c: (f32, f32), screen: (f32, f32)) -> bool {
 }
 
 impl Keyability {
+    /// The numeric parts by name (all but the score and `touches_border`): the one list the
+    /// metadata writer and reader share.
+    pub fn parts_mut(&mut self) -> [(&'static str, &mut f32); 10] {
+        [
+            ("border_screen", &mut self.border_screen),
+            ("screen_confidence", &mut self.screen_confidence),
+            ("plate_residual", &mut self.plate_residual),
+            ("border_subject", &mut self.border_subject),
+            ("entanglement", &mut self.entanglement),
+            ("enclosed_screen", &mut self.enclosed_screen),
+            ("ambiguous", &mut self.ambiguous),
+            ("spill", &mut self.spill),
+            ("subject_size", &mut self.subject_size),
+            ("keyed_out", &mut self.keyed_out),
+        ]
+    }
+
     /// The penalties (0 = no problem), in [`PENALTY_NAMES`] order; each is about 1 where
     /// that problem is severe.
     pub fn penalties(&self) -> [f32; N_PENALTIES] {
