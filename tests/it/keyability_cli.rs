@@ -210,15 +210,9 @@ fn key_report_is_written_atomically_and_read_back_by_info() {
     let d = scratch("key-report");
     assert_ok(&generate(&d, "g.png", &["--seed", "1", "--no-key"]));
     let report = d.join("r.json");
-    let out = tkg(&[
-        "key",
-        s(&d.join("g.png")),
-        "--out",
-        s(&d.join("k.png")),
-        "--report",
-        s(&report),
-    ]);
-    assert_ok(&out);
+    let (image, out) = (d.join("g.png"), d.join("k.png"));
+    let key = || tkg(&["key", s(&image), "--out", s(&out), "--report", s(&report)]);
+    assert_ok(&key());
     let v: Value = serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
     let k = &v["keyability"];
     let score = k["score"].as_f64().unwrap();
@@ -237,15 +231,7 @@ fn key_report_is_written_atomically_and_read_back_by_info() {
     // No clobbering: the report exists.
     fs::remove_file(d.join("k.matte.png")).unwrap();
     fs::remove_file(d.join("k.cutout.png")).unwrap();
-    let again = tkg(&[
-        "key",
-        s(&d.join("g.png")),
-        "--out",
-        s(&d.join("k.png")),
-        "--report",
-        s(&report),
-    ]);
-    assert_fails(&again, "exist");
+    assert_fails(&key(), "exist");
     assert!(
         !d.join("k.matte.png").exists(),
         "nothing written on refusal"
