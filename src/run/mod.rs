@@ -557,29 +557,41 @@ impl Runner<'_> {
             .collect();
         let mut made = vec![0usize; n];
         let mut written: Vec<Vec<std::path::PathBuf>> = vec![Vec::new(); n];
+        // An image whose try cannot be keyed or written stops trying and fails alone, as on
+        // the plain path: the other images of the batch are still chosen and written.
+        let mut failed: Vec<Option<anyhow::Error>> = (0..n).map(|_| None).collect();
         loop {
             // Key this round's tries and write them under --keep all.
-            let keyed: Vec<Result<(usize, select::Candidate, TryFiles)>> = round
+            let keyed: Vec<(usize, Result<(select::Candidate, TryFiles)>)> = round
                 .into_par_iter()
                 .map(|(k, job, req, generated)| {
-                    let key_result = record::key_generated(key, &job, &generated)?;
-                    let c = select::Candidate {
-                        try_index: made[k],
-                        job,
-                        req,
-                        generated,
-                        key: key_result,
+                    let tried = || {
+                        let key_result = record::key_generated(key, &job, &generated)?;
+                        let c = select::Candidate {
+                            try_index: made[k],
+                            job,
+                            req,
+                            generated,
+                            key: key_result,
+                        };
+                        let files = if c.job.settings.keep == crate::settings::Keep::All {
+                            self.write_try(loaded, &c, todos[k])?
+                        } else {
+                            (Vec::new(), Vec::new())
+                        };
+                        Ok((c, files))
                     };
-                    let files = if c.job.settings.keep == crate::settings::Keep::All {
-                        self.write_try(loaded, &c, todos[k])?
-                    } else {
-                        (Vec::new(), Vec::new())
-                    };
-                    Ok((k, c, files))
+                    (k, tried())
                 })
                 .collect();
-            for r in keyed {
-                let (k, c, (paths, files)) = r?;
+            for (k, r) in keyed {
+                let (c, (paths, files)) = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        failed[k] = Some(e);
+                        continue;
+                    }
+                };
                 made[k] += 1;
                 written[k].extend(files);
                 self.events.event(&Event::Tried {
@@ -597,7 +609,7 @@ impl Runner<'_> {
             let mut next = Vec::new();
             for k in 0..n {
                 let b = best[k].as_ref().map_or(0.0, |b| b.score());
-                if !select::wants_another(&jobs[k], made[k], b) {
+                if failed[k].is_some() || !select::wants_another(&jobs[k], made[k], b) {
                     continue;
                 }
                 let mut job = jobs[k].clone();
@@ -626,7 +638,11 @@ impl Runner<'_> {
             .zip(tries)
             .zip(written)
             .zip(todos)
-            .map(|(((b, tries), tries_written), &t)| {
+            .zip(failed)
+            .map(|((((b, tries), tries_written), &t), failed)| {
+                if let Some(e) = failed {
+                    return Err(e);
+                }
                 let b = b.context("internal error: an image without a try")?;
                 let chosen = b.try_index;
                 let score = b.score();

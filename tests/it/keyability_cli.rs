@@ -2,7 +2,7 @@
 //! `tkg key --report` and `tkg info`; `--best-of`, `--min-keyability` with `--retries`, and
 //! `--color auto`; their bad input.
 
-use crate::common::cli::{assert_fails, assert_ok, s, scratch, tkg};
+use crate::common::cli::{assert_fails, assert_ok, command, s, scratch, tkg};
 use serde_json::Value;
 use std::fs;
 use std::path::Path;
@@ -269,4 +269,61 @@ fn bad_selection_input_gets_one_line() {
     fs::write(&jobs, "{\"prompt\": \"a\", \"best_of\": 0}\n").unwrap();
     let out = tkg(&["batch", s(&jobs), "--model", "tiny-sd15", "--dry-run"]);
     assert_fails(&out, "best_of");
+}
+
+#[test]
+fn a_try_that_cannot_be_written_fails_its_image_alone() {
+    use std::io::BufRead;
+    let d = scratch("try-fails-alone");
+    let jobs = d.join("jobs.jsonl");
+    fs::write(
+        &jobs,
+        "{\"prompt\": \"a watch\", \"seed\": 7, \"best_of\": 2, \"keep\": \"all\"}\n\
+         {\"prompt\": \"a pack\", \"seed\": 9, \"best_of\": 2, \"keep\": \"all\"}\n",
+    )
+    .unwrap();
+    let mut child = command(&[
+        "batch",
+        s(&jobs),
+        "--model",
+        "tiny-sd15",
+        "--steps",
+        "16",
+        "--batch-size",
+        "2",
+        "--out",
+        s(&d.join("{index}.png")),
+        "--manifest",
+        s(&d.join("m.jsonl")),
+        "--progress",
+        "json",
+    ])
+    .stderr(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    // Once the first round is keyed, image 0's second try finds its file taken: another
+    // process made it after planning (the plan refuses one that exists at the start). The
+    // second round's 16 steps are the time the file has to appear.
+    let taken = d.join("0.try1.png");
+    let mut stderr = String::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("\"try\"") && !taken.exists() {
+            fs::write(&taken, b"precious").unwrap();
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(fs::read(&taken).unwrap(), b"precious");
+    assert!(!d.join("0.png").exists());
+    let m = manifest(&d.join("m.jsonl"));
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["index"].as_u64(), Some(1));
+    assert_eq!(m[0]["tries"].as_array().unwrap().len(), 2);
+    assert!(d.join("1.png").exists() && d.join("1.try1.png").exists());
 }
