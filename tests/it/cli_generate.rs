@@ -568,3 +568,49 @@ fn a_models_sampling_defaults_apply_where_flags_are_silent() {
         "{p}"
     );
 }
+
+/// The kernels split work by the thread count; no output element's arithmetic may depend on
+/// the split, so 1, 2 and 3 threads write the same bytes (docs/batch.md, reproducibility).
+#[test]
+fn the_thread_count_changes_no_bit() {
+    let d = scratch("threads");
+    let files = |t: usize| {
+        let out = d.join(format!("t{t}.png"));
+        let lat = d.join(format!("t{t}.safetensors"));
+        let run = crate::common::cli::command(&[
+            "generate",
+            "--model",
+            "tiny-sd15",
+            "--prompt",
+            "a red vintage car",
+            "--seed",
+            "42",
+            "--steps",
+            "4",
+            "--width",
+            "192",
+            "--height",
+            "128",
+            "--out",
+            s(&out),
+            "--save-latents",
+            s(&lat),
+        ])
+        .env("RAYON_NUM_THREADS", t.to_string())
+        .output()
+        .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        ["png", "matte.png", "cutout.png", "safetensors"]
+            .map(|ext| fs::read(d.join(format!("t{t}.{ext}"))).unwrap())
+    };
+    let one = files(1);
+    for t in [2, 3] {
+        for (i, (a, b)) in one.iter().zip(files(t)).enumerate() {
+            assert!(*a == b, "{t} threads: output {i} differs from 1 thread's");
+        }
+    }
+}
