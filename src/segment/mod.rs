@@ -6,6 +6,7 @@
 //! files (`u2net`, `u2netp`, `silueta`) with rembg's own pre- and post-processing;
 //! [`locate`] finds them where rembg users keep them.
 
+pub mod sam;
 pub mod u2net;
 pub mod u2net_onnx;
 

@@ -1,0 +1,333 @@
+//! SAM and a SlimSAM-style pruned SAM against transformers' SamProcessor + SamModel (goldens
+//! from tests/golden/segment/make_sam_golden.py).
+
+use crate::common::cli::scratch;
+use crate::common::{golden, max_abs, rel_l2};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tkg::segment::sam::SamModel;
+use tkg::segment::sam::prompt_encoder::{ModelPrompt, PointLabel};
+use tkg::segment::{Prompt, Segmenter};
+
+const VARIANTS: [&str; 2] = ["sam", "slimsam"];
+
+fn dir(variant: &str) -> PathBuf {
+    golden().join("segment").join(variant)
+}
+
+fn meta(variant: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(variant).join("golden.json")).unwrap())
+        .unwrap()
+}
+
+fn goldens(variant: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir(variant).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn model(variant: &str) -> SamModel {
+    SamModel::load_dir(&dir(variant), &Device::Cpu).unwrap()
+}
+
+fn image(variant: &str) -> image::RgbImage {
+    image::open(dir(variant).join("image.png"))
+        .unwrap()
+        .to_rgb8()
+}
+
+/// The case's prompt in the model's coordinates, in transformers' order.
+fn golden_prompt(case: &serde_json::Value, g: &HashMap<String, Tensor>) -> ModelPrompt {
+    let name = case["name"].as_str().unwrap();
+    let mut p = ModelPrompt::default();
+    if let Some(pts) = g.get(&format!("{name}.input_points")) {
+        let pts = pts.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let labels = case["labels"].as_array().unwrap();
+        for (xy, l) in pts.chunks(2).zip(labels) {
+            let label = match l.as_i64().unwrap() {
+                1 => PointLabel::Positive,
+                0 => PointLabel::Negative,
+                other => panic!("label {other}"),
+            };
+            p.points.push((xy[0], xy[1], label));
+        }
+    }
+    if let Some(b) = g.get(&format!("{name}.input_boxes")) {
+        let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        p.bbox = Some([b[0], b[1], b[2], b[3]]);
+    }
+    p
+}
+
+/// The case's prompt as a user gives it, in image pixels.
+fn user_prompt(case: &serde_json::Value) -> Prompt {
+    let mut p = Prompt::default();
+    if let Some(points) = case["points"].as_array() {
+        for (xy, l) in points.iter().zip(case["labels"].as_array().unwrap()) {
+            let xy = [
+                xy[0].as_f64().unwrap() as f32,
+                xy[1].as_f64().unwrap() as f32,
+            ];
+            if l.as_i64() == Some(1) {
+                p.points.push(xy);
+            } else {
+                p.negative_points.push(xy);
+            }
+        }
+    }
+    if let Some(b) = case["box"].as_array() {
+        let v: Vec<f32> = b.iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        p.bbox = Some([v[0], v[1], v[2], v[3]]);
+    }
+    p
+}
+
+#[test]
+fn the_processor_makes_transformers_pixels() {
+    for v in VARIANTS {
+        let m = model(v);
+        let g = goldens(v);
+        let ours = m.processor.preprocess(&image(v), &Device::Cpu).unwrap();
+        let want = &g["pixel_values"];
+        let reshaped = meta(v)["image"]["reshaped_hw"].clone();
+        assert_eq!(
+            [ours.reshaped.0, ours.reshaped.1],
+            [
+                reshaped[0].as_u64().unwrap() as usize,
+                reshaped[1].as_u64().unwrap() as usize
+            ],
+            "{v}"
+        );
+        // Pillow's fixed-point bilinear, reproduced: the 8-bit images are equal, and so the
+        // normalised pixels are, to f32 rounding.
+        let d = max_abs(&ours.pixels, want);
+        assert!(d <= 1e-6, "{v}: pixel values differ by {d}");
+    }
+}
+
+#[test]
+fn image_embeddings_match_transformers() {
+    for v in VARIANTS {
+        let m = model(v);
+        let g = goldens(v);
+        let emb = m.embed_image(&g["pixel_values"]).unwrap();
+        let r = rel_l2(&emb, &g["image_embeddings"]);
+        eprintln!("{v}: image embeddings rel L2 {r:.2e}");
+        assert!(r <= 1e-4, "{v}: image embeddings rel L2 {r}");
+    }
+}
+
+#[test]
+fn mask_logits_and_iou_match_transformers() {
+    for v in VARIANTS {
+        let m = model(v);
+        let g = goldens(v);
+        let emb = &g["image_embeddings"];
+        for case in meta(v)["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let multimask = case["multimask"].as_bool().unwrap();
+            let out = m.decode(emb, &golden_prompt(case, &g), multimask).unwrap();
+            let want = g[&format!("{name}.pred_masks")].squeeze(1).unwrap();
+            assert_eq!(out.masks.dims(), want.dims(), "{v}/{name}");
+            let r = rel_l2(&out.masks, &want);
+            eprintln!("{v}/{name}: mask logits rel L2 {r:.2e}");
+            assert!(r <= 1e-4, "{v}/{name}: mask logits rel L2 {r}");
+            let want = g[&format!("{name}.iou_scores")].squeeze(1).unwrap();
+            let r = rel_l2(&out.iou, &want);
+            eprintln!("{v}/{name}: IoU predictions rel L2 {r:.2e}");
+            assert!(r <= 1e-4, "{v}/{name}: IoU predictions rel L2 {r}");
+        }
+    }
+}
+
+#[test]
+fn prompts_are_moved_as_the_processor_moves_them() {
+    for v in VARIANTS {
+        let m = model(v);
+        let g = goldens(v);
+        let img = image(v);
+        let size = (img.height() as usize, img.width() as usize);
+        for case in meta(v)["cases"].as_array().unwrap() {
+            let ours = m
+                .processor
+                .transform_prompt(&user_prompt(case), size)
+                .unwrap();
+            let mut want = golden_prompt(case, &g);
+            // tkg's Prompt lists the subject's points before the background's.
+            want.points.sort_by_key(|p| p.2 != PointLabel::Positive);
+            assert_eq!(ours.points.len(), want.points.len());
+            for (a, b) in ours.points.iter().zip(&want.points) {
+                assert_eq!(a.2, b.2);
+                // The user's points are f32 here, f64 in the script.
+                assert!(
+                    (a.0 - b.0).abs() < 1e-4 && (a.1 - b.1).abs() < 1e-4,
+                    "{a:?} {b:?}"
+                );
+            }
+            match (ours.bbox, want.bbox) {
+                (Some(a), Some(b)) => {
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() < 1e-4, "{a:?} {b:?}");
+                    }
+                }
+                (None, None) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+/// Intersection over union of two 0/1 masks.
+fn iou(a: &[bool], b: &[bool]) -> f64 {
+    let inter = a.iter().zip(b).filter(|(x, y)| **x && **y).count();
+    let union = a.iter().zip(b).filter(|(x, y)| **x || **y).count();
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
+}
+
+#[test]
+fn masks_at_the_image_size_match_transformers() {
+    for v in VARIANTS {
+        let m = model(v);
+        let g = goldens(v);
+        let img = image(v);
+        for case in meta(v)["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let multimask = case["multimask"].as_bool().unwrap();
+            let p = m.predict(&img, &user_prompt(case), multimask).unwrap();
+            let want = g[&format!("{name}.masks")]
+                .to_dtype(DType::U8)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let (count, h, w) = want.dims3().unwrap();
+            assert_eq!(count, p.logits.len(), "{v}/{name}");
+            assert_eq!((h, w), (img.height() as usize, img.width() as usize));
+            let want = want.flatten_from(1).unwrap().to_vec2::<u8>().unwrap();
+            for (i, want) in want.iter().enumerate() {
+                let ours: Vec<bool> = p.logits[i].iter().map(|&x| x > 0.0).collect();
+                let want: Vec<bool> = want.iter().map(|&x| x != 0).collect();
+                assert!(want.iter().any(|&x| x) && !want.iter().all(|&x| x));
+                let score = iou(&ours, &want);
+                eprintln!("{v}/{name} mask {i}: IoU with transformers' mask {score}");
+                assert!(score >= 0.999, "{v}/{name} mask {i}: IoU {score}");
+            }
+            let r = rel_l2(
+                &Tensor::new(p.iou.as_slice(), &Device::Cpu).unwrap(),
+                &g[&format!("{name}.iou_scores")].flatten_all().unwrap(),
+            );
+            assert!(r <= 1e-4, "{v}/{name}: IoU predictions rel L2 {r}");
+        }
+    }
+}
+
+#[test]
+fn the_segmenter_gives_the_mask_sam_rates_best() {
+    let m = model("sam");
+    let img = image("sam");
+    let case = &meta("sam")["cases"][0];
+    let prompt = user_prompt(case);
+    let p = m.predict(&img, &prompt, true).unwrap();
+    let best = p.best();
+    assert!(p.iou.iter().all(|&x| x <= p.iou[best]));
+    let seg = tkg::segment::sam::SamSegmenter::load(&dir("sam"), "sam", &Device::Cpu).unwrap();
+    let mask = seg.segment(&img, &prompt).unwrap();
+    assert_eq!(mask, p.mask(best));
+    assert_eq!((mask.width, mask.height), img.dimensions());
+}
+
+#[test]
+fn broken_sam_folders_are_refused_by_name() {
+    let root = scratch("sam-broken");
+    let copy = |name: &str, skip: &str| -> PathBuf {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+        ] {
+            if f != skip {
+                std::fs::copy(dir("sam").join(f), d.join(f)).unwrap();
+            }
+        }
+        d
+    };
+    let err = |d: &PathBuf| format!("{:#}", SamModel::load_dir(d, &Device::Cpu).err().unwrap());
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        let d = copy(&format!("no-{f}"), f);
+        let e = err(&d);
+        assert!(e.contains(&format!("has no {f}")), "{e}");
+    }
+    // A config whose widths do not match the weights: the tensor is named.
+    let d = copy("wrong-mlp", "");
+    let text = std::fs::read_to_string(d.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["vision_config"]["mlp_dim"] = 100.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    let e = err(&d);
+    assert!(
+        e.contains("vision_encoder.layers.0.mlp.lin1.weight") && e.contains("[100, 32]"),
+        "{e}"
+    );
+    // One layer fewer than the weights have: the unused tensors are reported.
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["vision_config"]["num_hidden_layers"] = 2.into();
+    cfg["vision_config"]["global_attn_indexes"] = serde_json::json!([]);
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    let e = err(&d);
+    assert!(e.contains("does not use") && e.contains("layers.2"), "{e}");
+    // Not JSON, and a truncated weights file.
+    std::fs::write(d.join("config.json"), "{").unwrap();
+    assert!(err(&d).contains("config.json"));
+    std::fs::write(d.join("config.json"), &text).unwrap();
+    let w = std::fs::read(dir("sam").join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let e = err(&d);
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn post_processing_matches_transformers() {
+    for v in VARIANTS {
+        let m = model(v);
+        let g = goldens(v);
+        let img = image(v);
+        let original = (img.height() as usize, img.width() as usize);
+        let reshaped = m.processor.reshaped(original);
+        for case in meta(v)["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let low = g[&format!("{name}.pred_masks")].flatten_to(2).unwrap();
+            let (_, _, count, lh, lw) = g[&format!("{name}.pred_masks")].dims5().unwrap();
+            let low = low.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = g[&format!("{name}.masks")]
+                .flatten_from(2)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<u8>()
+                .unwrap();
+            for (i, want) in want.iter().enumerate().take(count) {
+                let up = m
+                    .processor
+                    .upscale_logits(
+                        &low[i * lh * lw..(i + 1) * lh * lw],
+                        (lh, lw),
+                        reshaped,
+                        original,
+                    )
+                    .unwrap();
+                let ours: Vec<bool> = up.iter().map(|&x| x > 0.0).collect();
+                let want: Vec<bool> = want.iter().map(|&x| x != 0).collect();
+                let score = iou(&ours, &want);
+                assert!(score >= 0.999, "{v}/{name} mask {i}: IoU {score}");
+            }
+        }
+    }
+}
