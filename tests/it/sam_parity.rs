@@ -331,3 +331,125 @@ fn post_processing_matches_transformers() {
         }
     }
 }
+
+#[test]
+fn tkg_segment_runs_sam_with_points_and_a_box() {
+    use crate::common::cli::{assert_ok, s, tkg};
+    let d = scratch("sam-cli");
+    let img = dir("sam").join("image.png");
+    let out = d.join("m.png");
+    let model = dir("sam");
+    let run = tkg(&[
+        "segment",
+        s(&img),
+        "--model",
+        s(&model),
+        "--point",
+        "15,14.8",
+        "--neg-point",
+        "40,7.4",
+        "--all-masks",
+        "--out",
+        s(&out),
+    ]);
+    assert_ok(&run);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let listed: Vec<&str> = stdout.lines().collect();
+    let numbered: Vec<PathBuf> = (0..3).map(|i| d.join(format!("m.{i}.png"))).collect();
+    assert_eq!(listed.len(), 4, "{stdout}");
+    assert_eq!(listed[0], s(&out));
+    for (l, p) in listed[1..].iter().zip(&numbered) {
+        assert_eq!(*l, s(p));
+    }
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("predicted IoU"), "{stderr}");
+
+    let m = model_for_cli();
+    let prompt = Prompt {
+        points: vec![[15.0, 14.8]],
+        negative_points: vec![[40.0, 7.4]],
+        bbox: None,
+    };
+    let want = m.predict(&image("sam"), &prompt, true).unwrap();
+    let best = want.best();
+    let written = image::open(&out).unwrap().to_luma8();
+    assert_eq!(written.into_raw(), want.mask(best).to_u8());
+    let text = tkg::output::read_png_text(&out).unwrap();
+    let iou = text
+        .iter()
+        .find(|(k, _)| k == "TKG segment iou")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    assert_eq!(iou, format!("{:.4}", want.iou[best]));
+    for (i, p) in numbered.iter().enumerate() {
+        let written = image::open(p).unwrap().to_luma8();
+        assert_eq!(written.into_raw(), want.mask(i).to_u8(), "mask {i}");
+    }
+
+    // A box alone works too.
+    let boxed = d.join("b.png");
+    assert_ok(&tkg(&[
+        "segment",
+        s(&img),
+        "--model",
+        s(&model),
+        "--box",
+        "5,5.5,35,33",
+        "--out",
+        s(&boxed),
+    ]));
+    assert!(boxed.is_file());
+}
+
+fn model_for_cli() -> SamModel {
+    model("sam")
+}
+
+#[test]
+fn tkg_segment_refuses_bad_sam_input_in_one_line() {
+    use crate::common::cli::{assert_fails, s, tkg};
+    let d = scratch("sam-cli-bad");
+    let img = dir("sam").join("image.png");
+    let out = d.join("m.png");
+    let model = dir("sam");
+    let seg = |extra: &[&str]| {
+        let mut a = vec!["segment", s(&img), "--out", s(&out)];
+        a.extend_from_slice(extra);
+        tkg(&a)
+    };
+    // The image is 50x37.
+    assert_fails(
+        &seg(&["--model", s(&model), "--point", "60,10"]),
+        "outside the 50x37 image",
+    );
+    assert_fails(
+        &seg(&["--model", s(&model), "--box", "30,5,10,20"]),
+        "is empty",
+    );
+    assert_fails(&seg(&["--model", s(&model)]), "SAM needs a prompt");
+    let broken = d.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(model.join(f), broken.join(f)).unwrap();
+    }
+    assert_fails(
+        &seg(&["--model", s(&broken), "--point", "10,10"]),
+        "has no model.safetensors",
+    );
+    assert_fails(
+        &seg(&["--model", "tiny-u2net", "--point", "10,10"]),
+        "takes no points or box",
+    );
+    assert_fails(
+        &seg(&["--model", "tiny-u2net", "--all-masks"]),
+        "--all-masks is for SAM",
+    );
+    assert_fails(
+        &seg(&["--model", "slimsam"]),
+        "transformers SamModel folder",
+    );
+    let bad = seg(&["--model", s(&model), "--point", "10;10"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("2 numbers"));
+    assert!(!out.exists());
+}
