@@ -453,3 +453,61 @@ fn tkg_segment_refuses_bad_sam_input_in_one_line() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("2 numbers"));
     assert!(!out.exists());
 }
+
+/// SlimSAM-uniform-77's shapes at the real 1024 input, random weights: the multi-chunk global
+/// attention and the padded 14-wide windows of a 64x64 grid. The reference is not committed
+/// (38 MB); make it with `make_sam_golden.py --full DIR`, then run
+/// `TKG_SAM_FULL=DIR cargo test --release --test it sam_parity::full -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs TKG_SAM_FULL, a folder from make_sam_golden.py --full"]
+fn full_size_slimsam_matches_transformers() {
+    let d = PathBuf::from(std::env::var("TKG_SAM_FULL").expect("TKG_SAM_FULL"));
+    let m = SamModel::load_dir(&d, &Device::Cpu).unwrap();
+    let g = candle_core::safetensors::load(d.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
+    let img = image::open(d.join("image.png")).unwrap().to_rgb8();
+    let ours = m.processor.preprocess(&img, &Device::Cpu).unwrap();
+    let px = max_abs(&ours.pixels, &g["pixel_values"]);
+    assert!(px <= 1e-6, "pixel values differ by {px}");
+    let start = std::time::Instant::now();
+    let emb = m.embed_image(&ours.pixels).unwrap();
+    let took = start.elapsed();
+    let r = rel_l2(&emb, &g["image_embeddings"]);
+    eprintln!("full: image embeddings rel L2 {r:.2e}, encoder {took:.2?}");
+    assert!(r <= 1e-4, "image embeddings rel L2 {r}");
+    for case in info["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let multimask = case["multimask"].as_bool().unwrap();
+        let start = std::time::Instant::now();
+        let out = m
+            .decode(&g["image_embeddings"], &golden_prompt(case, &g), multimask)
+            .unwrap();
+        let took = start.elapsed();
+        let rm = rel_l2(
+            &out.masks,
+            &g[&format!("{name}.pred_masks")].squeeze(1).unwrap(),
+        );
+        let ri = rel_l2(
+            &out.iou,
+            &g[&format!("{name}.iou_scores")].squeeze(1).unwrap(),
+        );
+        eprintln!("full/{name}: logits rel L2 {rm:.2e}, IoU rel L2 {ri:.2e}, decoder {took:.2?}");
+        assert!(rm <= 1e-4 && ri <= 1e-4, "{name}: {rm} {ri}");
+        let p = m.predict(&img, &user_prompt(case), multimask).unwrap();
+        let want = g[&format!("{name}.masks")]
+            .flatten_from(2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<u8>()
+            .unwrap();
+        for (i, want) in want.iter().enumerate() {
+            let ours: Vec<bool> = p.logits[i].iter().map(|&x| x > 0.0).collect();
+            let want: Vec<bool> = want.iter().map(|&x| x != 0).collect();
+            let score = iou(&ours, &want);
+            eprintln!("full/{name} mask {i}: IoU {score}");
+            assert!(score >= 0.999, "{name} mask {i}: IoU {score}");
+        }
+    }
+}
