@@ -448,6 +448,15 @@ fn tkg_segment_refuses_bad_sam_input_in_one_line() {
         &seg(&["--model", "slimsam"]),
         "transformers SamModel folder",
     );
+    let key = tkg(&[
+        "key",
+        s(&img),
+        "--segment-model",
+        s(&model),
+        "--out",
+        s(&out),
+    ]);
+    assert_fails(&key, "gives SAM no prompt yet");
     let bad = seg(&["--model", s(&model), "--point", "10;10"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("2 numbers"));
