@@ -125,7 +125,10 @@ fn mask_logits_and_iou_match_transformers() {
         for case in meta(v)["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let multimask = case["multimask"].as_bool().unwrap();
-            let out = m.decode(emb, &golden_prompt(case, &g), multimask).unwrap();
+            let mask = g.get(&format!("{name}.input_masks"));
+            let out = m
+                .decode_with_mask(emb, &golden_prompt(case, &g), mask, multimask)
+                .unwrap();
             let want = g[&format!("{name}.pred_masks")].squeeze(1).unwrap();
             assert_eq!(out.masks.dims(), want.dims(), "{v}/{name}");
             let r = rel_l2(&out.masks, &want);
@@ -136,6 +139,14 @@ fn mask_logits_and_iou_match_transformers() {
             eprintln!("{v}/{name}: IoU predictions rel L2 {r:.2e}");
             assert!(r <= 1e-4, "{v}/{name}: IoU predictions rel L2 {r}");
         }
+        // A mask prompt must be the low-res logits' shape.
+        let wrong = Tensor::zeros((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let case = &meta(v)["cases"][0];
+        let e = m
+            .decode_with_mask(emb, &golden_prompt(case, &g), Some(&wrong), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a mask prompt is [1, 1, 32, 32]"), "{e}");
     }
 }
 
@@ -196,7 +207,10 @@ fn masks_at_the_image_size_match_transformers() {
         for case in meta(v)["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let multimask = case["multimask"].as_bool().unwrap();
-            let p = m.predict(&img, &user_prompt(case), multimask).unwrap();
+            let mask = g.get(&format!("{name}.input_masks"));
+            let p = m
+                .predict_with_mask(&img, &user_prompt(case), mask, multimask)
+                .unwrap();
             let want = g[&format!("{name}.masks")]
                 .to_dtype(DType::U8)
                 .unwrap()
@@ -489,8 +503,14 @@ fn full_size_slimsam_matches_transformers() {
         let name = case["name"].as_str().unwrap();
         let multimask = case["multimask"].as_bool().unwrap();
         let start = std::time::Instant::now();
+        let mask = g.get(&format!("{name}.input_masks"));
         let out = m
-            .decode(&g["image_embeddings"], &golden_prompt(case, &g), multimask)
+            .decode_with_mask(
+                &g["image_embeddings"],
+                &golden_prompt(case, &g),
+                mask,
+                multimask,
+            )
             .unwrap();
         let took = start.elapsed();
         let rm = rel_l2(
@@ -503,7 +523,9 @@ fn full_size_slimsam_matches_transformers() {
         );
         eprintln!("full/{name}: logits rel L2 {rm:.2e}, IoU rel L2 {ri:.2e}, decoder {took:.2?}");
         assert!(rm <= 1e-4 && ri <= 1e-4, "{name}: {rm} {ri}");
-        let p = m.predict(&img, &user_prompt(case), multimask).unwrap();
+        let p = m
+            .predict_with_mask(&img, &user_prompt(case), mask, multimask)
+            .unwrap();
         let want = g[&format!("{name}.masks")]
             .flatten_from(2)
             .unwrap()

@@ -115,12 +115,9 @@ impl SamModel {
         let file = WeightFile::open(&weights)?;
         let model = Self::load(&file, config, processor, device)
             .with_context(|| format!("loading SAM from {}", dir.display()))?;
-        file.ensure_all_used(|n| {
-            // Mask prompts are not implemented; the prompt encoder's copy of the shared
-            // Gaussian is the same tensor as the one read (tied in transformers).
-            n.starts_with("prompt_encoder.mask_embed.")
-                || n == "prompt_encoder.shared_embedding.positional_embedding"
-        })?;
+        // The prompt encoder's copy of the shared Gaussian is the tensor read (tied in
+        // transformers); older files carry both names.
+        file.ensure_all_used(|n| n == "prompt_encoder.shared_embedding.positional_embedding")?;
         Ok(model)
     }
 
@@ -179,7 +176,21 @@ impl SamModel {
         prompt: &ModelPrompt,
         multimask: bool,
     ) -> Result<mask_decoder::Decoded> {
-        let (sparse, dense) = self.prompt_encoder.forward(&self.positional, prompt)?;
+        self.decode_with_mask(embeddings, prompt, None, multimask)
+    }
+
+    /// [`decode`](Self::decode) with a mask prompt as well: low-resolution logits
+    /// [1, 1, 4g, 4g], usually one of a previous prediction's `low_res` masks, to refine it.
+    pub fn decode_with_mask(
+        &self,
+        embeddings: &Tensor,
+        prompt: &ModelPrompt,
+        mask: Option<&Tensor>,
+        multimask: bool,
+    ) -> Result<mask_decoder::Decoded> {
+        let (sparse, dense) = self
+            .prompt_encoder
+            .forward(&self.positional, prompt, mask)?;
         self.mask_decoder
             .forward(embeddings, &self.image_pe, &sparse, &dense, multimask)
     }
@@ -191,12 +202,23 @@ impl SamModel {
         prompt: &Prompt,
         multimask: bool,
     ) -> Result<Prediction> {
+        self.predict_with_mask(image, prompt, None, multimask)
+    }
+
+    /// [`predict`](Self::predict) with a mask prompt (see [`decode_with_mask`](Self::decode_with_mask)).
+    pub fn predict_with_mask(
+        &self,
+        image: &RgbImage,
+        prompt: &Prompt,
+        mask: Option<&Tensor>,
+        multimask: bool,
+    ) -> Result<Prediction> {
         let original = (image.height() as usize, image.width() as usize);
         crate::limits::check_image_size(original.1, original.0).map_err(anyhow::Error::msg)?;
         let model_prompt = self.processor.transform_prompt(prompt, original)?;
         let processed = self.processor.preprocess(image, &self.device)?;
         let embeddings = self.embed_image(&processed.pixels)?;
-        let decoded = self.decode(&embeddings, &model_prompt, multimask)?;
+        let decoded = self.decode_with_mask(&embeddings, &model_prompt, mask, multimask)?;
         let iou = decoded.iou.flatten_all()?.to_vec1::<f32>()?;
         let (_, m, lh, lw) = decoded.masks.dims4()?;
         let low = decoded.masks.flatten_all()?.to_vec1::<f32>()?;

@@ -1,14 +1,14 @@
 //! SAM's prompt encoder (transformers `SamPromptEncoder` and `SamPositionalEmbedding`):
 //! points and box corners become random-Fourier position features plus a learned embedding
-//! per kind; without a mask prompt the dense embedding is the learned "no mask" vector.
-//!
-//! Mask prompts (`mask_embed`) are not implemented: their weights are recognised and left
-//! unread.
+//! per kind; a mask prompt (low-resolution logits, typically a previous prediction's) is
+//! convolved down to the embedding grid, and without one the dense embedding is the learned
+//! "no mask" vector.
 
-use super::config::PromptEncoderConfig;
+use super::config::{Act, PromptEncoderConfig};
+use super::image_encoder::layer_norm_nchw;
 use anyhow::{Result, ensure};
-use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 
 /// A point's role, as SAM's labels say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +98,47 @@ impl PositionalEmbedding {
     }
 }
 
+/// transformers' `SamMaskEmbedding`: two stride-2 2x2 convolutions with channel layer norms
+/// and the activation, then a 1x1 convolution to the decoder's width.
+struct MaskEmbedding {
+    conv1: Conv2d,
+    layer_norm1: LayerNorm,
+    conv2: Conv2d,
+    layer_norm2: LayerNorm,
+    conv3: Conv2d,
+    act: Act,
+}
+
+impl MaskEmbedding {
+    fn load(vb: VarBuilder, cfg: &PromptEncoderConfig) -> Result<Self> {
+        let (c, quarter) = (cfg.mask_input_channels, cfg.mask_input_channels / 4);
+        let down = Conv2dConfig {
+            stride: 2,
+            ..Default::default()
+        };
+        let eps = cfg.layer_norm_eps;
+        Ok(Self {
+            conv1: candle_nn::conv2d(1, quarter, 2, down, vb.pp("conv1"))?,
+            layer_norm1: candle_nn::layer_norm(quarter, eps, vb.pp("layer_norm1"))?,
+            conv2: candle_nn::conv2d(quarter, c, 2, down, vb.pp("conv2"))?,
+            layer_norm2: candle_nn::layer_norm(c, eps, vb.pp("layer_norm2"))?,
+            conv3: candle_nn::conv2d(c, cfg.hidden_size, 1, Default::default(), vb.pp("conv3"))?,
+            act: cfg.act,
+        })
+    }
+
+    /// [1, 1, 4g, 4g] to [1, D, g, g].
+    fn forward(&self, mask: &Tensor) -> Result<Tensor> {
+        let x = layer_norm_nchw(&self.conv1.forward(mask)?, &self.layer_norm1)?;
+        let x = self.act.apply(&x)?;
+        let x = layer_norm_nchw(&self.conv2.forward(&x)?, &self.layer_norm2)?;
+        let x = self.act.apply(&x)?;
+        Ok(self.conv3.forward(&x)?)
+    }
+}
+
 pub struct PromptEncoder {
+    mask_embed: MaskEmbedding,
     /// point_embed.0 (negative), .1 (positive), .2 and .3 (box corners): [1, D] each.
     point_embed: Vec<Tensor>,
     not_a_point_embed: Tensor,
@@ -115,6 +155,7 @@ impl PromptEncoder {
             .map(|i| vb.get((1, d), &format!("point_embed.{i}.weight")))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
+            mask_embed: MaskEmbedding::load(vb.pp("mask_embed"), cfg)?,
             point_embed,
             not_a_point_embed: vb.get((1, d), "not_a_point_embed.weight")?,
             no_mask_embed: vb.get((1, d), "no_mask_embed.weight")?,
@@ -125,11 +166,12 @@ impl PromptEncoder {
     }
 
     /// The sparse embeddings [1, N, D] of the points (then the box corners) and the dense
-    /// embedding [1, D, g, g].
+    /// embedding [1, D, g, g] of `mask` (low-resolution logits [1, 1, 4g, 4g]) or of no mask.
     pub fn forward(
         &self,
         pe: &PositionalEmbedding,
         prompt: &ModelPrompt,
+        mask: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         ensure!(
             !prompt.points.is_empty() || prompt.bbox.is_some(),
@@ -167,11 +209,22 @@ impl PromptEncoder {
             parts.push(corners);
         }
         let sparse = Tensor::cat(&parts, 0)?.unsqueeze(0)?;
-        let dense = self
-            .no_mask_embed
-            .reshape((1, self.hidden, 1, 1))?
-            .broadcast_as((1, self.hidden, self.grid, self.grid))?
-            .contiguous()?;
+        let dense = match mask {
+            Some(m) => {
+                let side = 4 * self.grid;
+                ensure!(
+                    m.dims() == [1, 1, side, side],
+                    "a mask prompt is [1, 1, {side}, {side}] logits (a low-resolution mask), not {:?}",
+                    m.dims()
+                );
+                self.mask_embed.forward(m)?
+            }
+            None => self
+                .no_mask_embed
+                .reshape((1, self.hidden, 1, 1))?
+                .broadcast_as((1, self.hidden, self.grid, self.grid))?
+                .contiguous()?,
+        };
         Ok((sparse, dense))
     }
 }

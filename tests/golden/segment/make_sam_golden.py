@@ -116,6 +116,15 @@ def cases(w, h):
             box=[0.2 * w, 0.1 * h, 0.95 * w, 0.8 * h],
             multimask=True,
         ),
+        # A mask prompt: the `points` case's best low-res logits fed back with its points.
+        dict(
+            name="refine",
+            points=[[0.3 * w, 0.4 * h], [0.8 * w, 0.2 * h]],
+            labels=[1, 0],
+            box=None,
+            multimask=False,
+            mask_from="points",
+        ),
     ]
 
 
@@ -258,11 +267,18 @@ def make(name, spec, out_dir=None):
                 kw["input_boxes"] = [[case["box"]]]
             inputs = processor(images=image, return_tensors="pt", **kw)
             assert torch.equal(inputs["pixel_values"], pixel_values)
+            input_masks = None
+            if case.get("mask_from"):
+                src = case["mask_from"]
+                best = int(tensors[f"{src}.iou_scores"].flatten().argmax())
+                input_masks = tensors[f"{src}.pred_masks"][:, 0, best : best + 1].clone()
+                tensors[f"{case['name']}.input_masks"] = input_masks
             out = model(
                 pixel_values=inputs["pixel_values"],
                 input_points=inputs.get("input_points"),
                 input_labels=inputs.get("input_labels"),
                 input_boxes=inputs.get("input_boxes"),
+                input_masks=input_masks,
                 multimask_output=case["multimask"],
             )
             again = model(
@@ -270,6 +286,7 @@ def make(name, spec, out_dir=None):
                 input_points=inputs.get("input_points"),
                 input_labels=inputs.get("input_labels"),
                 input_boxes=inputs.get("input_boxes"),
+                input_masks=input_masks,
                 multimask_output=case["multimask"],
             )
             assert torch.allclose(again.pred_masks, out.pred_masks, atol=1e-5)
