@@ -387,6 +387,14 @@ impl SamConfig {
                 "mask_decoder_config.attention_downsample_rate",
                 d.attention_downsample_rate,
             ),
+            (
+                "mask_decoder_config.num_multimask_outputs",
+                d.num_multimask_outputs,
+            ),
+            (
+                "prompt_encoder_config.mask_input_channels",
+                p.mask_input_channels,
+            ),
         ];
         for (what, value) in positive {
             ensure!(value > 0, "{what} must be positive");
@@ -644,6 +652,10 @@ mod tests {
                 "not supported",
             ),
             (r#"{"model_type": "sam2"}"#, "not `sam`"),
+            (
+                r#"{"mask_decoder_config": {"num_multimask_outputs": 0}}"#,
+                "num_multimask_outputs must be positive",
+            ),
             (
                 r#"{"vision_config": {"hidden_size": 10000000000}}"#,
                 "beyond any real model",

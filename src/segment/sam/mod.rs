@@ -31,14 +31,6 @@ pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "model.safetensors";
 pub const PREPROCESSOR: &str = "preprocessor_config.json";
 
-/// Whether `dir` looks like a SAM folder (has a config.json whose model_type is `sam`).
-pub fn is_sam_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join(CONFIG))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["model_type"] == "sam")
-}
-
 /// A whole `SamModel`.
 pub struct SamModel {
     pub config: SamConfig,
