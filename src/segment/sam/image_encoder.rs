@@ -17,9 +17,10 @@ pub fn layer_norm_nchw(x: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// Most attention logits held at once (f32): a 64x64 grid's global attention is 4096² per
-/// head, so heads are taken a few at a time rather than all twelve together.
-const ATTN_CHUNK: usize = 1 << 25;
+/// Attention logits computed at once (f32, 4 MiB): a 64x64 grid's global attention is
+/// 4096² per head, so it goes a block of query rows at a time, which also keeps the block in
+/// cache between the product, the softmax and the product with the values.
+const ATTN_BLOCK: usize = 1 << 20;
 
 struct Attention {
     qkv: Linear,
@@ -74,24 +75,50 @@ impl Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let rel = match &self.rel_pos {
-            Some((rh, rw)) => Some((gather_rel(rh, h)?, gather_rel(rw, w)?)),
+            Some((rh, rw)) => Some(decomposed_rel_pos(
+                &q,
+                &gather_rel(rh, h)?,
+                &gather_rel(rw, w)?,
+                h,
+                w,
+            )?),
             None => None,
         };
-        let scale = (hd as f64).powf(-0.5);
+        let q = (q * (hd as f64).powf(-0.5))?;
+        let kt = k.t()?.contiguous()?;
         let rows = b * heads;
-        let chunk = (ATTN_CHUNK / (n * n).max(1)).clamp(1, rows);
-        let mut outs = Vec::with_capacity(rows.div_ceil(chunk));
-        for start in (0..rows).step_by(chunk) {
-            let len = chunk.min(rows - start);
-            let q = q.narrow(0, start, len)?;
-            let k = k.narrow(0, start, len)?;
-            let v = v.narrow(0, start, len)?;
-            let mut logits = (&q * scale)?.matmul(&k.t()?)?;
-            if let Some((rh, rw)) = &rel {
-                logits = (logits + decomposed_rel_pos(&q, rh, rw, h, w)?)?;
+        // Whole (window, head) rows while they are small, else blocks of query rows.
+        let (row_step, query_step) = if n * n <= ATTN_BLOCK {
+            ((ATTN_BLOCK / (n * n).max(1)).clamp(1, rows), n)
+        } else {
+            (1, (ATTN_BLOCK / n).clamp(1, n))
+        };
+        let mut outs = Vec::with_capacity(rows.div_ceil(row_step));
+        for r0 in (0..rows).step_by(row_step) {
+            let rl = row_step.min(rows - r0);
+            let (kt, v) = (kt.narrow(0, r0, rl)?, v.narrow(0, r0, rl)?);
+            let mut blocks = Vec::with_capacity(n.div_ceil(query_step));
+            for q0 in (0..n).step_by(query_step) {
+                let ql = query_step.min(n - q0);
+                let logits = q.narrow(0, r0, rl)?.narrow(1, q0, ql)?.matmul(&kt)?;
+                let p = match &rel {
+                    // Rows (r, i) for r in r0.., i in q0..: contiguous, as rl = 1 or ql = n.
+                    Some((rel_h, rel_w)) => {
+                        let first = r0 * n + q0;
+                        let count = rl * ql;
+                        softmax_with_rel_pos(
+                            &logits,
+                            &rel_h[first * h..(first + count) * h],
+                            &rel_w[first * w..(first + count) * w],
+                            h,
+                            w,
+                        )?
+                    }
+                    None => candle_nn::ops::softmax_last_dim(&logits)?,
+                };
+                blocks.push(p.matmul(&v)?);
             }
-            let p = candle_nn::ops::softmax_last_dim(&logits)?;
-            outs.push(p.matmul(&v)?);
+            outs.push(Tensor::cat(&blocks, 1)?);
         }
         let out = Tensor::cat(&outs, 0)?
             .reshape((b, heads, h, w, hd))?
@@ -116,9 +143,16 @@ fn gather_rel(table: &Tensor, side: usize) -> Result<Tensor> {
     Ok(table.index_select(&idx, 0)?.reshape((side, side, c))?)
 }
 
-/// `rel_h[b, qh, qw, kh] + rel_w[b, qh, qw, kw]` as [B, qh*qw, kh*kw], from the unscaled
-/// queries `q` [B, h*w, C] and the gathered tables [h, h, C], [w, w, C].
-fn decomposed_rel_pos(q: &Tensor, rh: &Tensor, rw: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+/// The two factors of the decomposed relative position bias, from the unscaled queries `q`
+/// [B, h*w, C] and the gathered tables [h, h, C], [w, w, C]: `rel_h` [B, h, w, kh] and
+/// `rel_w` [B, h, w, kw] (transformers' two einsums), each as a flat row-major vector.
+fn decomposed_rel_pos(
+    q: &Tensor,
+    rh: &Tensor,
+    rw: &Tensor,
+    h: usize,
+    w: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let (b, _, c) = q.dims3()?;
     let q = q.reshape((b, h, w, c))?;
     // einsum bhwc,hkc->bhwk: one matmul per query row.
@@ -137,11 +171,45 @@ fn decomposed_rel_pos(q: &Tensor, rh: &Tensor, rw: &Tensor, h: usize, w: usize) 
         .matmul(&rw.transpose(1, 2)?.contiguous()?)?
         .reshape((w, b, h, w))?
         .permute((1, 2, 0, 3))?;
-    let sum = rel_h
-        .unsqueeze(4)?
-        .broadcast_add(&rel_w.unsqueeze(3)?)?
-        .reshape((b, h * w, h * w))?;
-    Ok(sum)
+    Ok((
+        rel_h.flatten_all()?.to_vec1::<f32>()?,
+        rel_w.flatten_all()?.to_vec1::<f32>()?,
+    ))
+}
+
+/// softmax(logits + (rel_h[row, kh] + rel_w[row, kw])) over each row of `logits` [.., n]
+/// (n = h*w keys, key kh*w + kw), in one pass per row instead of a broadcast bias tensor the
+/// size of the logits and two more passes over it; rows in parallel. Written for the CPU,
+/// where tkg runs SAM: on another device the block goes through host memory.
+fn softmax_with_rel_pos(
+    logits: &Tensor,
+    rel_h: &[f32],
+    rel_w: &[f32],
+    h: usize,
+    w: usize,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let n = logits.dims().last().copied().unwrap_or(0);
+    let rows = logits.elem_count() / n.max(1);
+    ensure!(
+        n == h * w && rel_h.len() == rows * h && rel_w.len() == rows * w,
+        "relative position bias does not fit the attention logits"
+    );
+    let mut data = logits.flatten_all()?.to_vec1::<f32>()?;
+    data.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        let (bh, bw) = (&rel_h[r * h..(r + 1) * h], &rel_w[r * w..(r + 1) * w]);
+        for (kh, keys) in row.chunks_exact_mut(w).enumerate() {
+            for (x, &rw) in keys.iter_mut().zip(bw) {
+                *x += bh[kh] + rw;
+            }
+        }
+        let max = crate::kernels::simd::max(row);
+        let sum = crate::kernels::simd::exp_shifted_sum(row, max) as f32;
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    });
+    Ok(Tensor::from_vec(data, logits.shape(), logits.device())?)
 }
 
 /// transformers' `SamMLPBlock`: lin1, activation, lin2.
