@@ -413,6 +413,32 @@ fn tkg_segment_runs_sam_with_points_and_a_box() {
         s(&boxed),
     ]));
     assert!(boxed.is_file());
+
+    // A [segmenters.NAME] entry may name a SAM folder.
+    std::fs::write(
+        d.join("models.toml"),
+        format!("[segmenters.slim]\nfile = {:?}\n", s(&model)),
+    )
+    .unwrap();
+    let by_entry = d.join("e.png");
+    let run = crate::common::cli::command(&[
+        "segment",
+        s(&img),
+        "--model",
+        "slim",
+        "--box",
+        "5,5.5,35,33",
+        "--out",
+        s(&by_entry),
+    ])
+    .env("TKG_MODELS", d.join("models.toml"))
+    .output()
+    .unwrap();
+    assert_ok(&run);
+    assert_eq!(
+        image::open(&by_entry).unwrap().to_luma8().into_raw(),
+        image::open(&boxed).unwrap().to_luma8().into_raw()
+    );
 }
 
 fn model_for_cli() -> SamModel {
