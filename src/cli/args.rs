@@ -380,6 +380,14 @@ impl KeyFlags {
             (None, Some(name)) => name.clone(),
             (None, None) => return Ok(None),
         };
+        // Refused before any work: the keyer has no points or box to give SAM yet.
+        if std::path::Path::new(&segmenter_name(&name)?).is_dir() {
+            bail!(
+                "{name} is a SAM folder, and the keyer gives SAM no prompt yet: make the mask \
+                 with `tkg segment IMAGE --model {name} --point X,Y`, then pass it as \
+                 --subject-mask"
+            );
+        }
         load_segmenter(&name).map(Some)
     }
 }
@@ -387,13 +395,19 @@ impl KeyFlags {
 /// Loads segmentation model `name` on the CPU: a `[segmenters.NAME]` entry of the user's
 /// models.toml, else what [`SharedSegmenter::load`] finds in rembg's folders.
 pub fn load_segmenter(name: &str) -> Result<SharedSegmenter> {
-    let registry = tkg::models::registry::Registry::load(registry_file(None).as_ref())?;
-    let name = match registry.segmenter(name) {
-        Some(entry) => entry.file.display().to_string(),
-        None => name.to_string(),
-    };
+    let name = segmenter_name(name)?;
     let dirs = tkg::segment::rembg_dirs(&|k| std::env::var(k).ok());
     SharedSegmenter::load(&name, &dirs, &candle_core::Device::Cpu)
+}
+
+/// What a segmentation model name stands for: its `[segmenters.NAME]` entry's file (or
+/// folder), else the name itself.
+pub fn segmenter_name(name: &str) -> Result<String> {
+    let registry = tkg::models::registry::Registry::load(registry_file(None).as_ref())?;
+    Ok(match registry.segmenter(name) {
+        Some(entry) => entry.file.display().to_string(),
+        None => name.to_string(),
+    })
 }
 
 /// The user's models.toml: the flag, else where the environment says.

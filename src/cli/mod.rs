@@ -43,7 +43,8 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Key an existing image: write its alpha matte and cut-out.
     Key(key::KeyArgs),
-    /// Write a subject mask of an image with a segmentation model (rembg's U²-Net).
+    /// Write a subject mask of an image with a segmentation model (rembg's U²-Net, or SAM
+    /// / SlimSAM with points and a box).
     Segment(segment::SegmentArgs),
     /// List or materialise models.
     Models(models::ModelsArgs),

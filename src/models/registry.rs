@@ -215,7 +215,8 @@ pub struct Registry {
     segmenters: Vec<SegmenterEntry>,
 }
 
-/// A named segmentation model (`[segmenters.NAME]`): an ONNX file in rembg's U²-Net layout.
+/// A named segmentation model (`[segmenters.NAME]`): an ONNX file in rembg's U²-Net layout,
+/// or a SAM / SlimSAM folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmenterEntry {
     pub name: String,

@@ -4,8 +4,10 @@
 //! [`Segmenter`] is the one interface: an RGB image (and, for promptable models, points or a
 //! box) in, a [`SubjectMask`] at the image's size out. [`U2NetSegmenter`] runs rembg's U²-Net
 //! files (`u2net`, `u2netp`, `silueta`) with rembg's own pre- and post-processing;
-//! [`locate`] finds them where rembg users keep them.
+//! [`locate`] finds them where rembg users keep them. [`sam::SamSegmenter`] runs Segment
+//! Anything and SlimSAM from transformers folders, prompted by points and a box.
 
+pub mod sam;
 pub mod u2net;
 pub mod u2net_onnx;
 
@@ -212,6 +214,8 @@ pub enum SegmentSource {
     Builtin,
     /// A U²-Net ONNX file.
     File(PathBuf),
+    /// A transformers SAM / SlimSAM folder ([`sam`]).
+    SamDir(PathBuf),
 }
 
 /// Where rembg keeps its models: `$U2NET_HOME`, then `~/.u2net`. `env` looks variables up
@@ -226,13 +230,16 @@ pub fn rembg_dirs(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     dirs
 }
 
-/// Finds a segmentation model: an `.onnx` path as given, the built-in tiny model, or
-/// `NAME.onnx` in the first of `dirs` that has it (the CLI passes [`rembg_dirs`]).
+/// Finds a segmentation model: a folder (SAM's), an `.onnx` path as given, the built-in tiny
+/// model, or `NAME.onnx` in the first of `dirs` that has it (the CLI passes [`rembg_dirs`]).
 pub fn locate(name: &str, dirs: &[PathBuf]) -> Result<SegmentSource> {
     if name == TINY_U2NET {
         return Ok(SegmentSource::Builtin);
     }
     let as_path = Path::new(name);
+    if as_path.is_dir() {
+        return Ok(SegmentSource::SamDir(as_path.to_path_buf()));
+    }
     if name.ends_with(".onnx") || as_path.components().count() > 1 {
         ensure!(
             as_path.is_file(),
@@ -240,11 +247,18 @@ pub fn locate(name: &str, dirs: &[PathBuf]) -> Result<SegmentSource> {
         );
         return Ok(SegmentSource::File(as_path.to_path_buf()));
     }
-    if name.starts_with("isnet") || name.starts_with("sam") {
+    if name.starts_with("isnet") {
         bail!(
             "segmentation model `{name}` is not supported yet: tkg runs rembg's U²-Net files \
-             ({}) and {TINY_U2NET}",
+             ({}), {TINY_U2NET} and SAM folders",
             U2NET_NAMES.join(", ")
+        );
+    }
+    if name.to_ascii_lowercase().contains("sam") {
+        bail!(
+            "segmentation model `{name}`: SAM and SlimSAM are read from a transformers SamModel \
+             folder (config.json, model.safetensors, preprocessor_config.json); give its path, \
+             e.g. a download of Zigeng/SlimSAM-uniform-77"
         );
     }
     if !U2NET_NAMES.contains(&name) {
@@ -291,15 +305,23 @@ impl SharedSegmenter {
     /// [`locate`]s `name` in `dirs` and loads it on `device`.
     pub fn load(name: &str, dirs: &[PathBuf], device: &Device) -> Result<Self> {
         let source = locate(name, dirs)?;
+        if let SegmentSource::SamDir(dir) = &source {
+            return Ok(Self(Arc::new(sam::SamSegmenter::load(dir, name, device)?)));
+        }
         Ok(Self(Arc::new(load(&source, name, device)?)))
     }
 }
 
-/// Loads a located model on `device`.
+/// Loads a located U²-Net on `device` (a SAM folder: [`sam::SamSegmenter::load`], or
+/// [`SharedSegmenter::load`] for either).
 pub fn load(source: &SegmentSource, name: &str, device: &Device) -> Result<U2NetSegmenter> {
     match source {
         SegmentSource::Builtin => U2NetSegmenter::from_onnx(&tiny_u2net_model(), name, device),
         SegmentSource::File(p) => U2NetSegmenter::load(p, name, device),
+        SegmentSource::SamDir(p) => bail!(
+            "{} is a folder, not a U²-Net file (SAM folders load as sam::SamSegmenter)",
+            p.display()
+        ),
     }
 }
 

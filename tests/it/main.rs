@@ -17,6 +17,7 @@ mod keyability_cli;
 mod lora_cli;
 mod lora_parity;
 mod parity;
+mod sam_parity;
 mod sampler_parity;
 mod segment;
 mod single_file_load;
