@@ -380,14 +380,6 @@ impl KeyFlags {
             (None, Some(name)) => name.clone(),
             (None, None) => return Ok(None),
         };
-        // Refused before any work: the keyer has no points or box to give SAM yet.
-        if std::path::Path::new(&segmenter_name(&name)?).is_dir() {
-            bail!(
-                "{name} is a SAM folder, and the keyer gives SAM no prompt yet: make the mask \
-                 with `tkg segment IMAGE --model {name} --point X,Y`, then pass it as \
-                 --subject-mask"
-            );
-        }
         load_segmenter(&name).map(Some)
     }
 }

@@ -62,7 +62,7 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
             key::fuse::fuse_subject_mask(&mut keyed, rgb.as_raw(), m, &name)?;
         }
     } else if let Some(s) = &segmenter {
-        key::fuse::segment_and_fuse(&mut keyed, img.to_rgb8().as_raw(), s.0.as_ref())?;
+        key::fuse::segment_and_fuse(&mut keyed, img.to_rgb8().as_raw(), s.0.as_ref(), &[])?;
     }
     if let Some(f) = &keyed.fused {
         match &f.ignored {

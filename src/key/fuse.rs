@@ -60,12 +60,114 @@ pub fn interior_margin(width: u32, height: u32) -> u8 {
     width.max(height).div_ceil(160).clamp(3, 255) as u8
 }
 
-/// Runs `segmenter` on the keyed image (RGB8 `rgb`) and fuses its mask in.
-pub fn segment_and_fuse(keyed: &mut Keyed, rgb: &[u8], segmenter: &dyn Segmenter) -> Result<()> {
+/// Runs `segmenter` on the keyed image (RGB8 `rgb`) and fuses its mask in. A promptable
+/// segmenter (SAM) is prompted from the key itself ([`keyer_prompt`]), with `hints` (pixel
+/// positions where the subject is expected, such as TKG-DM's subject centres) as extra
+/// positive points.
+pub fn segment_and_fuse(
+    keyed: &mut Keyed,
+    rgb: &[u8],
+    segmenter: &dyn Segmenter,
+    hints: &[[f32; 2]],
+) -> Result<()> {
     let image = image::RgbImage::from_raw(keyed.width, keyed.height, rgb.to_vec())
         .context("internal error: image and key differ in size")?;
-    let mask = segmenter.segment(&image, &Prompt::default())?;
+    let prompt = if segmenter.wants_prompt() {
+        match keyer_prompt(keyed, hints) {
+            Some(p) => p,
+            None => {
+                keyed.fused = Some(FuseStats {
+                    source: segmenter.name().to_string(),
+                    ignored: Some(format!(
+                        "the keyer found no opaque subject to prompt {} with",
+                        segmenter.name()
+                    )),
+                    ..FuseStats::default()
+                });
+                return Ok(());
+            }
+        }
+    } else {
+        Prompt::default()
+    };
+    let mask = segmenter.segment(&image, &prompt)?;
     fuse_subject_mask(keyed, rgb, &mask, segmenter.name())
+}
+
+/// Most positive points [`keyer_prompt`] gives (besides the hints).
+const PROMPT_POINTS: usize = 3;
+/// Most negative points.
+const PROMPT_NEGATIVES: usize = 2;
+
+/// A SAM prompt read off the key: the box around what the keyer kept (alpha ≥ 0.5, with a
+/// margin of 1% of the longest side), positive points deepest inside the opaque subject,
+/// negative points deepest in the screen outside the box (never inside it, where a
+/// key-coloured part of the subject looks like screen), and the `hints` that fall in the box.
+/// `None` when the keyer kept no opaque pixel.
+pub fn keyer_prompt(keyed: &Keyed, hints: &[[f32; 2]]) -> Option<Prompt> {
+    let (w, h) = (keyed.width, keyed.height);
+    let (wu, hu) = (w as usize, h as usize);
+    let alpha = &keyed.alpha;
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for (i, _) in alpha.iter().enumerate().filter(|(_, a)| **a >= 0.5) {
+        let (x, y) = (i % wu, i / wu);
+        x0 = x0.min(x);
+        y0 = y0.min(y);
+        x1 = x1.max(x + 1);
+        y1 = y1.max(y + 1);
+    }
+    if x0 >= x1 || !alpha.iter().any(|&a| a >= OPAQUE_ALPHA) {
+        return None;
+    }
+    let m = (w.max(h) as usize).div_ceil(100);
+    let (x0, y0) = (x0.saturating_sub(m), y0.saturating_sub(m));
+    let (x1, y1) = ((x1 + m).min(wu), (y1 + m).min(hu));
+    let in_box = |x: usize, y: usize| (x0..x1).contains(&x) && (y0..y1).contains(&y);
+    // Each pixel's distance to the nearest pixel outside the class it is picked from.
+    let depth = |class: &dyn Fn(usize) -> bool| {
+        let other = GrayImage::from_fn(w, h, |x, y| {
+            image::Luma([if class(y as usize * wu + x as usize) {
+                0
+            } else {
+                255
+            }])
+        });
+        imageproc::distance_transform::distance_transform(&other, Norm::L2).into_raw()
+    };
+    let spread = (((x1 - x0).pow(2) + (y1 - y0).pow(2)) as f32).sqrt() / 4.0;
+    let pick = |depth: &[u8], allowed: &dyn Fn(usize, usize) -> bool, n: usize| {
+        let mut chosen: Vec<[f32; 2]> = Vec::new();
+        for _ in 0..n {
+            let mut best: Option<(u8, usize)> = None;
+            for (i, &d) in depth.iter().enumerate() {
+                let (x, y) = (i % wu, i / wu);
+                let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
+                let far = chosen
+                    .iter()
+                    .all(|c| (c[0] - px).hypot(c[1] - py) >= spread);
+                if d > 0 && far && allowed(x, y) && best.is_none_or(|(bd, _)| d > bd) {
+                    best = Some((d, i));
+                }
+            }
+            let Some((_, i)) = best else { break };
+            chosen.push([(i % wu) as f32 + 0.5, (i / wu) as f32 + 0.5]);
+        }
+        chosen
+    };
+    let opaque = depth(&|i| alpha[i] >= OPAQUE_ALPHA);
+    let mut points = pick(&opaque, &|_, _| true, PROMPT_POINTS);
+    points.extend(
+        hints
+            .iter()
+            .filter(|p| p[0] >= 0.0 && p[1] >= 0.0 && in_box(p[0] as usize, p[1] as usize)),
+    );
+    let screen = depth(&|i| alpha[i] < SEED_ALPHA);
+    let negative_points = pick(&screen, &|x, y| !in_box(x, y), PROMPT_NEGATIVES);
+    Some(Prompt {
+        points,
+        negative_points,
+        bbox: Some([x0 as f32, y0 as f32, x1 as f32, y1 as f32]),
+    })
 }
 
 /// Fuses `mask` (from `source`, for the record) into `keyed`; `rgb` is the keyed image
@@ -311,6 +413,64 @@ mod tests {
             }
             assert!(fused.background_fraction < keyed.background_fraction);
         }
+    }
+
+    #[test]
+    fn the_keyer_prompts_sam_inside_the_subject_and_on_the_screen_outside_it() {
+        let rgb = scene();
+        let keyed = key_rgb8(N, N, &rgb, &KeyOptions::new(KeyColor::green())).unwrap();
+        let hint = [40.0, 60.0];
+        let p = keyer_prompt(&keyed, &[hint, [2.0, 2.0]]).unwrap();
+        let [x0, y0, x1, y1] = p.bbox.unwrap();
+        // The disc of radius 30 around (48, 48), with a 1 px margin.
+        assert!(
+            x0 <= 18.0 && y0 <= 18.0 && x1 >= 78.0 && y1 >= 78.0,
+            "{:?}",
+            p.bbox
+        );
+        assert!(
+            x0 >= 15.0 && y0 >= 15.0 && x1 <= 81.0 && y1 <= 81.0,
+            "{:?}",
+            p.bbox
+        );
+        let at = |q: &[f32; 2]| (q[1] as usize) * N as usize + q[0] as usize;
+        assert_eq!(p.points.len(), PROMPT_POINTS + 1, "{p:?}");
+        for q in &p.points[..PROMPT_POINTS] {
+            assert!(keyed.alpha[at(q)] >= OPAQUE_ALPHA, "{q:?}");
+        }
+        assert_eq!(
+            p.points[PROMPT_POINTS], hint,
+            "the hint in the box is kept, the other not"
+        );
+        assert_eq!(p.negative_points.len(), PROMPT_NEGATIVES);
+        for q in &p.negative_points {
+            assert!(keyed.alpha[at(q)] < SEED_ALPHA, "{q:?}");
+            assert!(
+                !(x0..x1).contains(&q[0]) || !(y0..y1).contains(&q[1]),
+                "{q:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_promptable_segmenter_is_not_asked_when_nothing_is_opaque() {
+        struct Asks;
+        impl Segmenter for Asks {
+            fn name(&self) -> &str {
+                "asks"
+            }
+            fn segment(&self, _: &image::RgbImage, _: &Prompt) -> Result<SubjectMask> {
+                anyhow::bail!("must not be called")
+            }
+            fn wants_prompt(&self) -> bool {
+                true
+            }
+        }
+        let rgb: Vec<u8> = (0..N * N).flat_map(|_| SCREEN).collect();
+        let mut keyed = key_rgb8(N, N, &rgb, &KeyOptions::new(KeyColor::green())).unwrap();
+        segment_and_fuse(&mut keyed, &rgb, &Asks, &[]).unwrap();
+        let why = keyed.fused.unwrap().ignored.unwrap();
+        assert!(why.contains("no opaque subject"), "{why}");
     }
 
     #[test]

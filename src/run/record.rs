@@ -22,6 +22,23 @@ pub struct KeyResult {
     pub time: Duration,
 }
 
+/// Where TKG-DM put the subject: its centres ([-1, 1], x right, y down) in pixels. A prompted
+/// segmenter takes them as positive points; other methods place nothing.
+fn subject_hints(s: &crate::settings::Settings, width: usize, height: usize) -> Vec<[f32; 2]> {
+    if s.method != crate::settings::Method::Tkg {
+        return Vec::new();
+    }
+    s.centers()
+        .iter()
+        .map(|&(cx, cy)| {
+            [
+                ((cx + 1.0) / 2.0 * width as f64) as f32,
+                ((cy + 1.0) / 2.0 * height as f64) as f32,
+            ]
+        })
+        .collect()
+}
+
 /// Keys one generated image (in its own colour) and measures its keyability.
 pub fn key_generated(k: &KeySettings, img: &ImageJob, g: &Generated) -> Result<KeyResult> {
     let tk = Instant::now();
@@ -29,7 +46,8 @@ pub fn key_generated(k: &KeySettings, img: &ImageJob, g: &Generated) -> Result<K
     opts.requested = img.settings.color.clone();
     let mut keyed = key::key_rgb8(g.size.width as u32, g.size.height as u32, &g.rgb, &opts)?;
     if let Some(s) = &k.segment {
-        key::fuse::segment_and_fuse(&mut keyed, &g.rgb, s.0.as_ref())?;
+        let hints = subject_hints(&img.settings, g.size.width, g.size.height);
+        key::fuse::segment_and_fuse(&mut keyed, &g.rgb, s.0.as_ref(), &hints)?;
     }
     let report = keyability::measure(&keyed, &g.rgb);
     Ok(KeyResult {

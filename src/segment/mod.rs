@@ -82,6 +82,10 @@ pub trait Segmenter {
     /// The model's name, as the user gave it (`u2netp`, a file name).
     fn name(&self) -> &str;
     fn segment(&self, image: &RgbImage, prompt: &Prompt) -> Result<SubjectMask>;
+    /// Whether the model needs points or a box (SAM) rather than finding the subject itself.
+    fn wants_prompt(&self) -> bool {
+        false
+    }
 }
 
 /// rembg's U²-Net sessions: ImageNet mean and standard deviation.

@@ -488,15 +488,6 @@ fn tkg_segment_refuses_bad_sam_input_in_one_line() {
         &seg(&["--model", "slimsam"]),
         "transformers SamModel folder",
     );
-    let key = tkg(&[
-        "key",
-        s(&img),
-        "--segment-model",
-        s(&model),
-        "--out",
-        s(&out),
-    ]);
-    assert_fails(&key, "gives SAM no prompt yet");
     let bad = seg(&["--model", s(&model), "--point", "10;10"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("2 numbers"));
@@ -567,4 +558,41 @@ fn full_size_slimsam_matches_transformers() {
             assert!(score >= 0.999, "{name} mask {i}: IoU {score}");
         }
     }
+}
+
+/// `tkg key --segment-model SAM_DIR`: the keyer prompts SAM itself (box, points inside the
+/// subject, points on the screen) and fuses its mask; the fusion is reported.
+#[test]
+fn tkg_key_prompts_sam_from_the_key() {
+    use crate::common::cli::{s, tkg};
+    let d = scratch("sam-key");
+    // A grey disc on green, crossed by a screen-coloured band.
+    let (w, h) = (96u32, 80u32);
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let r = ((x as f32 - 48.0).powi(2) + (y as f32 - 40.0).powi(2)).sqrt();
+        if r < 28.0 && !(36..44).contains(&y) {
+            image::Rgb([128, 128, 128])
+        } else {
+            image::Rgb([0, 177, 64])
+        }
+    });
+    let src = d.join("disc.png");
+    img.save(&src).unwrap();
+    let out = d.join("disc-key.png");
+    let run = tkg(&[
+        "-v",
+        "key",
+        s(&src),
+        "--segment-model",
+        s(&dir("sam")),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(d.join("disc-key.matte.png").exists());
+    // The tiny random SAM's mask is noise: what is checked is that it was asked and its
+    // mask went through the fusion, which reports what it did with it.
+    let source = format!("subject mask {}", dir("sam").display());
+    assert!(err.contains(&source), "{err}");
 }

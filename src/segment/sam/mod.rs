@@ -263,4 +263,8 @@ impl Segmenter for SamSegmenter {
         let p = self.model.predict(image, prompt, true)?;
         Ok(p.mask(p.best()))
     }
+
+    fn wants_prompt(&self) -> bool {
+        true
+    }
 }
