@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use tkg::color::KeyColor;
 use tkg::key::{self, KeyOptions, KeyOutputFlags};
+use tkg::models::registry::SegmenterSource;
 use tkg::models::registry::UserFile;
 use tkg::rng::RngKind;
 use tkg::run::{KeySettings, RunConfig, Shard};
@@ -397,7 +398,14 @@ pub fn load_segmenter(name: &str) -> Result<SharedSegmenter> {
 pub fn segmenter_name(name: &str) -> Result<String> {
     let registry = tkg::models::registry::Registry::load(registry_file(None).as_ref())?;
     Ok(match registry.segmenter(name) {
-        Some(entry) => entry.file.display().to_string(),
+        Some(entry) => match &entry.source {
+            SegmenterSource::File(f) => f.display().to_string(),
+            SegmenterSource::Hub { repo, revision } => {
+                tkg::segment::sam::hub_folder(repo, revision)?
+                    .display()
+                    .to_string()
+            }
+        },
         None => name.to_string(),
     })
 }

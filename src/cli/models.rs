@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use tkg::models::builtin;
 use tkg::models::hub::ModelFolder;
-use tkg::models::registry::{ModelEntry, ModelKind, Registry, Source};
+use tkg::models::registry::{ModelEntry, ModelKind, Registry, SegmenterSource, Source};
 use tkg::pipeline::detect_family;
 
 #[derive(Debug, Args)]
@@ -54,6 +54,25 @@ pub fn run(args: &ModelsArgs, ui: Ui) -> Result<()> {
             for err in mismatches {
                 ui.warn(format!("{err:#}"));
             }
+            outln!("\n{:<20} {:<8} SOURCE", "SEGMENTER", "CACHED");
+            for s in reg.segmenters() {
+                let (cached, source) = match &s.source {
+                    SegmenterSource::File(f) => (f.exists(), f.display().to_string()),
+                    SegmenterSource::Hub { repo, revision } => (
+                        ModelFolder::hub(repo, revision).is_ok_and(|f| f.is_cached()),
+                        format!("hub {repo}@{revision}"),
+                    ),
+                };
+                outln!(
+                    "{:<20} {:<8} {source}",
+                    s.name,
+                    if cached { "yes" } else { "no" }
+                );
+            }
+            outln!(
+                "(and rembg's u2netp, u2net, silueta from $U2NET_HOME or ~/.u2net, a .onnx file, \
+                 or a SAM folder)"
+            );
             Ok(())
         }
         ModelsCommand::Materialize { name, dir } => {

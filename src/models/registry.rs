@@ -216,12 +216,22 @@ pub struct Registry {
 }
 
 /// A named segmentation model (`[segmenters.NAME]`): an ONNX file in rembg's U²-Net layout,
-/// or a SAM / SlimSAM folder.
+/// a SAM / SlimSAM folder, or a SAM repository on the Hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmenterEntry {
     pub name: String,
-    pub file: PathBuf,
+    pub source: SegmenterSource,
     pub description: String,
+}
+
+/// Where a [`SegmenterEntry`]'s model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmenterSource {
+    /// A file or folder (`file = ...`).
+    File(PathBuf),
+    /// A transformers `SamModel` repository, read through the Hugging Face cache like the SD
+    /// models (`hub = "ORG/NAME"`, `revision`, default `main`).
+    Hub { repo: String, revision: String },
 }
 
 #[derive(Deserialize)]
@@ -236,7 +246,9 @@ struct RawFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSegmenter {
-    file: String,
+    file: Option<String>,
+    hub: Option<String>,
+    revision: Option<String>,
     #[serde(default)]
     description: String,
 }
@@ -331,8 +343,22 @@ impl Registry {
         let raw: RawFile = toml::from_str(text)
             .with_context(|| format!("cannot parse model registry file {}", origin.display()))?;
         for (name, seg) in raw.segmenters {
+            let source = match (seg.file, seg.hub) {
+                (Some(f), None) if seg.revision.is_none() => {
+                    SegmenterSource::File(resolve_path(&f, base))
+                }
+                (None, Some(repo)) => SegmenterSource::Hub {
+                    repo,
+                    revision: seg.revision.unwrap_or_else(|| "main".into()),
+                },
+                _ => bail!(
+                    "{}: [segmenters.{name}] needs either `file` or `hub` (with an optional \
+                     `revision`)",
+                    origin.display()
+                ),
+            };
             let entry = SegmenterEntry {
-                file: resolve_path(&seg.file, base),
+                source,
                 description: seg.description,
                 name,
             };
@@ -387,6 +413,10 @@ impl Registry {
     }
 
     /// All entries: built-in ones in file order, then the user's new ones.
+    pub fn segmenters(&self) -> impl Iterator<Item = &SegmenterEntry> {
+        self.segmenters.iter()
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &ModelEntry> {
         self.entries.iter()
     }
@@ -919,11 +949,35 @@ mod tests {
         .unwrap();
         let base = std::fs::canonicalize(&t.0).unwrap();
         assert_eq!(
-            r.segmenter("mine").unwrap().file,
-            base.join("nets/u2netp.onnx")
+            r.segmenter("mine").unwrap().source,
+            SegmenterSource::File(base.join("nets/u2netp.onnx"))
         );
-        assert_eq!(r.segmenter("home").unwrap().file, home.join("m.onnx"));
+        assert_eq!(
+            r.segmenter("home").unwrap().source,
+            SegmenterSource::File(home.join("m.onnx"))
+        );
         assert!(r.segmenter("u2netp").is_none());
+        assert_eq!(
+            r.segmenter("slimsam-77").unwrap().source,
+            SegmenterSource::Hub {
+                repo: "Zigeng/SlimSAM-uniform-77".into(),
+                revision: "main".into()
+            }
+        );
+        let both = write(
+            &t.0,
+            "both.toml",
+            "[segmenters.x]\nfile = \"a.onnx\"\nhub = \"o/n\"\n",
+        );
+        let err = format!(
+            "{:#}",
+            Registry::load(Some(&UserFile {
+                path: both,
+                home: None
+            }))
+            .unwrap_err()
+        );
+        assert!(err.contains("either `file` or `hub`"), "{err}");
         let bad = write(
             &t.0,
             "bad.toml",

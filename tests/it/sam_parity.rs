@@ -596,3 +596,70 @@ fn tkg_key_prompts_sam_from_the_key() {
     let source = format!("subject mask {}", dir("sam").display());
     assert!(err.contains(&source), "{err}");
 }
+
+/// Registry names (`sam-vit-base`, `slimsam-77`, ...) read SAM repositories through the
+/// Hugging Face cache, offline like the SD models, with the same kind of error when a file
+/// is not there.
+#[test]
+fn registry_sam_names_load_from_the_hub_cache() {
+    use crate::common::cli::{command, s};
+    let d = scratch("sam-hub");
+    let hf = d.join("hf");
+    let repo = hf.join("hub/models--facebook--sam-vit-base");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in [
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(dir("sam").join(f), snap.join(f)).unwrap();
+    }
+    let img = dir("sam").join("image.png");
+    let run = |model: &str, out: &str| {
+        command(&[
+            "segment",
+            s(&img),
+            "--model",
+            model,
+            "--point",
+            "10,10",
+            "--out",
+            s(&d.join(out)),
+        ])
+        .env("HF_HOME", &hf)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+    };
+    let ok = run("sam-vit-base", "hub.png");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let local = run(s(&dir("sam")), "local.png");
+    assert!(local.status.success());
+    assert_eq!(
+        image::open(d.join("hub.png"))
+            .unwrap()
+            .to_luma8()
+            .into_raw(),
+        image::open(d.join("local.png"))
+            .unwrap()
+            .to_luma8()
+            .into_raw(),
+        "the cached repository is the same model as the folder"
+    );
+    let missing = run("slimsam-77", "none.png");
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("Zigeng/SlimSAM-uniform-77") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!d.join("none.png").exists());
+}

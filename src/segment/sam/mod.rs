@@ -238,6 +238,21 @@ impl SamModel {
     }
 }
 
+/// A `SamModel` repository on the Hub, read through the Hugging Face cache as the SD models
+/// are (offline when `HF_HUB_OFFLINE` says so): the snapshot folder holding its three files,
+/// fetched where they are missing.
+pub fn hub_folder(repo: &str, revision: &str) -> Result<std::path::PathBuf> {
+    let folder = crate::models::hub::ModelFolder::hub(repo, revision)?;
+    let mut root = None;
+    for name in [CONFIG, PREPROCESSOR, WEIGHTS] {
+        let path = folder
+            .file(name)
+            .with_context(|| format!("SAM repository {repo}"))?;
+        root = path.parent().map(Path::to_path_buf);
+    }
+    root.with_context(|| format!("internal error: no folder for {repo}"))
+}
+
 /// SAM behind the [`Segmenter`] interface: the multimask output's mask with the highest
 /// predicted IoU, thresholded at 0.
 pub struct SamSegmenter {
