@@ -50,6 +50,17 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
         .as_deref()
         .map(SubjectMask::load)
         .transpose()?;
+    if let Some(m) = &mask {
+        let (w, h) = (img.width() as u64, img.height() as u64);
+        let (mw, mh) = (m.width as u64, m.height as u64);
+        // Cross-multiplied: the aspects differ by more than one mask pixel.
+        if (mw * h).abs_diff(mh * w) > w.max(h) {
+            ui.warn(format!(
+                "the subject mask is {mw}x{mh}, another aspect than the image's {w}x{h}: \
+                 stretched to fit"
+            ));
+        }
+    }
     let segmenter = args.key.segmenter()?;
     let start = std::time::Instant::now();
     let mut keyed = key::key_image(&img, &opts)?;

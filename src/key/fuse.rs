@@ -221,6 +221,14 @@ pub fn fuse_subject_mask(
         interior: interior.as_raw().iter().filter(|&&p| p != 0).count(),
         ..FuseStats::default()
     };
+    if stats.interior == 0 {
+        stats.ignored = Some(format!(
+            "it marks no subject (no pixel at or above 50%, or none left {} px inside its edge)",
+            interior_margin(w, h)
+        ));
+        keyed.fused = Some(stats);
+        return Ok(());
+    }
     let (mut restorable, mut open_screen) = (0usize, 0usize);
     for (r, &c) in cc.runs.iter().zip(&cc.comp) {
         let len = (r.x1 - r.x0) as usize;
@@ -474,13 +482,15 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_mask_changes_nothing() {
+    fn an_empty_mask_changes_nothing_and_says_why() {
         let rgb = scene();
         let keyed = key_rgb8(N, N, &rgb, &KeyOptions::new(KeyColor::green())).unwrap();
         let mut fused = keyed.clone();
         fuse_subject_mask(&mut fused, &rgb, &disc(0.0, N), "none").unwrap();
         assert_eq!(fused.alpha, keyed.alpha);
-        assert_eq!(fused.fused.unwrap().restored, 0);
+        let stats = fused.fused.unwrap();
+        assert_eq!(stats.restored, 0);
+        assert!(stats.ignored.unwrap().contains("marks no subject"));
     }
 
     /// A thin grey ring around a wide disc of screen colour.

@@ -378,3 +378,59 @@ fn a_trusted_mask_keeps_a_subject_in_the_key_colour() {
         "--subject-mask",
     );
 }
+
+/// A mask of another size is stretched to the image: silently at the same aspect, with a
+/// warning at another; an empty mask is not used, and says so.
+#[test]
+fn subject_masks_of_other_sizes_and_empty_ones() {
+    let d = scratch("key-mask-sizes");
+    let img = dir().join("disc.png"); // 200x150, disc at (90, 82.5) radius 45
+    let disc = |w: u32, h: u32, name: &str| {
+        let p = d.join(name);
+        let (sx, sy) = (w as f32 / 200.0, h as f32 / 150.0);
+        image::GrayImage::from_fn(w, h, |x, y| {
+            let (x, y) = ((x as f32 + 0.5) / sx, (y as f32 + 0.5) / sy);
+            let r = ((x - 90.0).powi(2) + (y - 82.5).powi(2)).sqrt();
+            image::Luma([if r < 45.0 { 255 } else { 0 }])
+        })
+        .save(&p)
+        .unwrap();
+        p
+    };
+    let key = |mask: &std::path::Path, out: &str| {
+        let run = tkg(&[
+            "key",
+            s(&img),
+            "--out",
+            s(&d.join(out)),
+            "--subject-mask",
+            s(mask),
+        ]);
+        assert_ok(&run);
+        let matte = image::open(d.join(format!("{out}.matte.png")))
+            .unwrap()
+            .to_luma8();
+        (String::from_utf8_lossy(&run.stderr).into_owned(), matte)
+    };
+    let (err, matte) = key(&disc(100, 75, "half.png"), "half");
+    assert!(!err.contains("aspect"), "{err}");
+    assert_eq!(
+        matte[(90, 82)].0[0],
+        255,
+        "the band comes back through a small mask"
+    );
+    let (err, matte) = key(&disc(100, 100, "square.png"), "square");
+    assert!(
+        err.contains("100x100, another aspect than the image's 200x150"),
+        "{err}"
+    );
+    assert_eq!(matte[(90, 82)].0[0], 255);
+    let empty = d.join("empty.png");
+    image::GrayImage::new(200, 150).save(&empty).unwrap();
+    let (err, matte) = key(&empty, "empty");
+    assert!(
+        err.contains("not used") && err.contains("marks no subject"),
+        "{err}"
+    );
+    assert!(matte[(90, 82)].0[0] < 64);
+}
