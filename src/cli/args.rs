@@ -396,6 +396,9 @@ pub fn load_segmenter(name: &str) -> Result<SharedSegmenter> {
 /// What a segmentation model name stands for: its `[segmenters.NAME]` entry's file (or
 /// folder), else the name itself.
 pub fn segmenter_name(name: &str) -> Result<String> {
+    if name == tkg::segment::sam::TINY_SAM {
+        return Ok(tkg::segment::sam::tiny_sam_folder()?.display().to_string());
+    }
     let registry = tkg::models::registry::Registry::load(registry_file(None).as_ref())?;
     Ok(match registry.segmenter(name) {
         Some(entry) => match &entry.source {

@@ -240,6 +240,9 @@ pub fn locate(name: &str, dirs: &[PathBuf]) -> Result<SegmentSource> {
     if name == TINY_U2NET {
         return Ok(SegmentSource::Builtin);
     }
+    if name == sam::TINY_SAM {
+        return Ok(SegmentSource::SamDir(sam::tiny_sam_folder()?));
+    }
     let as_path = Path::new(name);
     if as_path.is_dir() {
         return Ok(SegmentSource::SamDir(as_path.to_path_buf()));
@@ -261,8 +264,10 @@ pub fn locate(name: &str, dirs: &[PathBuf]) -> Result<SegmentSource> {
     if name.to_ascii_lowercase().contains("sam") {
         bail!(
             "segmentation model `{name}`: SAM and SlimSAM are read from a transformers SamModel \
-             folder (config.json, model.safetensors, preprocessor_config.json); give its path, \
-             e.g. a download of Zigeng/SlimSAM-uniform-77"
+             folder (config.json, model.safetensors, preprocessor_config.json), or by a \
+             registry name (sam-vit-base, sam-vit-large, sam-vit-huge, slimsam-50, slimsam-77, \
+             {}; `tkg models list`)",
+            sam::TINY_SAM
         );
     }
     if !U2NET_NAMES.contains(&name) {

@@ -663,3 +663,56 @@ fn registry_sam_names_load_from_the_hub_cache() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!d.join("none.png").exists());
 }
+
+/// The built-in `tiny-sam` is written by tkg's own code on first use, the same bytes on every
+/// run, and serves `tkg segment` and `--segment` offline.
+#[test]
+fn tiny_sam_is_built_in() {
+    use crate::common::cli::{command, s};
+    let d = scratch("tiny-sam");
+    let img = dir("sam").join("image.png");
+    let weights = |home: &str| {
+        let hf = d.join(home);
+        let run = command(&[
+            "segment",
+            s(&img),
+            "--model",
+            "tiny-sam",
+            "--point",
+            "20,15",
+            "--out",
+            s(&d.join(format!("{home}.png"))),
+        ])
+        .env("HF_HOME", &hf)
+        .output()
+        .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        std::fs::read(hf.join("hub/tkg--builtin--tiny-sam/model.safetensors")).unwrap()
+    };
+    let a = weights("a");
+    assert_eq!(a, weights("b"), "deterministic weights");
+    assert_eq!(
+        std::fs::read(d.join("a.png")).unwrap(),
+        std::fs::read(d.join("b.png")).unwrap()
+    );
+    let key = command(&[
+        "key",
+        s(&img),
+        "--segment",
+        "tiny-sam",
+        "--out",
+        s(&d.join("keyed.png")),
+    ])
+    .env("HF_HOME", d.join("a"))
+    .output()
+    .unwrap();
+    assert!(
+        key.status.success(),
+        "{}",
+        String::from_utf8_lossy(&key.stderr)
+    );
+}

@@ -120,7 +120,6 @@ impl SamModel {
         device: &Device,
     ) -> Result<Self> {
         let vb = file.var_builder(DType::F32, device);
-        let feats = config.vision.num_pos_feats;
         // transformers ties the two; files written by transformers 5 keep only the first.
         let name = [
             "shared_image_embedding.positional_embedding",
@@ -129,7 +128,19 @@ impl SamModel {
         .into_iter()
         .find(|n| file.contains(n))
         .context("the weights have no shared_image_embedding.positional_embedding")?;
-        let gaussian = vb.get((2, feats), name)?;
+        Self::build(vb, name, config, processor, device)
+    }
+
+    /// The model from `vb`, its shared Gaussian read as `positional_name`.
+    fn build(
+        vb: candle_nn::VarBuilder,
+        positional_name: &str,
+        config: SamConfig,
+        processor: ProcessorConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let feats = config.vision.num_pos_feats;
+        let gaussian = vb.get((2, feats), positional_name)?;
         let positional = PositionalEmbedding::new(gaussian);
         let image_pe = positional.image_wide(config.vision.grid())?;
         if let Some((ph, pw)) = processor.pad {
@@ -236,6 +247,82 @@ impl SamModel {
             height: image.height(),
         })
     }
+}
+
+/// The built-in random-weight SAM: SAM's architecture at toy widths (a 32-wide, 3-layer ViT
+/// with one global layer, 64² input), for smoke tests and CI; its masks mean nothing.
+pub const TINY_SAM: &str = "tiny-sam";
+
+const TINY_SAM_CONFIG: &str = r#"{
+  "model_type": "sam",
+  "vision_config": {"hidden_size": 32, "mlp_dim": 128, "num_hidden_layers": 3,
+    "num_attention_heads": 2, "global_attn_indexes": [2], "window_size": 4, "patch_size": 8,
+    "image_size": 64, "output_channels": 32, "num_pos_feats": 16},
+  "prompt_encoder_config": {"hidden_size": 32, "image_embedding_size": 8, "image_size": 64,
+    "patch_size": 8, "mask_input_channels": 8},
+  "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2,
+    "num_hidden_layers": 2, "iou_head_hidden_dim": 32, "iou_head_depth": 3}
+}
+"#;
+
+const TINY_SAM_PREPROCESSOR: &str = r#"{
+  "do_convert_rgb": true, "do_normalize": true, "do_pad": true, "do_rescale": true,
+  "do_resize": true, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+  "image_processor_type": "SamImageProcessor", "resample": 2,
+  "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 64},
+  "pad_size": {"height": 64, "width": 64}, "mask_size": {"longest_edge": 256},
+  "mask_pad_size": {"height": 256, "width": 256}
+}
+"#;
+
+/// [`TINY_SAM`]'s folder in the built-in models' cache, written on first use (into a sibling
+/// temporary folder, then renamed: a half-written model is never seen).
+pub fn tiny_sam_folder() -> Result<std::path::PathBuf> {
+    let dir = crate::models::hub::builtin_cache_dir(TINY_SAM);
+    if dir.join(WEIGHTS).is_file() {
+        return Ok(dir);
+    }
+    let parent = dir.parent().context("internal error: no cache folder")?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = parent.join(format!(".{TINY_SAM}.tkg-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = write_tiny_sam(&tmp).and_then(|()| {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir)
+            .with_context(|| format!("cannot move the model into {}", dir.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written.with_context(|| format!("cannot write {TINY_SAM} into {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Writes [`TINY_SAM`]'s three files into the new folder `dir`: the configs, and the
+/// deterministic random weights the network asks for as it is built.
+fn write_tiny_sam(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config = SamConfig::from_json(TINY_SAM_CONFIG)?;
+    let processor = ProcessorConfig::from_json(TINY_SAM_PREPROCESSOR)?;
+    let weights = crate::models::weights::RandomWeights::new(0x5a_3001);
+    SamModel::build(
+        weights.var_builder(&Device::Cpu),
+        "shared_image_embedding.positional_embedding",
+        config,
+        processor,
+        &Device::Cpu,
+    )?;
+    let map: std::collections::HashMap<String, Tensor> = weights.tensors().into_iter().collect();
+    candle_core::safetensors::save(&map, dir.join(WEIGHTS))?;
+    for (name, text) in [
+        (CONFIG, TINY_SAM_CONFIG),
+        (PREPROCESSOR, TINY_SAM_PREPROCESSOR),
+    ] {
+        std::fs::write(dir.join(name), text)
+            .with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+    }
+    Ok(())
 }
 
 /// A `SamModel` repository on the Hub, read through the Hugging Face cache as the SD models
