@@ -29,6 +29,11 @@ fn assert_fails(out: &Output, needle: &str) {
 }
 
 fn generate(dir: &Path, name: &str, extra: &[&str]) -> Output {
+    generate_command(dir, name, extra).output().unwrap()
+}
+
+/// The tiny model's generation of `dir/name`, seed 42, 8 steps, plus `extra`.
+fn generate_command(dir: &Path, name: &str, extra: &[&str]) -> std::process::Command {
     let out = dir.join(name);
     let mut args = vec![
         "generate",
@@ -44,7 +49,7 @@ fn generate(dir: &Path, name: &str, extra: &[&str]) -> Output {
         s(&out),
     ];
     args.extend_from_slice(extra);
-    tkg(&args)
+    cli::command(&args)
 }
 
 fn decode(path: &Path) -> (u32, u32, png::ColorType, Vec<u8>) {
@@ -575,27 +580,19 @@ fn a_models_sampling_defaults_apply_where_flags_are_silent() {
 fn the_thread_count_changes_no_bit() {
     let d = scratch("threads");
     let files = |t: usize| {
-        let out = d.join(format!("t{t}.png"));
         let lat = d.join(format!("t{t}.safetensors"));
-        let run = crate::common::cli::command(&[
-            "generate",
-            "--model",
-            "tiny-sd15",
-            "--prompt",
-            "a red vintage car",
-            "--seed",
-            "42",
-            "--steps",
-            "4",
-            "--width",
-            "192",
-            "--height",
-            "128",
-            "--out",
-            s(&out),
-            "--save-latents",
-            s(&lat),
-        ])
+        let run = generate_command(
+            &d,
+            &format!("t{t}.png"),
+            &[
+                "--width",
+                "192",
+                "--height",
+                "128",
+                "--save-latents",
+                s(&lat),
+            ],
+        )
         .env("RAYON_NUM_THREADS", t.to_string())
         .output()
         .unwrap();
