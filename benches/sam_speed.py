@@ -16,7 +16,7 @@ image with one point:
 each run twice, the faster kept, with the same thread count (--threads, default 2).
 
 Usage: /work/pyenv/bin/python benches/sam_speed.py [--tkg target/release/tkg] [--threads 2]
-           [--models vit-b,slimsam-50,slimsam-77] [--cache /tmp/tkg-sam-speed]
+           [--models vit-b,slimsam-50,slimsam-77] [--cache /tmp/tkg-sam-speed] [--tkg-only]
 """
 
 import argparse
@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="vit-b,slimsam-50,slimsam-77")
     ap.add_argument("--cache", default="/tmp/tkg-sam-speed")
+    ap.add_argument("--tkg-only", action="store_true", help="time tkg alone")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     img = os.path.join(args.cache, "image.png")
@@ -107,8 +108,8 @@ def main():
         build(name, d)
         print(f"{name}: timing", file=sys.stderr, flush=True)
         t = tkg_time(os.path.abspath(args.tkg), d, img, args.threads)
-        e = torch_time(d, img, args.threads, "eager")
-        s = torch_time(d, img, args.threads, "sdpa")
+        e = float("nan") if args.tkg_only else torch_time(d, img, args.threads, "eager")
+        s = float("nan") if args.tkg_only else torch_time(d, img, args.threads, "sdpa")
         rows.append((name, t, e, s))
     print(f"\n1024x768 image, {args.threads} threads, best of 2")
     print(f"{'model':<12} {'tkg segment':>12} {'tf eager enc':>13} {'tf sdpa enc':>12} "

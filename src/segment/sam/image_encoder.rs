@@ -4,7 +4,7 @@
 //! the prompt decoder's width.
 
 use super::config::{Act, VisionConfig};
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
@@ -65,9 +65,7 @@ impl Attention {
         let (b, h, w, _) = x.dims4()?;
         let n = h * w;
         let (heads, hd) = (self.heads, self.head_dim);
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = tokens_linear(&self.qkv, x)?
             .reshape((b, n, 3, heads, hd))?
             .permute((2, 0, 3, 1, 4))?
             .reshape((3, b * heads, n, hd))?;
@@ -124,8 +122,25 @@ impl Attention {
             .reshape((b, heads, h, w, hd))?
             .permute((0, 2, 3, 1, 4))?
             .reshape((b, h, w, heads * hd))?;
-        Ok(self.proj.forward(&out)?)
+        tokens_linear(&self.proj, &out)
     }
+}
+
+/// `lin` over the last axis of `x` [.., C] as one product over all tokens: candle's `Linear`
+/// on a rank-4 input broadcasts the weight and runs one small product per leading row (64
+/// of 64 tokens each on a 64x64 grid), packing the whole weight again for each.
+fn tokens_linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(x) {
+        return crate::kernels::linear::linear(x, lin.weight(), lin.bias(), None);
+    }
+    let dims = x.dims().to_vec();
+    let c = *dims
+        .last()
+        .context("internal error: a linear layer on a scalar")?;
+    let y = lin.forward(&x.reshape((x.elem_count() / c.max(1), c))?)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = y.dim(1)?;
+    Ok(y.reshape(out)?)
 }
 
 /// The table's rows for every (query, key) pair along one axis: [q, k, C], row
@@ -229,8 +244,8 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.act.apply(&self.lin1.forward(x)?)?;
-        Ok(self.lin2.forward(&x)?)
+        let x = self.act.apply(&tokens_linear(&self.lin1, x)?)?;
+        tokens_linear(&self.lin2, &x)
     }
 }
 
