@@ -199,13 +199,13 @@ pub fn materialize(name: &str, dir: &Path) -> Result<()> {
     let eos = (vocab_len - 1) as u32;
     let spec = spec(name, vocab_len, eos)?;
     // The model is renamed into place, which needs a last component to name.
-    let Some(leaf) = dir.file_name() else {
+    if dir.file_name().is_none() {
         bail!(
             "cannot create {}: give the new folder a name, e.g. {}",
             dir.display(),
             dir.join(name).display()
         );
-    };
+    }
     match fs::metadata(dir) {
         Ok(m) if m.is_dir() => {
             let mut entries =
@@ -221,12 +221,21 @@ pub fn materialize(name: &str, dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(cannot_create(dir, e)),
     }
+    build_folder(dir, |tmp| write_folder(&spec, tmp, &vocab, &merges))
+}
+
+/// Makes the folder `dir` (absent, or empty) with `write`, which fills a sibling temporary
+/// folder that is then renamed into place: no half-written model is ever visible, and a
+/// failed one leaves nothing behind.
+pub(crate) fn build_folder(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let leaf = dir
+        .file_name()
+        .with_context(|| format!("cannot create {}: the folder needs a name", dir.display()))?;
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| cannot_create(dir, e))?;
-    // Build in a sibling temporary folder, then rename: no half-written model is ever visible.
     let tmp = parent.join(format!(
         ".{}.tkg-tmp-{}",
         leaf.to_string_lossy(),
@@ -235,7 +244,7 @@ pub fn materialize(name: &str, dir: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(&tmp);
     // Creating the sibling is where an unwritable parent shows: say so about `dir`.
     fs::create_dir(&tmp).map_err(|e| cannot_create(dir, e))?;
-    let result = write_folder(&spec, &tmp, &vocab, &merges)
+    let result = write(&tmp)
         .with_context(|| format!("cannot create {}", dir.display()))
         .and_then(|()| {
             if dir.exists() {
@@ -342,15 +351,25 @@ fn write_tokenizer(tok: &Path, vocab: &str, merges: &str, pad: &str) -> Result<(
 
 /// The cache folder of a built-in model, materialising it first if needed.
 pub fn ensure(name: &str) -> Result<PathBuf> {
+    ensure_cached(name, "model_index.json", |dir| materialize(name, dir))
+}
+
+/// The built-in models' cache folder of `name`, made by `make` (given the absent folder) when
+/// its completion marker `marker` is missing.
+pub(crate) fn ensure_cached(
+    name: &str,
+    marker: &str,
+    make: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     let dir = hub::builtin_cache_dir(name);
-    if dir.join("model_index.json").is_file() {
+    if dir.join(marker).is_file() {
         return Ok(dir);
     }
     if dir.exists() {
         // A folder without its completion marker is debris from an interrupted run.
         fs::remove_dir_all(&dir).with_context(|| format!("cleaning {}", dir.display()))?;
     }
-    materialize(name, &dir)?;
+    make(&dir)?;
     Ok(dir)
 }
 

@@ -275,34 +275,17 @@ const TINY_SAM_PREPROCESSOR: &str = r#"{
 }
 "#;
 
-/// [`TINY_SAM`]'s folder in the built-in models' cache, written on first use (into a sibling
-/// temporary folder, then renamed: a half-written model is never seen).
+/// [`TINY_SAM`]'s folder in the built-in models' cache, written on first use.
 pub fn tiny_sam_folder() -> Result<std::path::PathBuf> {
-    let dir = crate::models::hub::builtin_cache_dir(TINY_SAM);
-    if dir.join(WEIGHTS).is_file() {
-        return Ok(dir);
-    }
-    let parent = dir.parent().context("internal error: no cache folder")?;
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = parent.join(format!(".{TINY_SAM}.tkg-tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = write_tiny_sam(&tmp).and_then(|()| {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir)
-            .with_context(|| format!("cannot move the model into {}", dir.display()))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written.with_context(|| format!("cannot write {TINY_SAM} into {}", dir.display()))?;
-    Ok(dir)
+    crate::models::builtin::ensure_cached(TINY_SAM, WEIGHTS, |dir| {
+        crate::models::builtin::build_folder(dir, write_tiny_sam)
+            .with_context(|| format!("cannot write {TINY_SAM}"))
+    })
 }
 
-/// Writes [`TINY_SAM`]'s three files into the new folder `dir`: the configs, and the
+/// Writes [`TINY_SAM`]'s three files into the empty folder `dir`: the configs, and the
 /// deterministic random weights the network asks for as it is built.
 fn write_tiny_sam(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config = SamConfig::from_json(TINY_SAM_CONFIG)?;
     let processor = ProcessorConfig::from_json(TINY_SAM_PREPROCESSOR)?;
     let weights = crate::models::weights::RandomWeights::new(0x5a_3001);
