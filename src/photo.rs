@@ -72,6 +72,13 @@ pub fn load_mask(path: &Path) -> Result<GrayImage> {
     Ok(img.to_luma8())
 }
 
+/// Whether a mask of `mask` size (width, height) has the aspect of an image of `image` size:
+/// within one pixel of it at the mask's size (cross-multiplied, so no rounding).
+pub fn same_aspect(mask: (u32, u32), image: (u32, u32)) -> bool {
+    let ((mw, mh), (iw, ih)) = (mask, image);
+    (mw as f64 * ih as f64 - mh as f64 * iw as f64).abs() / ih.max(1) as f64 <= 1.0
+}
+
 /// Loads any image in the photo formats as decoded (bit depth and alpha kept), upright and
 /// size-bounded. `what` names its role in messages ("image", "composite background").
 pub fn load_image(path: &Path, what: &str) -> Result<DynamicImage> {

@@ -51,10 +51,8 @@ pub fn run(args: &KeyArgs, ui: Ui) -> Result<()> {
         .map(SubjectMask::load)
         .transpose()?;
     if let Some(m) = &mask {
-        let (w, h) = (img.width() as u64, img.height() as u64);
-        let (mw, mh) = (m.width as u64, m.height as u64);
-        // Cross-multiplied: the aspects differ by more than one mask pixel.
-        if (mw * h).abs_diff(mh * w) > w.max(h) {
+        let ((w, h), (mw, mh)) = ((img.width(), img.height()), (m.width, m.height));
+        if !tkg::photo::same_aspect((mw, mh), (w, h)) {
             ui.warn(format!(
                 "the subject mask is {mw}x{mh}, another aspect than the image's {w}x{h}: \
                  stretched to fit"

@@ -89,10 +89,8 @@ pub fn load_mask(path: &Path, photo: &RgbImage, size: Size) -> Result<Vec<u8>> {
         .with_context(|| format!("cannot use {} as --mask", path.display()))?;
     let (mw, mh) = (img.width(), img.height());
     let (pw, ph) = (photo.width(), photo.height());
-    // Cross-multiplied: within one pixel of the photo's aspect at the mask's size.
-    let off = (mw as f64 * ph as f64 - mh as f64 * pw as f64).abs() / ph as f64;
     ensure!(
-        off <= 1.0,
+        crate::photo::same_aspect((mw, mh), (pw, ph)),
         "mask {} is {mw}x{mh}, a different aspect from the init image's {pw}x{ph}",
         path.display()
     );
