@@ -389,16 +389,17 @@ impl KeyFlags {
 /// models.toml, else what [`SharedSegmenter::load`] finds in rembg's folders.
 pub fn load_segmenter(name: &str) -> Result<SharedSegmenter> {
     let name = segmenter_name(name)?;
-    let dirs = tkg::segment::rembg_dirs(&|k| std::env::var(k).ok());
-    SharedSegmenter::load(&name, &dirs, &candle_core::Device::Cpu)
+    SharedSegmenter::load(&name, &rembg_dirs(), &candle_core::Device::Cpu)
+}
+
+/// Where rembg keeps its models, from this process's environment.
+pub fn rembg_dirs() -> Vec<PathBuf> {
+    tkg::segment::rembg_dirs(&|k| std::env::var(k).ok())
 }
 
 /// What a segmentation model name stands for: its `[segmenters.NAME]` entry's file (or
 /// folder), else the name itself.
 pub fn segmenter_name(name: &str) -> Result<String> {
-    if name == tkg::segment::sam::TINY_SAM {
-        return Ok(tkg::segment::sam::tiny_sam_folder()?.display().to_string());
-    }
     let registry = tkg::models::registry::Registry::load(registry_file(None).as_ref())?;
     Ok(match registry.segmenter(name) {
         Some(entry) => match &entry.source {

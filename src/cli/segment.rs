@@ -8,7 +8,7 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use tkg::output::{self, Pixels, PngImage};
 use tkg::segment::sam::SamModel;
-use tkg::segment::{Prompt, SubjectMask};
+use tkg::segment::{Prompt, SegmentSource, Segmenter, SubjectMask};
 
 #[derive(Debug, Args)]
 pub struct SegmentArgs {
@@ -105,9 +105,10 @@ pub fn run(args: &SegmentArgs, ui: Ui) -> Result<()> {
         negative_points: args.negative_points.clone(),
         bbox: args.bbox,
     };
-    let model = super::args::segmenter_name(&args.model)?;
-    if Path::new(&model).is_dir() {
-        return run_sam(args, &model, &out, &prompt, ui);
+    let name = super::args::segmenter_name(&args.model)?;
+    let source = tkg::segment::locate(&name, &super::args::rembg_dirs())?;
+    if let SegmentSource::SamDir(dir) = &source {
+        return run_sam(args, dir, &out, &prompt, ui);
     }
     if args.all_masks {
         bail!(
@@ -118,9 +119,9 @@ pub fn run(args: &SegmentArgs, ui: Ui) -> Result<()> {
     output::check_targets(std::slice::from_ref(&out), args.overwrite)?;
     let img = tkg::photo::load_image(&args.image, "image")?.to_rgb8();
     let start = std::time::Instant::now();
-    let segmenter = super::args::load_segmenter(&args.model)?;
+    let segmenter = tkg::segment::load(&source, &name, &candle_core::Device::Cpu)?;
     let loaded = start.elapsed();
-    let mask = segmenter.0.segment(&img, &prompt)?;
+    let mask = segmenter.segment(&img, &prompt)?;
     ui.detail(format!(
         "{}: loaded in {:.0} ms, segmented in {:.0} ms",
         args.model,
@@ -133,13 +134,13 @@ pub fn run(args: &SegmentArgs, ui: Ui) -> Result<()> {
 
 /// SAM: the mask it rates best at `out` (its predicted IoU on stderr and in the PNG), and with
 /// --all-masks every mask it made.
-fn run_sam(args: &SegmentArgs, dir: &str, out: &Path, prompt: &Prompt, ui: Ui) -> Result<()> {
+fn run_sam(args: &SegmentArgs, dir: &Path, out: &Path, prompt: &Prompt, ui: Ui) -> Result<()> {
     if prompt.is_empty() {
         bail!("SAM needs a prompt: give --point X,Y (and --neg-point X,Y) or --box X0,Y0,X1,Y1");
     }
     let img = tkg::photo::load_image(&args.image, "image")?.to_rgb8();
     let start = std::time::Instant::now();
-    let model = SamModel::load_dir(Path::new(dir), &candle_core::Device::Cpu)?;
+    let model = SamModel::load_dir(dir, &candle_core::Device::Cpu)?;
     let loaded = start.elapsed();
     let count = model.config.decoder.num_multimask_outputs;
     let mut targets = vec![out.to_path_buf()];
