@@ -161,7 +161,7 @@ impl Conv {
 }
 
 /// `x · wᵀ + b (+ residual)`, on the fused kernel where it applies.
-fn linear_fused(
+pub(crate) fn linear_fused(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,

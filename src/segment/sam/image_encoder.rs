@@ -4,7 +4,7 @@
 //! the prompt decoder's width.
 
 use super::config::{Act, VisionConfig};
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
@@ -126,21 +126,12 @@ impl Attention {
     }
 }
 
-/// `lin` over the last axis of `x` [.., C] as one product over all tokens: candle's `Linear`
-/// on a rank-4 input broadcasts the weight and runs one small product per leading row (64
-/// of 64 tokens each on a 64x64 grid), packing the whole weight again for each.
+/// `lin` over the last axis of `x` [.., C] through the models' fused linear kernel: one
+/// product over all tokens, where candle's `Linear` on a rank-4 input broadcasts the weight
+/// and runs one small product per leading row (64 of 64 tokens each on a 64x64 grid),
+/// packing the whole weight again for each.
 fn tokens_linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    if crate::kernels::applies(x) {
-        return crate::kernels::linear::linear(x, lin.weight(), lin.bias(), None);
-    }
-    let dims = x.dims().to_vec();
-    let c = *dims
-        .last()
-        .context("internal error: a linear layer on a scalar")?;
-    let y = lin.forward(&x.reshape((x.elem_count() / c.max(1), c))?)?;
-    let mut out = dims;
-    *out.last_mut().expect("rank >= 1") = y.dim(1)?;
-    Ok(y.reshape(out)?)
+    crate::models::blocks::linear_fused(x, lin.weight(), lin.bias(), None)
 }
 
 /// The table's rows for every (query, key) pair along one axis: [q, k, C], row
