@@ -70,8 +70,6 @@ pub fn segment_and_fuse(
     segmenter: &dyn Segmenter,
     hints: &[[f32; 2]],
 ) -> Result<()> {
-    let image = image::RgbImage::from_raw(keyed.width, keyed.height, rgb.to_vec())
-        .context("internal error: image and key differ in size")?;
     let prompt = if segmenter.wants_prompt() {
         match keyer_prompt(keyed, hints) {
             Some(p) => p,
@@ -90,6 +88,8 @@ pub fn segment_and_fuse(
     } else {
         Prompt::default()
     };
+    let image = image::RgbImage::from_raw(keyed.width, keyed.height, rgb.to_vec())
+        .context("internal error: image and key differ in size")?;
     let mask = segmenter.segment(&image, &prompt)?;
     fuse_subject_mask(keyed, rgb, &mask, segmenter.name())
 }
