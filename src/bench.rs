@@ -28,6 +28,8 @@ pub struct BenchSettings {
     /// Classifier-free guidance; 1 or less runs one UNet pass (batch 1) per step.
     pub guidance: f64,
     pub dtype: DType,
+    /// How weights are kept when computing in f32.
+    pub weights: crate::pipeline::WeightStorage,
     pub device: Device,
     pub prompt: String,
     pub negative_prompt: String,
@@ -120,6 +122,7 @@ pub fn run(
         &LoadOptions {
             device: s.device.clone(),
             dtype: s.dtype,
+            weights: s.weights,
             ..LoadOptions::cpu_f32()
         },
     )

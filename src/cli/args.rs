@@ -11,6 +11,7 @@ use tkg::color::KeyColor;
 use tkg::key::{self, KeyOptions, KeyOutputFlags};
 use tkg::models::registry::SegmenterSource;
 use tkg::models::registry::UserFile;
+use tkg::pipeline::WeightStorage;
 use tkg::rng::RngKind;
 use tkg::run::{KeySettings, RunConfig, Shard};
 use tkg::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
@@ -55,6 +56,10 @@ pub struct ModelArgs {
     /// Weights and activations type (default: f32 on CPU, f16 on a GPU).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// How weights are kept with f32 compute: auto (weights the files store in 16 bits stay
+    /// 16-bit, widened per layer: half the memory, the same image), f32, f16 or bf16.
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = WeightStorage::parse)]
+    pub weights_dtype: WeightStorage,
 }
 
 /// Per-image settings and run options shared by `tkg generate` and `tkg batch` (where a
@@ -540,6 +545,7 @@ impl JobOptions {
         Ok(RunConfig {
             device: self.model.device.clone(),
             dtype: self.model.dtype.map(DTypeArg::dtype),
+            weights: self.model.weights_dtype,
             registry_file: registry_file(self.model.models_file.as_deref()),
             model_file: self.extra.model_file.clone(),
             vae: self.extra.vae.clone(),

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use tkg::bench::{self, BenchSettings};
+use tkg::pipeline::WeightStorage;
 use tkg::run::{RunConfig, device, model};
 use tkg::settings::{ModelChoice, Settings, SettingsPatch};
 
@@ -28,6 +29,10 @@ pub struct BenchArgs {
     /// Weights and activations type (default: f32 on CPU, f16 on a GPU).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// How weights are kept with f32 compute: auto (16-bit files stay 16-bit), f32, f16 or
+    /// bf16.
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = WeightStorage::parse)]
+    pub weights_dtype: WeightStorage,
     /// Image width in pixels.
     #[arg(long, default_value_t = 512)]
     pub width: usize,
@@ -87,6 +92,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         sampler: args.sampler.settings(),
         guidance: args.guidance,
         dtype,
+        weights: args.weights_dtype,
         device,
         prompt: args.prompt.clone(),
         negative_prompt: String::new(),

@@ -181,6 +181,7 @@ impl PlaceArgs {
         RunConfig {
             device: self.model.device.clone(),
             dtype: self.model.dtype.map(DTypeArg::dtype),
+            weights: self.model.weights_dtype,
             registry_file: registry_file(self.model.models_file.as_deref()),
             overwrite: self.overwrite,
             ..RunConfig::default()

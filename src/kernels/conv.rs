@@ -87,7 +87,7 @@ fn conv2d_impl(
     relu: bool,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let w = w.contiguous()?;
+    let w = super::f32_weight(w)?;
     let (b, cin, sh, sw) = x.dims4()?;
     let _p = super::profile::scope(|| {
         let (co, _, k, _) = w.dims4().unwrap_or_default();

@@ -93,7 +93,7 @@ pub fn linear(
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let w = w.contiguous()?;
+    let w = super::f32_weight(w)?;
     let (n, k) = w.dims2()?;
     let mut dims = x.dims().to_vec();
     ensure!(
@@ -120,7 +120,7 @@ pub fn linear(
 pub fn linear_from_map(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (b, cin, h, wd) = x.dims4()?;
-    let w = w.contiguous()?;
+    let w = super::f32_weight(w)?;
     let w = w.reshape((w.dim(0)?, ()))?;
     let (n, k) = w.dims2()?;
     ensure!(
@@ -220,7 +220,7 @@ pub fn linear_to_map(
     let t = t.contiguous()?;
     let (b, hw, k) = t.dims3()?;
     ensure!(hw == h * wd, "linear_to_map: {hw} tokens for {h}x{wd}");
-    let w = w.contiguous()?;
+    let w = super::f32_weight(w)?;
     let w = w.reshape((w.dim(0)?, ()))?;
     let (n, wk) = w.dims2()?;
     ensure!(wk == k, "linear_to_map: {k} features, weight [{n}, {wk}]");

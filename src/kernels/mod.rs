@@ -91,6 +91,42 @@ pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && config().enabled
 }
 
+/// A weight as a contiguous f32 tensor. Weights kept in f16 or bf16 (see
+/// [`crate::models::weights::WeightStorage`]) are widened here, per call, in parallel chunks;
+/// f16 and bf16 widen to f32 exactly, so the result is the weight an f32 load would give.
+pub fn f32_weight(w: &Tensor) -> Result<Tensor> {
+    match w.dtype() {
+        DType::F32 => Ok(w.contiguous()?),
+        DType::F16 => widen::<half::f16>(w),
+        DType::BF16 => widen::<half::bf16>(w),
+        other => bail!("internal: a {other:?} weight cannot be widened to f32"),
+    }
+}
+
+fn widen<T>(w: &Tensor) -> Result<Tensor>
+where
+    T: candle_core::WithDType,
+    [T]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    // Big enough that a chunk costs more than scheduling it, small enough to balance.
+    const CHUNK: usize = 1 << 16;
+    let _p = profile::scope(|| format!("widen {:?} weight", T::DTYPE));
+    let w = w.contiguous()?;
+    let (guard, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*guard else {
+        bail!("internal: only CPU weights are widened here");
+    };
+    let src = &cpu.as_slice::<T>()?[layout.start_offset()..][..w.elem_count()];
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(o, s)| s.convert_to_f32_slice(o));
+    drop(guard);
+    tensor(out, w.shape().clone())
+}
+
 /// Builds rayon's global pool with `n` threads and 64 MiB stacks. It runs candle's
 /// convolutions and the kernels; the big stacks are for callers that run a whole command on a
 /// pool thread (as `cli::run` does). Call it once, before any parallel work: rayon fixes its

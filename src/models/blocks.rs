@@ -8,11 +8,16 @@
 //! the bias, timestep embedding and residual fused in, attention without the score tensor,
 //! fused q/k/v projections); elsewhere it runs on candle's ops. Both paths compute the same
 //! function, up to float rounding.
+//!
+//! Weight matrices and kernels may be kept in f16 or bf16 while activations are f32
+//! ([`crate::models::weights::WeightStorage`]): the kernels widen them per call, and the candle
+//! paths convert them with [`like`].
 
 use crate::kernels;
 use anyhow::Result;
 use candle_core::{D, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
+use std::borrow::Cow;
 
 /// A group norm, optionally followed by SiLU (`GroupNorm` [+ `SiLU`]).
 #[derive(Debug)]
@@ -132,7 +137,7 @@ impl Conv {
                 self.padding,
             );
         }
-        let mut h = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let mut h = xs.conv2d(&*like(&self.weight, xs)?, self.padding, self.stride, 1, 1)?;
         if let Some(b) = &self.bias {
             h = h.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
@@ -170,11 +175,76 @@ pub(crate) fn linear_fused(
     if kernels::applies(x) {
         return kernels::linear::linear(x, w, b, residual);
     }
-    let y = Linear::new(w.clone(), b.cloned()).forward(x)?;
+    let y = Linear::new(like(w, x)?.into_owned(), b.cloned()).forward(x)?;
     Ok(match residual {
         Some(r) => (y + r)?,
         None => y,
     })
+}
+
+/// `w` in `x`'s dtype: a weight kept narrower than the activations, converted for candle's
+/// ops (the kernels widen weights themselves).
+pub(crate) fn like<'a>(w: &'a Tensor, x: &Tensor) -> Result<Cow<'a, Tensor>> {
+    Ok(if w.dtype() == x.dtype() {
+        Cow::Borrowed(w)
+    } else {
+        Cow::Owned(w.to_dtype(x.dtype())?)
+    })
+}
+
+/// Weight matrices stacked by rows. They are kept in one dtype unless a LoRA widened some of
+/// them to f32 (see [`WeightStorage::Auto`](crate::models::weights::WeightStorage)); then all
+/// are widened.
+fn cat_rows(ws: &[&Tensor]) -> Result<Tensor> {
+    let dtype = ws[0].dtype();
+    if ws.iter().all(|w| w.dtype() == dtype) {
+        return Ok(Tensor::cat(ws, 0)?);
+    }
+    let wide = ws
+        .iter()
+        .map(|w| w.to_dtype(candle_core::DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&wide, 0)?)
+}
+
+/// A linear layer (`nn.Linear`) on [`linear_fused`], so its weight may be kept narrower than
+/// the activations.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    /// [out, in]
+    weight: Tensor,
+    /// [out]
+    bias: Option<Tensor>,
+}
+
+impl Dense {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn load(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self::new(
+            vb.get((cout, cin), "weight")?,
+            Some(vb.get(cout, "bias")?),
+        ))
+    }
+
+    pub fn load_no_bias(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self::new(vb.get((cout, cin), "weight")?, None))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear_fused(x, &self.weight, self.bias.as_ref(), None)
+    }
+
+    /// `forward(x) + residual`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        linear_fused(x, &self.weight, self.bias.as_ref(), Some(residual))
+    }
 }
 
 /// A 2D resnet block with optional timestep-embedding input (`ResnetBlock2D`).
@@ -182,7 +252,7 @@ pub(crate) fn linear_fused(
 pub struct ResnetBlock {
     norm1: Norm,
     conv1: Conv,
-    time_emb_proj: Option<Linear>,
+    time_emb_proj: Option<Dense>,
     norm2: Norm,
     conv2: Conv,
     conv_shortcut: Option<Conv>,
@@ -204,7 +274,7 @@ impl ResnetBlock {
             norm1: Norm::load(vb.pp("norm1"), s.groups, cin, s.eps)?,
             conv1: Conv::load3(vb.pp("conv1"), cin, cout)?,
             time_emb_proj: match s.temb_channels {
-                Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+                Some(t) => Some(Dense::load(vb.pp("time_emb_proj"), t, cout)?),
                 None => None,
             },
             norm2: Norm::load(vb.pp("norm2"), s.groups, cout, s.eps)?,
@@ -275,7 +345,7 @@ pub struct Attention {
     w_kv: Tensor,
     /// [3·dim, dim] when ctx_dim == dim.
     w_qkv: Option<Tensor>,
-    to_out: Linear,
+    to_out: Dense,
     heads: usize,
 }
 
@@ -286,20 +356,20 @@ impl Attention {
         let wk = vb.get((dim, context_dim), "to_k.weight")?;
         let wv = vb.get((dim, context_dim), "to_v.weight")?;
         let (w_q, w_kv, w_qkv) = if context_dim == dim {
-            let qkv = Tensor::cat(&[&wq, &wk, &wv], 0)?;
+            let qkv = cat_rows(&[&wq, &wk, &wv])?;
             (
                 qkv.narrow(0, 0, dim)?,
                 qkv.narrow(0, dim, 2 * dim)?,
                 Some(qkv),
             )
         } else {
-            (wq, Tensor::cat(&[&wk, &wv], 0)?, None)
+            (wq, cat_rows(&[&wk, &wv])?, None)
         };
         Ok(Self {
             w_q,
             w_kv,
             w_qkv,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_out: Dense::load(vb.pp("to_out.0"), dim, dim)?,
             heads,
         })
     }
@@ -338,36 +408,39 @@ impl Attention {
             }
         };
         let o = attention_tokens(&q, &k, &v, self.heads)?;
-        linear_fused(&o, self.to_out.weight(), self.to_out.bias(), residual)
+        match residual {
+            Some(r) => self.to_out.forward_residual(&o, r),
+            None => self.to_out.forward(&o),
+        }
     }
 }
 
 /// GEGLU feed-forward with the exact (erf) GELU.
 #[derive(Debug)]
 struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: Dense,
+    out: Dense,
 }
 
 impl FeedForward {
     fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: Dense::load(vb.pp("net.0.proj"), dim, inner * 2)?,
+            out: Dense::load(vb.pp("net.2"), inner, dim)?,
         })
     }
 
     /// `ff(xs) + residual`.
     fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = linear_fused(xs, self.proj.weight(), self.proj.bias(), None)?;
+        let h = self.proj.forward(xs)?;
         let h = if kernels::applies(&h) {
             kernels::linear::geglu(&h)?
         } else {
             let parts = h.chunk(2, D::Minus1)?;
             (&parts[0] * parts[1].gelu_erf()?)?
         };
-        linear_fused(&h, self.out.weight(), self.out.bias(), Some(residual))
+        self.out.forward_residual(&h, residual)
     }
 }
 
@@ -426,8 +499,10 @@ impl Proj {
         })
     }
 
-    fn matrix(&self) -> Result<Tensor> {
-        Ok(self.weight.reshape((self.weight.dim(0)?, ()))?)
+    /// The weight as an [out, in] matrix in `x`'s dtype, for candle's ops.
+    fn matrix(&self, x: &Tensor) -> Result<Tensor> {
+        let w = like(&self.weight, x)?;
+        Ok(w.reshape((w.dim(0)?, ()))?)
     }
 
     /// Map [B, C, H, W] → tokens [B, H·W, C'].
@@ -437,7 +512,7 @@ impl Proj {
         }
         let (b, c, h, w) = x.dims4()?;
         let t = x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
-        Ok(Linear::new(self.matrix()?, Some(self.bias.clone())).forward(&t)?)
+        Ok(Linear::new(self.matrix(&t)?, Some(self.bias.clone())).forward(&t)?)
     }
 
     /// Tokens [B, H·W, C] → map [B, C', H, W] + residual.
@@ -452,7 +527,7 @@ impl Proj {
                 (h, w),
             );
         }
-        let y = Linear::new(self.matrix()?, Some(self.bias.clone())).forward(t)?;
+        let y = Linear::new(self.matrix(t)?, Some(self.bias.clone())).forward(t)?;
         let c = y.dim(2)?;
         let y = y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
         Ok((y + residual)?)
@@ -563,7 +638,7 @@ pub struct VaeAttention {
     /// q, k, v weights stacked: [3·C, C]; biases [3·C].
     w_qkv: Tensor,
     b_qkv: Tensor,
-    to_out: Linear,
+    to_out: Dense,
 }
 
 /// A VAE attention projection: [C, C] or, in older checkpoints, [C, C, 1, 1].
@@ -592,9 +667,9 @@ impl VaeAttention {
         let (wo, bo) = vae_proj(vb.pp(o), channels)?;
         Ok(Self {
             group_norm: Norm::load(vb.pp("group_norm"), groups, channels, 1e-6)?,
-            w_qkv: Tensor::cat(&[&wq, &wk, &wv], 0)?,
+            w_qkv: cat_rows(&[&wq, &wk, &wv])?,
             b_qkv: Tensor::cat(&[&bq, &bk, &bv], 0)?,
-            to_out: Linear::new(wo, Some(bo)),
+            to_out: Dense::new(wo, Some(bo)),
         })
     }
 
@@ -612,13 +687,13 @@ impl VaeAttention {
             return kernels::linear::linear_to_map(
                 &o,
                 self.to_out.weight(),
-                self.to_out.bias(),
+                self.to_out.bias.as_ref(),
                 Some(xs),
                 (h, w),
             );
         }
         let x = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let qkv = Linear::new(self.w_qkv.clone(), Some(self.b_qkv.clone())).forward(&x)?;
+        let qkv = linear_fused(&x, &self.w_qkv, Some(&self.b_qkv), None)?;
         let one_head = |t: Tensor| -> Result<Tensor> { Ok(t.contiguous()?.unsqueeze(1)?) };
         let q = one_head(qkv.narrow(2, 0, c)?)?;
         let k = one_head(qkv.narrow(2, c, c)?)?;

@@ -1,10 +1,11 @@
 //! CLIP text encoder (transformers `CLIPTextModel` / `CLIPTextModelWithProjection`), built from
 //! its `config.json`.
 
+use super::blocks::Dense;
 use super::config::ClipTextConfig;
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 /// Which hidden state the caller wants as the per-token embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +29,10 @@ pub struct TextEncoding {
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Dense,
+    k_proj: Dense,
+    v_proj: Dense,
+    out_proj: Dense,
     heads: usize,
     head_dim: usize,
 }
@@ -40,10 +41,10 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: Dense::load(vb.pp("q_proj"), h, h)?,
+            k_proj: Dense::load(vb.pp("k_proj"), h, h)?,
+            v_proj: Dense::load(vb.pp("v_proj"), h, h)?,
+            out_proj: Dense::load(vb.pp("out_proj"), h, h)?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -71,8 +72,8 @@ impl Attention {
 
 #[derive(Debug)]
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     quick_gelu: bool,
 }
 
@@ -114,7 +115,9 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
-    text_projection: Option<Linear>,
+    text_projection: Option<Dense>,
+    /// The activations' dtype (embedding tables may be kept narrower).
+    dtype: DType,
     eos_token_id: u32,
     max_positions: usize,
     final_layer_norm_width: usize,
@@ -147,8 +150,8 @@ impl ClipTextModel {
                     self_attn: Attention::load(lv.pp("self_attn"), cfg)?,
                     layer_norm2: ln(lv.pp("layer_norm2"))?,
                     mlp: Mlp {
-                        fc1: candle_nn::linear(h, cfg.intermediate_size, lv.pp("mlp.fc1"))?,
-                        fc2: candle_nn::linear(cfg.intermediate_size, h, lv.pp("mlp.fc2"))?,
+                        fc1: Dense::load(lv.pp("mlp.fc1"), h, cfg.intermediate_size)?,
+                        fc2: Dense::load(lv.pp("mlp.fc2"), cfg.intermediate_size, h)?,
                         quick_gelu: cfg.hidden_act == "quick_gelu",
                     },
                 })
@@ -157,7 +160,7 @@ impl ClipTextModel {
         let final_layer_norm = ln(tm.pp("final_layer_norm"))?;
         let text_projection = if cfg.with_projection() {
             let p = cfg.projection_dim.unwrap_or(h);
-            Some(candle_nn::linear_no_bias(h, p, vb.pp("text_projection"))?)
+            Some(Dense::load_no_bias(vb.pp("text_projection"), h, p)?)
         } else {
             None
         };
@@ -167,6 +170,7 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             text_projection,
+            dtype: vb.dtype(),
             eos_token_id: cfg.eos_token_id,
             max_positions: cfg.max_position_embeddings,
             final_layer_norm_width: h,
@@ -198,7 +202,13 @@ impl ClipTextModel {
         let mut xs = self
             .token_embedding
             .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+            .to_dtype(self.dtype)?
+            .broadcast_add(
+                &self
+                    .position_embedding
+                    .forward(&positions)?
+                    .to_dtype(self.dtype)?,
+            )?;
         let mask = causal_mask(t, xs.dtype(), device)?;
         let n = self.layers.len();
         // hidden_states[k] is the input of layer k; hidden_states[n] is the last output.

@@ -1,8 +1,9 @@
 //! The timestep embedding of diffusers' `UNet2DConditionModel`: `Timesteps` (sinusoidal
 //! projection) and `TimestepEmbedding` (linear, SiLU, linear).
 
+use super::blocks::Dense;
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
 
 /// diffusers' `get_timestep_embedding`: `dim` sinusoids of `t`, frequencies
 /// `exp(-ln(10000) i / (dim/2 - shift))`, sines first unless `flip_sin_to_cos`.
@@ -51,21 +52,19 @@ impl Module for Timesteps {
 /// Two linear layers with SiLU between (`act_fn = "silu"`, the only one SD models use).
 #[derive(Debug)]
 pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: Dense,
+    linear_2: Dense,
 }
 
 impl TimestepEmbedding {
-    pub fn load(vb: VarBuilder, in_dim: usize, dim: usize) -> Result<Self> {
+    pub fn load(vb: VarBuilder, in_dim: usize, dim: usize) -> anyhow::Result<Self> {
         Ok(Self {
-            linear_1: linear(in_dim, dim, vb.pp("linear_1"))?,
-            linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+            linear_1: Dense::load(vb.pp("linear_1"), in_dim, dim)?,
+            linear_2: Dense::load(vb.pp("linear_2"), dim, dim)?,
         })
     }
-}
 
-impl Module for TimestepEmbedding {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> anyhow::Result<Tensor> {
         let x = candle_nn::ops::silu(&self.linear_1.forward(x)?)?;
         self.linear_2.forward(&x)
     }

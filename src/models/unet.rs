@@ -252,6 +252,12 @@ impl UNet {
     }
 
     /// True when the model needs [`AddedCond`] (SDXL's "text_time").
+    /// The dtype the convolution kernels are kept in (see
+    /// [`WeightStorage`](super::weights::WeightStorage)).
+    pub fn weight_dtype(&self) -> candle_core::DType {
+        self.conv_in.weight().dtype()
+    }
+
     pub fn needs_added_cond(&self) -> bool {
         self.text_time.is_some()
     }

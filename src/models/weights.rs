@@ -174,7 +174,7 @@ impl WeightFile {
 
     /// A `VarBuilder` over this file that converts every tensor to `dtype` on `device`.
     pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        source_var_builder(self.clone(), None, dtype, device)
+        source_var_builder(self.clone(), None, dtype, WeightStorage::F32, device)
     }
 
     /// Reads one tensor as stored (on the CPU) and marks it used.
@@ -247,21 +247,80 @@ pub trait WeightPatch: Send + Sync {
     fn delta(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>>;
 }
 
+/// How weight matrices and convolution kernels (tensors of rank 2 or more) are kept in memory
+/// when a network computes in f32. Other tensors (biases, norms), and every tensor when the
+/// network computes in f16 or bf16, take the compute dtype.
+///
+/// A narrow weight is widened to f32 each time a layer uses it (exactly: every f16 and bf16
+/// value is an f32 value), so a 16-bit file gives the same image whether its weights are kept
+/// narrow or widened at load; keeping them narrow halves their memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightStorage {
+    /// Keep weights that the file stores in f16 or bf16 as they are (unless a LoRA changed
+    /// them); widen the rest.
+    #[default]
+    Auto,
+    /// Widen every weight at load (the fastest compute, twice the memory of 16-bit files).
+    F32,
+    /// Keep weights in f16, rounding wider ones.
+    F16,
+    /// Keep weights in bf16, rounding wider ones.
+    Bf16,
+}
+
+impl WeightStorage {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            _ => bail!("unknown weights dtype {s:?} (expected auto, f32, f16 or bf16)"),
+        })
+    }
+
+    /// The dtype to keep a tensor in: `stored` is its dtype in the file, `compute` the
+    /// network's, `patched` whether a LoRA changed it (then it is f32 already).
+    fn keep_as(self, stored: DType, compute: DType, rank: usize, patched: bool) -> DType {
+        if compute != DType::F32 || rank < 2 {
+            return compute;
+        }
+        match self {
+            Self::F32 => compute,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+            Self::Auto if !patched && matches!(stored, DType::F16 | DType::BF16) => stored,
+            Self::Auto => compute,
+        }
+    }
+}
+
 /// A `VarBuilder` over any [`TensorSource`], with an optional [`WeightPatch`]: each tensor is
 /// read when the network asks for it, patched in f32 if the patch touches it, then converted
-/// to `dtype` on `device`. No other copy of the weights is kept.
+/// to `dtype` on `device`, or for weights to what `storage` says. No other copy of the
+/// weights is kept.
 pub fn source_var_builder(
     source: Arc<dyn TensorSource>,
     patch: Option<Arc<dyn WeightPatch>>,
     dtype: DType,
+    storage: WeightStorage,
     device: &Device,
 ) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(Tracked { source, patch }), dtype, device.clone())
+    VarBuilder::from_backend(
+        Box::new(Tracked {
+            source,
+            patch,
+            storage,
+        }),
+        dtype,
+        device.clone(),
+    )
 }
 
 struct Tracked {
     source: Arc<dyn TensorSource>,
     patch: Option<Arc<dyn WeightPatch>>,
+    storage: WeightStorage,
 }
 
 fn msg(e: anyhow::Error) -> candle_core::Error {
@@ -290,12 +349,16 @@ impl SimpleBackend for Tracked {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut t = self.source.fetch(name).map_err(msg)?;
+        let stored = t.dtype();
+        let mut patched = false;
         if let Some(p) = &self.patch
             && let Some(d) = p.delta(name, t.dims()).map_err(msg)?
         {
             t = (t.to_dtype(DType::F32)? + d)?;
+            patched = true;
         }
-        t.to_dtype(dtype)?.to_device(dev)
+        let keep = self.storage.keep_as(stored, dtype, t.rank(), patched);
+        t.to_dtype(keep)?.to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

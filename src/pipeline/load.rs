@@ -15,7 +15,9 @@ use crate::models::single_file::{self, SingleFile, full_clip_tokenizer};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
-use crate::models::weights::{TensorSource, WeightFile, WeightPatch, source_var_builder};
+use crate::models::weights::{
+    TensorSource, WeightFile, WeightPatch, WeightStorage, source_var_builder,
+};
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
@@ -178,7 +180,7 @@ impl Component {
         opts: &LoadOptions,
         build: impl FnOnce(candle_nn::VarBuilder) -> Result<T>,
     ) -> Result<T> {
-        let vb = source_var_builder(self.tensors, patch, opts.dtype, &opts.device);
+        let vb = source_var_builder(self.tensors, patch, opts.dtype, opts.weights, &opts.device);
         let model =
             build(vb).with_context(|| format!("loading {what} from {}", self.path.display()))?;
         if let Some(check) = self.unused_check {
@@ -213,7 +215,10 @@ struct FolderComponents<'a> {
 
 impl FolderComponents<'_> {
     fn component(&self, dir: &str, name: &str, opts: &LoadOptions) -> Result<Component> {
-        let prefer_fp16 = opts.fp16_files && opts.dtype == DType::F16;
+        // 16-bit files are what f16 compute or f16 weights want (bf16 weights round from either).
+        let prefer_fp16 = opts.fp16_files
+            && (opts.dtype == DType::F16
+                || (opts.dtype == DType::F32 && opts.weights == WeightStorage::F16));
         let path = self.folder.weights(dir, &[name], prefer_fp16)?;
         let file = WeightFile::open(&path)?;
         Ok(Component {

@@ -15,6 +15,7 @@ use crate::models::config::SchedulerConfig;
 use crate::models::lora::LoraReport;
 use crate::models::unet::UNet;
 use crate::models::vae::{self, Vae};
+pub use crate::models::weights::WeightStorage;
 use crate::rng::{Generator, RngKind};
 pub use crate::sampling::Sampling;
 use crate::scheduler::{self, StepNoise};
@@ -37,6 +38,8 @@ pub struct LoadOptions {
     /// Prefer `*.fp16.safetensors` weight files when the dtype is f16 (a folder's f32 files
     /// are the fallback either way).
     pub fp16_files: bool,
+    /// How weights are kept when computing in f32.
+    pub weights: WeightStorage,
 }
 
 impl LoadOptions {
@@ -47,6 +50,7 @@ impl LoadOptions {
             dtype: DType::F32,
             clip_skip: None,
             fp16_files: true,
+            weights: WeightStorage::Auto,
         }
     }
 }

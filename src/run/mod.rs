@@ -22,7 +22,7 @@ pub use shard::Shard;
 use crate::key::{KeyOptions, KeyOutputFlags};
 use crate::models::hub::Notices;
 use crate::models::registry::UserFile;
-use crate::pipeline::{LoadOptions, Request};
+use crate::pipeline::{LoadOptions, Request, WeightStorage};
 use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use manifest::Manifest;
@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub device: String,
     /// `None`: f32 on the CPU, f16 on a GPU.
     pub dtype: Option<DType>,
+    /// How weights are kept when computing in f32.
+    pub weights: WeightStorage,
     /// The user's models.toml, merged over the built-in registry.
     pub registry_file: Option<UserFile>,
     /// A single-file checkpoint used for every job instead of its model.
@@ -86,6 +88,7 @@ impl Default for RunConfig {
         Self {
             device: "auto".into(),
             dtype: None,
+            weights: WeightStorage::Auto,
             registry_file: None,
             model_file: None,
             vae: None,
@@ -202,6 +205,7 @@ impl Runner<'_> {
                 dtype,
                 clip_skip: first.clip_skip,
                 fp16_files: true,
+                weights: cfg.weights,
             };
             let pipe = model.load(cfg, &first.lora, &prompts, &opts)?;
             for r in &pipe.lora_reports {

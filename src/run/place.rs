@@ -168,6 +168,7 @@ fn harmonized(
             device,
             clip_skip: s.clip_skip,
             fp16_files: true,
+            weights: cfg.weights,
         };
         let pipe = model.load(cfg, &s.lora, &[s.prompt.as_str()], &opts)?;
         events.event(&Event::Loaded {

@@ -11,7 +11,7 @@ use common::{max_abs, max_u8_diff, rel_l2};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tkg::models::hub::ModelFolder;
-use tkg::pipeline::{LoadOptions, Pipeline};
+use tkg::pipeline::{LoadOptions, Pipeline, WeightStorage};
 use tkg::tkg::TkgSettings;
 
 struct Golden {
@@ -184,4 +184,49 @@ fn sdxl_variant_b_empty_negative_matches_diffusers() {
 #[test]
 fn sdxl_variant_b_negative_prompt_matches_diffusers() {
     check("sdxl", "b", "golden_neg");
+}
+
+/// The golden models' weights are stored in f16: kept so (`WeightStorage::Auto`) and widened
+/// per layer, they give the very bits of weights widened at load; rounded to bf16 they stay
+/// close.
+#[test]
+fn sixteen_bit_weights_kept_narrow_give_the_bits_of_widened_ones() {
+    for family in ["sd15", "sdxl"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(family)
+            .join("a/model");
+        let folder = ModelFolder::local(&dir).unwrap();
+        let run = |weights: WeightStorage| {
+            let opts = LoadOptions {
+                weights,
+                ..LoadOptions::cpu_f32()
+            };
+            let pipe = Pipeline::load(&folder, &opts).unwrap();
+            let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
+            let noise = tkg::rng::torch_cpu_randn(7, 4 * 8 * 8);
+            let init = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
+            let fin = pipe.denoise_ddim(&init, &cond, 5, 7.5).unwrap();
+            let rgb = pipe.decode(&fin).unwrap();
+            (pipe.unet.weight_dtype(), fin, rgb)
+        };
+        let (wide_dtype, wide, wide_rgb) = run(WeightStorage::F32);
+        let (kept_dtype, kept, kept_rgb) = run(WeightStorage::Auto);
+        assert_eq!(wide_dtype, candle_core::DType::F32);
+        assert_eq!(
+            kept_dtype,
+            candle_core::DType::F16,
+            "{family}: auto keeps f16"
+        );
+        assert_eq!(max_abs(&wide, &kept), 0.0, "{family}: final latents differ");
+        assert_eq!(wide_rgb, kept_rgb, "{family}: images differ");
+        let (bf_dtype, bf, _) = run(WeightStorage::Bf16);
+        assert_eq!(bf_dtype, candle_core::DType::BF16);
+        let err = rel_l2(&bf, &wide);
+        assert!(
+            err > 0.0 && err < 0.02,
+            "{family}: bf16 weights rel L2 {err}"
+        );
+        eprintln!("{family}: bf16-kept weights, final latent rel L2 {err:.2e}");
+    }
 }
