@@ -56,8 +56,9 @@ pub struct ModelArgs {
     /// Weights and activations type (default: f32 on CPU, f16 on a GPU).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// How weights are kept with f32 compute: auto (weights the files store in 16 bits stay
-    /// 16-bit, widened per layer: half the memory, the same image), f32, f16 or bf16.
+    /// How weights are kept with f32 compute: stored (weights the files store in 16 bits stay
+    /// 16-bit, widened per layer: half their memory, the same image, a little slower), f32, f16
+    /// or bf16 (rounded); auto is stored for models above 4 GiB of files (SDXL), else f32.
     #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = WeightStorage::parse)]
     pub weights_dtype: WeightStorage,
 }

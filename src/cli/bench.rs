@@ -29,8 +29,8 @@ pub struct BenchArgs {
     /// Weights and activations type (default: f32 on CPU, f16 on a GPU).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// How weights are kept with f32 compute: auto (16-bit files stay 16-bit), f32, f16 or
-    /// bf16.
+    /// How weights are kept with f32 compute: auto, stored, f32, f16 or bf16 (as for
+    /// generate).
     #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = WeightStorage::parse)]
     pub weights_dtype: WeightStorage,
     /// Image width in pixels.

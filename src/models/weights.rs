@@ -256,10 +256,14 @@ pub trait WeightPatch: Send + Sync {
 /// narrow or widened at load; keeping them narrow halves their memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightStorage {
-    /// Keep weights that the file stores in f16 or bf16 as they are (unless a LoRA changed
-    /// them); widen the rest.
+    /// [`Self::Stored`] for models whose text encoder and UNet files total more than
+    /// [`AUTO_STORED_ABOVE`] bytes (SDXL in fp16), else [`Self::F32`]: widening costs a pass
+    /// over each weight per use, which small models do not need to save memory.
     #[default]
     Auto,
+    /// Keep weights that the file stores in f16 or bf16 as they are (unless a LoRA changed
+    /// them); widen the rest.
+    Stored,
     /// Widen every weight at load (the fastest compute, twice the memory of 16-bit files).
     F32,
     /// Keep weights in f16, rounding wider ones.
@@ -272,11 +276,22 @@ impl WeightStorage {
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "auto" => Self::Auto,
+            "stored" => Self::Stored,
             "f32" => Self::F32,
             "f16" => Self::F16,
             "bf16" => Self::Bf16,
-            _ => bail!("unknown weights dtype {s:?} (expected auto, f32, f16 or bf16)"),
+            _ => bail!("unknown weights dtype {s:?} (expected auto, stored, f32, f16 or bf16)"),
         })
+    }
+
+    /// [`Self::Auto`] decided for a model whose text encoder and UNet files total
+    /// `file_bytes`; other choices stay.
+    pub fn resolve(self, file_bytes: u64) -> Self {
+        match self {
+            Self::Auto if file_bytes > AUTO_STORED_ABOVE => Self::Stored,
+            Self::Auto => Self::F32,
+            other => other,
+        }
     }
 
     /// The dtype to keep a tensor in: `stored` is its dtype in the file, `compute` the
@@ -289,11 +304,15 @@ impl WeightStorage {
             Self::F32 => compute,
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
-            Self::Auto if !patched && matches!(stored, DType::F16 | DType::BF16) => stored,
-            Self::Auto => compute,
+            Self::Stored if !patched && matches!(stored, DType::F16 | DType::BF16) => stored,
+            Self::Stored | Self::Auto => compute,
         }
     }
 }
+
+/// Above this many bytes of weight files, [`WeightStorage::Auto`] keeps 16-bit weights
+/// narrow: SDXL's fp16 files (6.9 GB) are above it, SD1.5's (2.1 GB) below.
+pub const AUTO_STORED_ABOVE: u64 = 4 << 30;
 
 /// A `VarBuilder` over any [`TensorSource`], with an optional [`WeightPatch`]: each tensor is
 /// read when the network asks for it, patched in f32 if the patch touches it, then converted
@@ -513,6 +532,26 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_keeps_16_bit_weights_only_for_big_models_and_never_biases() {
+        use WeightStorage::*;
+        assert_eq!(Auto.resolve(AUTO_STORED_ABOVE + 1), Stored);
+        assert_eq!(Auto.resolve(2 << 30), F32);
+        assert_eq!(F16.resolve(0), F16);
+        let (f32_, f16_, bf16_) = (DType::F32, DType::F16, DType::BF16);
+        assert_eq!(Stored.keep_as(f16_, f32_, 2, false), f16_);
+        assert_eq!(Stored.keep_as(bf16_, f32_, 4, false), bf16_);
+        // Biases and norms, LoRA-merged weights and f32 files take the compute dtype.
+        assert_eq!(Stored.keep_as(f16_, f32_, 1, false), f32_);
+        assert_eq!(Stored.keep_as(f16_, f32_, 2, true), f32_);
+        assert_eq!(Stored.keep_as(f32_, f32_, 2, false), f32_);
+        assert_eq!(Bf16.keep_as(f32_, f32_, 2, false), bf16_);
+        assert_eq!(F32.keep_as(f16_, f32_, 2, false), f32_);
+        // 16-bit compute keeps everything in its own dtype.
+        assert_eq!(Bf16.keep_as(f32_, f16_, 2, false), f16_);
+        assert!(WeightStorage::parse("f8").is_err());
+    }
 
     #[test]
     fn random_weights_depend_on_name_not_order() {

@@ -356,6 +356,28 @@ impl Pipeline {
         let loras = LoraSet::open(&adapters.loras)?;
         loras.check_family(family, cfg.unet.cross_dim())?;
 
+        // The big components' files, opened (headers only) to size them: how weights are kept
+        // under `WeightStorage::Auto` depends on the model's size.
+        let unet_cfg = cfg.unet;
+        let mut te_srcs = cfg
+            .towers
+            .iter()
+            .map(|(i, _, _)| weights.text_encoder(*i, opts))
+            .collect::<Result<Vec<_>>>()?;
+        let unet_src = weights.unet(&unet_cfg, opts)?;
+        let mut paths: Vec<&Path> = te_srcs.iter().map(|c| c.path.as_path()).collect();
+        paths.push(&unet_src.path);
+        paths.sort();
+        paths.dedup();
+        let file_bytes = paths
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let opts = &LoadOptions {
+            weights: opts.weights.resolve(file_bytes),
+            ..opts.clone()
+        };
+
         // Text encoders.
         let targets = [Target::TextEncoder, Target::TextEncoder2];
         let mut towers = Vec::new();
@@ -369,13 +391,12 @@ impl Pipeline {
                 te_cfg.vocab_size
             );
             let patch = loras.patch(targets[i.min(1)], None);
-            let encoder = weights
-                .text_encoder(i, opts)?
+            let encoder = te_srcs
+                .remove(0)
                 .build(&what, patch, opts, |vb| ClipTextModel::load(vb, &te_cfg))?;
             text_width += te_cfg.hidden_size;
             towers.push(TextTower { tokenizer, encoder });
         }
-        let unet_cfg = cfg.unet;
         let conditioner = conditioner(
             family,
             towers,
@@ -392,7 +413,6 @@ impl Pipeline {
 
         // UNet.
         let unet_patch = loras.patch(Target::Unet, Some(&unet_cfg));
-        let unet_src = weights.unet(&unet_cfg, opts)?;
         let unet_weights = unet_src.path.clone();
         let unet = unet_src.build("unet", unet_patch, opts, |vb| UNet::load(vb, &unet_cfg))?;
         ensure!(

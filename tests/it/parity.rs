@@ -186,7 +186,7 @@ fn sdxl_variant_b_negative_prompt_matches_diffusers() {
     check("sdxl", "b", "golden_neg");
 }
 
-/// The golden models' weights are stored in f16: kept so (`WeightStorage::Auto`) and widened
+/// The golden models' weights are stored in f16: kept so (`WeightStorage::Stored`) and widened
 /// per layer, they give the very bits of weights widened at load; rounded to bf16 they stay
 /// close.
 #[test]
@@ -211,7 +211,7 @@ fn sixteen_bit_weights_kept_narrow_give_the_bits_of_widened_ones() {
             (pipe.unet.weight_dtype(), fin, rgb)
         };
         let (wide_dtype, wide, wide_rgb) = run(WeightStorage::F32);
-        let (kept_dtype, kept, kept_rgb) = run(WeightStorage::Auto);
+        let (kept_dtype, kept, kept_rgb) = run(WeightStorage::Stored);
         assert_eq!(wide_dtype, candle_core::DType::F32);
         assert_eq!(
             kept_dtype,
