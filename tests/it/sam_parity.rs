@@ -660,6 +660,11 @@ fn registry_sam_names_load_from_the_hub_cache() {
         err.contains("Zigeng/SlimSAM-uniform-77") && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+    // The advice is a segmenter's, not an SD model's.
+    assert!(
+        err.contains("--segment-model DIR") && !err.contains("--model-dir"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!d.join("none.png").exists());
 }

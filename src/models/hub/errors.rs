@@ -7,6 +7,33 @@ use std::path::Path;
 use anyhow::anyhow;
 use hf_hub::api::sync::ApiError;
 
+/// What a folder or repo is expected to hold, for the advice in its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// A diffusers pipeline, given locally with `--model-dir`.
+    #[default]
+    Diffusers,
+    /// A transformers `SamModel`, given locally with `--segment-model`.
+    SamModel,
+}
+
+impl Layout {
+    /// "a diffusers-layout" / "a transformers SamModel", before "folder" or "repo".
+    fn kind(self) -> &'static str {
+        match self {
+            Layout::Diffusers => "a diffusers-layout",
+            Layout::SamModel => "a transformers SamModel",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Layout::Diffusers => "--model-dir",
+            Layout::SamModel => "--segment-model",
+        }
+    }
+}
+
 /// Why a Hub file could not be had.
 pub(super) enum Why {
     Offline,
@@ -28,13 +55,15 @@ fn first_and_alts<'a>(rels: &[&'a str]) -> (&'a str, String) {
 
 /// The "missing file" error of a local folder: names the file(s), the folder, and how to
 /// provide it.
-pub(super) fn missing_in_folder(dir: &Path, rels: &[&str]) -> anyhow::Error {
+pub(super) fn missing_in_folder(dir: &Path, rels: &[&str], layout: Layout) -> anyhow::Error {
     let (first, alts) = first_and_alts(rels);
     anyhow!(
-        "missing file `{first}`{alts} in model folder {dir}. The folder must have the \
-         diffusers layout (as written by save_pretrained); download a model with \
-         `huggingface-cli download REPO --local-dir {dir}`, or pass another --model-dir DIR",
-        dir = dir.display()
+        "missing file `{first}`{alts} in model folder {dir}. The folder must be {kind} \
+         folder (as written by save_pretrained); download a model with \
+         `huggingface-cli download REPO --local-dir {dir}`, or pass another {flag} DIR",
+        dir = dir.display(),
+        kind = layout.kind(),
+        flag = layout.flag(),
     )
 }
 
@@ -46,7 +75,9 @@ pub(super) fn missing_in_hub(
     revision: &str,
     rels: &[&str],
     why: Option<Why>,
+    layout: Layout,
 ) -> anyhow::Error {
+    let (kind, flag) = (layout.kind(), layout.flag());
     let (first, alts) = first_and_alts(rels);
     let rev_arg = if revision == "main" {
         String::new()
@@ -55,14 +86,13 @@ pub(super) fn missing_in_hub(
     };
     let how = format!(
         "Download it with `huggingface-cli download {repo} {first}{rev_arg}`, or pass \
-         --model-dir DIR with a diffusers-layout folder that has it"
+         {flag} DIR with {kind} folder that has it"
     );
     let cache = cache_dir.display();
     match why {
         Some(Why::NotInRepo) => anyhow!(
-            "hub repo {repo}@{revision} has no file `{first}`{alts}; is it a \
-             diffusers-layout repo? Pass --model-dir DIR with a diffusers-layout \
-             folder instead"
+            "hub repo {repo}@{revision} has no file `{first}`{alts}; is it {kind} \
+             repo? Pass {flag} DIR with {kind} folder instead"
         ),
         Some(Why::Refused(e)) => anyhow!(
             "missing file `{first}`{alts} of hub repo {repo}@{revision}: not in the \
@@ -145,7 +175,12 @@ mod tests {
 
     #[test]
     fn folder_missing_file_names_it_and_the_alternatives() {
-        let err = missing_in_folder(Path::new("/m"), &["a.safetensors", "b", "c"]).to_string();
+        let err = missing_in_folder(
+            Path::new("/m"),
+            &["a.safetensors", "b", "c"],
+            Layout::Diffusers,
+        )
+        .to_string();
         assert!(
             err.starts_with("missing file `a.safetensors` (also tried b, c) in model folder /m."),
             "{err}"
@@ -154,14 +189,27 @@ mod tests {
             err.contains("--local-dir /m") && err.contains("--model-dir"),
             "{err}"
         );
-        let err = missing_in_folder(Path::new("/m"), &["a"]).to_string();
+        let err = missing_in_folder(Path::new("/m"), &["a"], Layout::Diffusers).to_string();
         assert!(!err.contains("also tried"), "{err}");
+        let sam = missing_in_folder(Path::new("/m"), &["a"], Layout::SamModel).to_string();
+        assert!(
+            sam.contains("a transformers SamModel folder") && sam.ends_with("--segment-model DIR"),
+            "{sam}"
+        );
     }
 
     #[test]
     fn hub_missing_file_says_why() {
         let c = Path::new("/cache");
-        let msg = |rev: &str, why| missing_in_hub(c, "o/n", rev, &["x", "y"], why).to_string();
+        let msg = |rev: &str, why| {
+            missing_in_hub(c, "o/n", rev, &["x", "y"], why, Layout::Diffusers).to_string()
+        };
+        let sam = missing_in_hub(c, "o/n", "main", &["x"], None, Layout::SamModel).to_string();
+        assert!(
+            sam.contains("--segment-model DIR with a transformers SamModel folder")
+                && !sam.contains("diffusers"),
+            "{sam}"
+        );
         let not_in_repo = msg("main", Some(Why::NotInRepo));
         assert!(
             not_in_repo.starts_with("hub repo o/n@main has no file `x` (also tried y);"),

@@ -12,7 +12,8 @@ use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
 use super::errors::{
-    Failure, Why, classify, missing_in_folder, missing_in_hub, pickle_message, status_message,
+    Failure, Layout, Why, classify, missing_in_folder, missing_in_hub, pickle_message,
+    status_message,
 };
 use super::paths::{hf_endpoint, hf_token, hub_cache_dir, offline_from_env};
 
@@ -52,6 +53,7 @@ pub struct ModelFolder {
     loc: Location,
     progress: bool,
     notices: Option<Notices>,
+    layout: Layout,
 }
 
 /// Where a [`ModelFolder`] sends its notices (one line of text each, no trailing newline).
@@ -101,6 +103,7 @@ impl ModelFolder {
             loc: Location::Local(dir.to_path_buf()),
             progress: false,
             notices: None,
+            layout: Layout::Diffusers,
         })
     }
 
@@ -129,6 +132,7 @@ impl ModelFolder {
             },
             progress: false,
             notices: None,
+            layout: Layout::Diffusers,
         })
     }
 
@@ -137,6 +141,13 @@ impl ModelFolder {
         if let Location::Hub { endpoint: e, .. } = &mut self.loc {
             *e = Some(endpoint.trim_end_matches('/').to_string());
         }
+        self
+    }
+
+    /// What the folder holds, for the advice of its missing-file errors (a diffusers
+    /// pipeline by default).
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
         self
     }
 
@@ -462,13 +473,13 @@ impl ModelFolder {
     /// The "missing file" error: names the file(s), the repo or folder, and how to provide it.
     fn missing(&self, rels: &[&str], why: Option<Why>) -> anyhow::Error {
         match &self.loc {
-            Location::Local(d) => missing_in_folder(d, rels),
+            Location::Local(d) => missing_in_folder(d, rels, self.layout),
             Location::Hub {
                 cache_dir,
                 repo,
                 revision,
                 ..
-            } => missing_in_hub(cache_dir, repo, revision, rels, why),
+            } => missing_in_hub(cache_dir, repo, revision, rels, why, self.layout),
         }
     }
 }

@@ -21,6 +21,7 @@ mod errors;
 mod folder;
 mod paths;
 
+pub use errors::Layout;
 pub use folder::{ModelFolder, Notices};
 pub use paths::{builtin_cache_dir, hf_home, hf_token, hub_cache_dir, offline_from_env};
 

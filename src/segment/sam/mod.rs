@@ -312,7 +312,8 @@ fn write_tiny_sam(dir: &Path) -> Result<()> {
 /// are (offline when `HF_HUB_OFFLINE` says so): the snapshot folder holding its three files,
 /// fetched where they are missing.
 pub fn hub_folder(repo: &str, revision: &str) -> Result<std::path::PathBuf> {
-    let folder = crate::models::hub::ModelFolder::hub(repo, revision)?;
+    let folder = crate::models::hub::ModelFolder::hub(repo, revision)?
+        .with_layout(crate::models::hub::Layout::SamModel);
     let mut root = None;
     for name in [CONFIG, PREPROCESSOR, WEIGHTS] {
         let path = folder
