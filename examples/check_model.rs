@@ -19,12 +19,7 @@ fn main() -> Result<()> {
     let dir = PathBuf::from(args.next().context("usage: check_model DIR [golden]")?);
     let golden = args.next().map(PathBuf::from);
     let t = Instant::now();
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        clip_skip: None,
-        fp16_files: true,
-    };
+    let opts = LoadOptions::cpu_f32();
     let pipe = Pipeline::load(&ModelFolder::local(&dir)?, &opts)?;
     println!(
         "loaded {} ({}) in {:.1}s: every tensor of every component used, none missing",

@@ -26,10 +26,8 @@ fn main() -> anyhow::Result<()> {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let folder = ModelFolder::local(&dir.join("model"))?;
             let opts = LoadOptions {
-                device: Device::Cpu,
                 dtype,
-                clip_skip: None,
-                fp16_files: true,
+                ..LoadOptions::cpu_f32()
             };
             let result = (|| -> anyhow::Result<(f32, i32, f64)> {
                 let pipe = Pipeline::load(&folder, &opts)?;

@@ -103,12 +103,7 @@ fn main() -> Result<()> {
     drop(tensors);
     println!("{model}: rank-{rank} LoRA, {modules} modules, {size_mb:.0} MB (f16)");
 
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        clip_skip: None,
-        fp16_files: true,
-    };
+    let opts = LoadOptions::cpu_f32();
     let adapters = Adapters {
         loras: vec![LoraSpec {
             path: lora_path.clone(),

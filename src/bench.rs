@@ -30,6 +30,8 @@ pub struct BenchSettings {
     pub dtype: DType,
     /// How weights are kept when computing in f32.
     pub weights: crate::pipeline::WeightStorage,
+    /// Whether the VAE decodes in tiles.
+    pub vae_tiling: crate::pipeline::VaeTiling,
     pub device: Device,
     pub prompt: String,
     pub negative_prompt: String,
@@ -123,6 +125,7 @@ pub fn run(
             device: s.device.clone(),
             dtype: s.dtype,
             weights: s.weights,
+            vae_tiling: s.vae_tiling,
             ..LoadOptions::cpu_f32()
         },
     )

@@ -11,7 +11,7 @@ use tkg::color::KeyColor;
 use tkg::key::{self, KeyOptions, KeyOutputFlags};
 use tkg::models::registry::SegmenterSource;
 use tkg::models::registry::UserFile;
-use tkg::pipeline::WeightStorage;
+use tkg::pipeline::{VaeTiling, WeightStorage};
 use tkg::rng::RngKind;
 use tkg::run::{KeySettings, RunConfig, Shard};
 use tkg::sampling::{SamplerKind, SamplerSettings, Schedule, Spacing};
@@ -61,6 +61,10 @@ pub struct ModelArgs {
     /// or bf16 (rounded); auto is stored for models above 4 GiB of files (SDXL), else f32.
     #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = WeightStorage::parse)]
     pub weights_dtype: WeightStorage,
+    /// Decode (and encode init images) in overlapping tiles, as diffusers' enable_tiling():
+    /// auto (only images of at least 1024x1024 larger than one VAE tile), on or off.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = VaeTiling::parse)]
+    pub vae_tiling: VaeTiling,
 }
 
 /// Per-image settings and run options shared by `tkg generate` and `tkg batch` (where a
@@ -547,6 +551,7 @@ impl JobOptions {
             device: self.model.device.clone(),
             dtype: self.model.dtype.map(DTypeArg::dtype),
             weights: self.model.weights_dtype,
+            vae_tiling: self.model.vae_tiling,
             registry_file: registry_file(self.model.models_file.as_deref()),
             model_file: self.extra.model_file.clone(),
             vae: self.extra.vae.clone(),

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use tkg::bench::{self, BenchSettings};
-use tkg::pipeline::WeightStorage;
+use tkg::pipeline::{VaeTiling, WeightStorage};
 use tkg::run::{RunConfig, device, model};
 use tkg::settings::{ModelChoice, Settings, SettingsPatch};
 
@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// generate).
     #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = WeightStorage::parse)]
     pub weights_dtype: WeightStorage,
+    /// VAE tiling: auto (images of at least 1024x1024 larger than one tile), on or off.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = VaeTiling::parse)]
+    pub vae_tiling: VaeTiling,
     /// Image width in pixels.
     #[arg(long, default_value_t = 512)]
     pub width: usize,
@@ -93,6 +96,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         guidance: args.guidance,
         dtype,
         weights: args.weights_dtype,
+        vae_tiling: args.vae_tiling,
         device,
         prompt: args.prompt.clone(),
         negative_prompt: String::new(),

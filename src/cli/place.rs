@@ -182,6 +182,7 @@ impl PlaceArgs {
             device: self.model.device.clone(),
             dtype: self.model.dtype.map(DTypeArg::dtype),
             weights: self.model.weights_dtype,
+            vae_tiling: self.model.vae_tiling,
             registry_file: registry_file(self.model.models_file.as_deref()),
             overwrite: self.overwrite,
             ..RunConfig::default()

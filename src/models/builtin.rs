@@ -38,16 +38,28 @@ fn sd15_scheduler() -> Value {
     })
 }
 
-fn vae(block_out: &[usize], layers: usize, groups: usize, scaling: f64) -> Value {
+/// `sample_size`: the real configs' (the tile size of a tiled decode); the tiny models have
+/// none, as before it was read.
+fn vae(
+    block_out: &[usize],
+    layers: usize,
+    groups: usize,
+    scaling: f64,
+    sample_size: Option<usize>,
+) -> Value {
     let n = block_out.len();
-    json!({
+    let mut v = json!({
         "_class_name": "AutoencoderKL",
         "block_out_channels": block_out, "layers_per_block": layers,
         "down_block_types": vec!["DownEncoderBlock2D"; n],
         "up_block_types": vec!["UpDecoderBlock2D"; n],
         "latent_channels": 4, "norm_num_groups": groups, "scaling_factor": scaling,
         "force_upcast": true
-    })
+    });
+    if let Some(size) = sample_size {
+        v["sample_size"] = json!(size);
+    }
+    v
 }
 
 fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
@@ -90,7 +102,7 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
                 "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8,
                 "in_channels": 4, "out_channels": 4, "sample_size": 8
             }),
-            vae: vae(&[16, 16, 32, 32], 1, 8, 0.18215),
+            vae: vae(&[16, 16, 32, 32], 1, 8, 0.18215, None),
             seed: 0x7117_5d15,
         },
         "random-sd15" => Spec {
@@ -104,7 +116,7 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
                 "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
                 "in_channels": 4, "out_channels": 4, "sample_size": 64
             }),
-            vae: vae(&[128, 256, 512, 512], 2, 32, 0.18215),
+            vae: vae(&[128, 256, 512, 512], 2, 32, 0.18215, Some(512)),
             seed: 0x5d15_0001,
         },
         "tiny-sdxl" => Spec {
@@ -123,7 +135,7 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
                 "projection_class_embeddings_input_dim": 80,
                 "in_channels": 4, "out_channels": 4, "sample_size": 8
             }),
-            vae: vae(&[16, 16, 32, 32], 1, 8, 0.13025),
+            vae: vae(&[16, 16, 32, 32], 1, 8, 0.13025, None),
             seed: 0x7117_5d71,
         },
         "random-sdxl" => Spec {
@@ -143,7 +155,7 @@ fn spec(name: &str, vocab_size: usize, eos: u32) -> Result<Spec> {
                 "projection_class_embeddings_input_dim": 2816,
                 "in_channels": 4, "out_channels": 4, "sample_size": 128
             }),
-            vae: vae(&[128, 256, 512, 512], 2, 32, 0.13025),
+            vae: vae(&[128, 256, 512, 512], 2, 32, 0.13025, Some(1024)),
             seed: 0x5d71_0001,
         },
         other => bail!(

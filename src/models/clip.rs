@@ -66,7 +66,7 @@ impl Attention {
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        Ok(self.out_proj.forward(&out)?)
+        self.out_proj.forward(&out)
     }
 }
 
@@ -85,7 +85,7 @@ impl Mlp {
         } else {
             xs.gelu_erf()?
         };
-        Ok(self.fc2.forward(&xs)?)
+        self.fc2.forward(&xs)
     }
 }
 

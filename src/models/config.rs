@@ -391,6 +391,10 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
+    /// The image size the VAE was trained at: the tile size of a tiled decode or encode
+    /// (a pair takes its first value, as diffusers does).
+    #[serde(default)]
+    pub sample_size: Option<PerBlock<usize>>,
 }
 
 fn d_rgb() -> usize {
@@ -404,6 +408,17 @@ impl VaeConfig {
     /// The spatial factor between image and latent: 2^(levels - 1).
     pub fn downscale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// The tile size in pixels of a tiled decode or encode: `sample_size`, else 512. Saved
+    /// diffusers configs always have it; without one diffusers would take its class default
+    /// of 32, tiles too small to be of use, so tkg takes SD's 512.
+    pub fn tile_sample_size(&self) -> usize {
+        match &self.sample_size {
+            Some(PerBlock::One(v)) => *v,
+            Some(PerBlock::Each(v)) if !v.is_empty() => v[0],
+            _ => 512,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {

@@ -4,12 +4,18 @@
 //!
 //! Every weight of the checkpoint is loaded, the encoder's too, so a checkpoint whose weights
 //! do not match the config is refused; [`Vae::encode`] runs the encoder.
+//!
+//! [`Vae::decode_with`] and [`Vae::encode_distribution_with`] can run in tiles ([`tiling`]).
+
+pub mod tiling;
 
 use super::blocks::{Conv, Downsample, Norm, ResnetBlock, ResnetSettings, Upsample, VaeAttention};
 use super::config::VaeConfig;
 use anyhow::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+pub use tiling::VaeTiling;
+use tiling::{Grid, run_tiled};
 
 /// diffusers' `UNetMidBlock2D` as the VAE uses it: resnet, attention, resnet.
 #[derive(Debug)]
@@ -210,12 +216,29 @@ impl Vae {
     /// Decodes scaled latents ([B, C, h, w], as the denoiser produces them) into images in
     /// [-1, 1] ([B, 3, H, W]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_unscaled(&(latents / self.config.scaling_factor)?)
+    }
+
+    /// [`Self::decode`], in tiles if `tiling` says so for this size. Tiled, the image
+    /// differs slightly from the untiled one (each tile sees only its own latents); untiled
+    /// it is [`Self::decode`]'s, bit for bit.
+    pub fn decode_with(&self, latents: &Tensor, tiling: VaeTiling) -> Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        if !tiling.tiles_decode(&self.config, h, w) {
+            return self.decode(latents);
+        }
         let z = (latents / self.config.scaling_factor)?;
-        let z = match &self.post_quant_conv {
-            Some(c) => c.forward(&z)?,
-            None => z,
-        };
-        self.decoder.forward(&z)
+        let image = run_tiled(&z, Grid::decode(&self.config)?, |t| self.decode_unscaled(t))?;
+        Ok(image
+            .to_dtype(latents.dtype())?
+            .to_device(latents.device())?)
+    }
+
+    fn decode_unscaled(&self, z: &Tensor) -> Result<Tensor> {
+        match &self.post_quant_conv {
+            Some(c) => self.decoder.forward(&c.forward(z)?),
+            None => self.decoder.forward(z),
+        }
     }
 
     /// Encodes images in [-1, 1] ([B, 3, H, W]) into the mean of the latent distribution,
@@ -228,11 +251,38 @@ impl Vae {
     /// The latent distribution of images in [-1, 1] ([B, 3, H, W]), unscaled: (mean, std),
     /// with diffusers' `DiagonalGaussianDistribution` clamp of the log-variance to [-30, 20].
     pub fn encode_distribution(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.distribution(self.moments(images)?)
+    }
+
+    /// [`Self::encode_distribution`], in tiles if `tiling` says so for this size (the
+    /// moments are blended, as diffusers' `_tiled_encode` does, then clamped).
+    pub fn encode_distribution_with(
+        &self,
+        images: &Tensor,
+        tiling: VaeTiling,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, _, h, w) = images.dims4()?;
+        if !tiling.tiles_encode(&self.config, h, w) {
+            return self.encode_distribution(images);
+        }
+        let moments = run_tiled(images, Grid::encode(&self.config)?, |t| self.moments(t))?;
+        self.distribution(
+            moments
+                .to_dtype(images.dtype())?
+                .to_device(images.device())?,
+        )
+    }
+
+    /// The encoder's output: mean and log-variance stacked on channels.
+    fn moments(&self, images: &Tensor) -> Result<Tensor> {
         let moments = self.encoder.forward(images)?;
-        let moments = match &self.quant_conv {
+        Ok(match &self.quant_conv {
             Some(c) => c.forward(&moments)?,
             None => moments,
-        };
+        })
+    }
+
+    fn distribution(&self, moments: Tensor) -> Result<(Tensor, Tensor)> {
         let lat = self.config.latent_channels;
         let mean = moments.narrow(1, 0, lat)?;
         let logvar = moments.narrow(1, lat, lat)?.clamp(-30f32, 20f32)?;
@@ -277,5 +327,108 @@ mod tests {
         let mean = ours.encode(&img).unwrap();
         assert_eq!(mean.dims(), &[1, 4, 10, 12]);
         assert_eq!(mean.dtype(), DType::F32);
+    }
+
+    fn small_tiles() -> Vae {
+        // Latent tiles of 8 (32 pixels), so a few dozen latents span several tiles.
+        let cfg: VaeConfig = serde_json::from_value(serde_json::json!({
+            "block_out_channels": [32, 32, 64], "layers_per_block": 1,
+            "latent_channels": 4, "norm_num_groups": 8, "sample_size": 32
+        }))
+        .unwrap();
+        Vae::load(RandomWeights::new(11).var_builder(&Device::Cpu), &cfg).unwrap()
+    }
+
+    /// Up to one tile, tiling changes nothing, bit for bit, whatever the setting.
+    #[test]
+    fn one_tile_is_untiled_bit_for_bit() {
+        let vae = small_tiles();
+        let z = Tensor::randn(0f32, 1.0, (1, 4, 8, 6), &Device::Cpu).unwrap();
+        let want: Vec<f32> = vae
+            .decode(&z)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let img = Tensor::randn(0f32, 0.5, (1, 3, 32, 24), &Device::Cpu).unwrap();
+        let (want_mean, _) = vae.encode_distribution(&img).unwrap();
+        let want_mean: Vec<f32> = want_mean.flatten_all().unwrap().to_vec1().unwrap();
+        for t in [VaeTiling::On, VaeTiling::Auto, VaeTiling::Off] {
+            let got: Vec<f32> = vae
+                .decode_with(&z, t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{t:?}"
+            );
+            let (mean, _) = vae.encode_distribution_with(&img, t).unwrap();
+            let mean: Vec<f32> = mean.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                mean.iter()
+                    .zip(&want_mean)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{t:?}"
+            );
+        }
+    }
+
+    /// ||a - b|| / ||b||.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d: f32 = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let n: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        (d / n).sqrt()
+    }
+
+    /// Over several tiles the tiled image is the untiled one up to seams: not equal (each
+    /// tile decodes only its own latents), but much closer to it than the decode of other
+    /// latents. Random weights make the seams far stronger than a trained VAE's.
+    #[test]
+    fn several_tiles_are_close_to_untiled() {
+        let vae = small_tiles();
+        let dev = Device::Cpu;
+        let z = Tensor::randn(0f32, 1.0, (1, 4, 20, 26), &dev).unwrap();
+        let untiled = vae.decode(&z).unwrap();
+        let tiled = vae.decode_with(&z, VaeTiling::On).unwrap();
+        assert_eq!(tiled.dims(), untiled.dims());
+        let other = vae
+            .decode(&Tensor::randn(0f32, 1.0, (1, 4, 20, 26), &dev).unwrap())
+            .unwrap();
+        let (r, r_other) = (rel(&tiled, &untiled), rel(&other, &untiled));
+        println!(
+            "decode, 20x26 latents in 8-latent tiles: rel L2 {r:.4} (other latents: {r_other:.4}), max abs diff {:.4} of values up to {:.4}",
+            max_abs(&(&tiled - &untiled).unwrap()),
+            max_abs(&untiled)
+        );
+        assert!(r > 0.0, "the tiles were not used");
+        assert!(r < 0.5 * r_other, "{r} vs {r_other}");
+        // Auto leaves so small an image untiled.
+        let auto = vae.decode_with(&z, VaeTiling::Auto).unwrap();
+        assert_eq!(max_abs(&(&auto - &untiled).unwrap()), 0.0);
+
+        let img = Tensor::randn(0f32, 0.5, (1, 3, 80, 104), &dev).unwrap();
+        let (m0, s0) = vae.encode_distribution(&img).unwrap();
+        let (m1, s1) = vae.encode_distribution_with(&img, VaeTiling::On).unwrap();
+        assert_eq!((m1.dims(), s1.dims()), (m0.dims(), s0.dims()));
+        let img2 = Tensor::randn(0f32, 0.5, (1, 3, 80, 104), &dev).unwrap();
+        let (m2, _) = vae.encode_distribution(&img2).unwrap();
+        let (r, r_other) = (rel(&m1, &m0), rel(&m2, &m0));
+        println!(
+            "encode, 80x104 pixels in 32-pixel tiles: mean rel L2 {r:.4} (other image: {r_other:.4})"
+        );
+        assert!(r > 0.0 && r < 0.5 * r_other, "{r} vs {r_other}");
     }
 }

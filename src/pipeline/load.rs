@@ -467,6 +467,7 @@ impl Pipeline {
             unet,
             vae,
             vae_dtype: vae_opts.dtype,
+            vae_tiling: opts.vae_tiling,
             scheduler: cfg.scheduler,
             device: opts.device.clone(),
             dtype: opts.dtype,

@@ -14,6 +14,7 @@ pub use start::{ImageStart, LatentMask, SourceImage, Start, binary_mask, rgb8_to
 use crate::models::config::SchedulerConfig;
 use crate::models::lora::LoraReport;
 use crate::models::unet::UNet;
+pub use crate::models::vae::VaeTiling;
 use crate::models::vae::{self, Vae};
 pub use crate::models::weights::WeightStorage;
 use crate::rng::{Generator, RngKind};
@@ -40,6 +41,8 @@ pub struct LoadOptions {
     pub fp16_files: bool,
     /// How weights are kept when computing in f32.
     pub weights: WeightStorage,
+    /// Whether the VAE decodes and encodes in tiles (see [`Pipeline::vae_tiling`]).
+    pub vae_tiling: VaeTiling,
 }
 
 impl LoadOptions {
@@ -51,6 +54,7 @@ impl LoadOptions {
             clip_skip: None,
             fp16_files: true,
             weights: WeightStorage::Auto,
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -176,6 +180,8 @@ pub struct Pipeline {
     pub vae: Vae,
     /// The VAE runs in f32 when its config asks to be upcast (SDXL's overflows in f16).
     pub vae_dtype: DType,
+    /// Whether the VAE decodes and encodes in tiles; may be changed after loading.
+    pub vae_tiling: VaeTiling,
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
@@ -283,14 +289,26 @@ impl Pipeline {
 
     /// A rough peak of the memory `images` decodes of `size` need side by side: at full
     /// resolution the decoder holds its last upsampler's output, a normalised copy and the
-    /// next convolution's output. The UNet works 64x smaller and needs far less.
+    /// next convolution's output. The UNet works 64x smaller and needs far less. Tiled, the
+    /// decoder holds that for one tile, plus two rows of f32 output tiles and the image.
     pub fn decode_peak_bytes(&self, size: Size, images: usize) -> u64 {
-        let ch = &self.vae.config.block_out_channels;
+        let cfg = &self.vae.config;
+        let ch = &cfg.block_out_channels;
         let (c0, c1) = (ch[0] as u64, *ch.get(1).unwrap_or(&ch[0]) as u64);
         let per_pixel = (2 * c1 + c0) * self.vae_dtype.size_in_bytes() as u64;
-        (size.width as u64 * size.height as u64)
-            .saturating_mul(per_pixel)
-            .saturating_mul(images as u64)
+        let pixels = size.width as u64 * size.height as u64;
+        let f = self.vae_factor();
+        let one = if self
+            .vae_tiling
+            .tiles_decode(cfg, size.height / f, size.width / f)
+        {
+            let tile = cfg.tile_sample_size() as u64;
+            let rows = 2 * tile * size.width as u64;
+            (tile * tile).saturating_mul(per_pixel) + (rows + 2 * pixels) * 3 * 4
+        } else {
+            pixels.saturating_mul(per_pixel)
+        };
+        one.saturating_mul(images as u64)
     }
 
     /// Refuses a size whose decode would not fit in `available` bytes.
@@ -492,9 +510,10 @@ impl Pipeline {
 
     /// Decodes final latents into RGB8 pixels.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
-        let image = self
-            .vae
-            .decode(&latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?)?;
+        let image = self.vae.decode_with(
+            &latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?,
+            self.vae_tiling,
+        )?;
         check_finite(&image, "decoded image (VAE output)")?;
         vae::to_rgb8(&image.squeeze(0)?)
     }

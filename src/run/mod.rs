@@ -22,7 +22,7 @@ pub use shard::Shard;
 use crate::key::{KeyOptions, KeyOutputFlags};
 use crate::models::hub::Notices;
 use crate::models::registry::UserFile;
-use crate::pipeline::{LoadOptions, Request, WeightStorage};
+use crate::pipeline::{LoadOptions, Request, VaeTiling, WeightStorage};
 use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use manifest::Manifest;
@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub dtype: Option<DType>,
     /// How weights are kept when computing in f32.
     pub weights: WeightStorage,
+    /// Whether the VAE decodes and encodes in tiles.
+    pub vae_tiling: VaeTiling,
     /// The user's models.toml, merged over the built-in registry.
     pub registry_file: Option<UserFile>,
     /// A single-file checkpoint used for every job instead of its model.
@@ -89,6 +91,7 @@ impl Default for RunConfig {
             device: "auto".into(),
             dtype: None,
             weights: WeightStorage::Auto,
+            vae_tiling: VaeTiling::Auto,
             registry_file: None,
             model_file: None,
             vae: None,
@@ -206,6 +209,7 @@ impl Runner<'_> {
                 clip_skip: first.clip_skip,
                 fp16_files: true,
                 weights: cfg.weights,
+                vae_tiling: cfg.vae_tiling,
             };
             let pipe = model.load(cfg, &first.lora, &prompts, &opts)?;
             for r in &pipe.lora_reports {

@@ -169,6 +169,7 @@ fn harmonized(
             clip_skip: s.clip_skip,
             fp16_files: true,
             weights: cfg.weights,
+            vae_tiling: cfg.vae_tiling,
         };
         let pipe = model.load(cfg, &s.lora, &[s.prompt.as_str()], &opts)?;
         events.event(&Event::Loaded {

@@ -23,3 +23,4 @@ mod segment;
 mod single_file_load;
 mod tkg_reference;
 mod tokenizer_parity;
+mod vae_tiling;
