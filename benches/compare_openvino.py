@@ -155,7 +155,10 @@ def infer_worker(args):
     unet = core.compile_model(core.read_model(os.path.join(args.ir_dir, "unet.xml")), "CPU",
                               config)
     unet_compile_s = time.perf_counter() - t_start
-    got_precision = str(unet.get_property("INFERENCE_PRECISION_HINT"))
+    got = unet.get_property("INFERENCE_PRECISION_HINT")
+    got_precision = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
+    if got_precision != args.precision:
+        raise SystemExit(f"asked for {args.precision}, the compiled model runs {got_precision}")
     got_threads = int(unet.get_property("INFERENCE_NUM_THREADS"))
     request = unet.create_infer_request()
     ins = [p.get_any_name() for p in unet.inputs]
