@@ -45,6 +45,11 @@ import sys
 import tempfile
 import time
 
+# The tkg side, the model folder and the RSS reading are compare_diffusers.py's own.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_diffusers  # noqa: E402
+from compare_diffusers import default_model_dir, vm_field  # noqa: E402
+
 PROMPT = "a red apple on a table"
 STAGES = [
     ("unet_step_s", "UNet step, CFG (batch 2)"),
@@ -52,14 +57,6 @@ STAGES = [
     ("load_s", "load / compile"),
     ("peak_rss_mib", "peak RSS (MiB)"),
 ]
-
-
-def vm_field(name):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
 
 
 def set_thread_env(threads):
@@ -266,28 +263,8 @@ def run_openvino(args, size, precision, ir_dir):
 
 
 def run_tkg(args, size):
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "tkg.json")
-        cmd = [
-            args.tkg, "bench", "--model-dir", args.model_dir, "--width", str(size),
-            "--height", str(size), "--steps", str(args.steps), "--threads", str(args.threads),
-            "--dtype", "f32", "--device", "cpu", "--json", path,
-        ]
-        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
-        with open(path) as f:
-            return json.load(f)
-
-
-def default_model_dir(tkg):
-    hf_home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-    )
-    d = os.path.join(hf_home, "hub", "tkg--builtin--random-sd15")
-    if not os.path.isfile(os.path.join(d, "model_index.json")):
-        print(f"materialising random-sd15 into {d}", file=sys.stderr)
-        subprocess.run([tkg, "models", "materialize", "random-sd15", d], check=True)
-    return d
+    """`tkg bench` in f32 at `size`, as compare_diffusers.py runs it."""
+    return compare_diffusers.run_tkg(argparse.Namespace(**dict(vars(args), size=size, dtype="f32")))
 
 
 def cpu_info(core):
