@@ -344,38 +344,17 @@ mod tests {
     fn one_tile_is_untiled_bit_for_bit() {
         let vae = small_tiles();
         let z = Tensor::randn(0f32, 1.0, (1, 4, 8, 6), &Device::Cpu).unwrap();
-        let want: Vec<f32> = vae
-            .decode(&z)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        let want = bits(&vae.decode(&z).unwrap());
         let img = Tensor::randn(0f32, 0.5, (1, 3, 32, 24), &Device::Cpu).unwrap();
-        let (want_mean, _) = vae.encode_distribution(&img).unwrap();
-        let want_mean: Vec<f32> = want_mean.flatten_all().unwrap().to_vec1().unwrap();
+        let want_mean = bits(&vae.encode_distribution(&img).unwrap().0);
         for t in [VaeTiling::On, VaeTiling::Auto, VaeTiling::Off] {
-            let got: Vec<f32> = vae
-                .decode_with(&z, t)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert!(
-                got.iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{t:?}"
-            );
+            assert_eq!(bits(&vae.decode_with(&z, t).unwrap()), want, "{t:?}");
             let (mean, _) = vae.encode_distribution_with(&img, t).unwrap();
-            let mean: Vec<f32> = mean.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(
-                mean.iter()
-                    .zip(&want_mean)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{t:?}"
-            );
+            assert_eq!(bits(&mean), want_mean, "{t:?}");
         }
     }
 

@@ -359,7 +359,7 @@ impl Pipeline {
         // The big components' files, opened (headers only) to size them: how weights are kept
         // under `WeightStorage::Auto` depends on the model's size.
         let unet_cfg = cfg.unet;
-        let mut te_srcs = cfg
+        let te_srcs = cfg
             .towers
             .iter()
             .map(|(i, _, _)| weights.text_encoder(*i, opts))
@@ -382,7 +382,7 @@ impl Pipeline {
         let targets = [Target::TextEncoder, Target::TextEncoder2];
         let mut towers = Vec::new();
         let mut text_width = 0;
-        for (i, tokenizer, te_cfg) in cfg.towers {
+        for ((i, tokenizer, te_cfg), src) in cfg.towers.into_iter().zip(te_srcs) {
             let what = tower_name(i);
             ensure!(
                 tokenizer.vocab_size() <= te_cfg.vocab_size,
@@ -391,9 +391,7 @@ impl Pipeline {
                 te_cfg.vocab_size
             );
             let patch = loras.patch(targets[i.min(1)], None);
-            let encoder = te_srcs
-                .remove(0)
-                .build(&what, patch, opts, |vb| ClipTextModel::load(vb, &te_cfg))?;
+            let encoder = src.build(&what, patch, opts, |vb| ClipTextModel::load(vb, &te_cfg))?;
             text_width += te_cfg.hidden_size;
             towers.push(TextTower { tokenizer, encoder });
         }
