@@ -22,12 +22,13 @@ INFERENCE_PRECISION_HINT = f32 or bf16:
 bf16 runs only where `core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")` lists BF16;
 elsewhere the table says "not supported" (OpenVINO would silently run f32).
 
-Ratios are tkg / OpenVINO (below 1.0: tkg is faster). The machine is shared and noisy: only
+--tkg-dtype f32,bf16 also runs tkg with bf16 products (`--dtype bf16`, AVX-512 BF16 CPUs only).
+Ratios are tkg / OpenVINO at the same precision (below 1.0: tkg is faster), and tkg bf16 / f32. The machine is shared and noisy: only
 ratios measured side by side in one run mean anything; --repeat N alternates the order.
 
 Usage:
   benches/compare_openvino.py --size 256 --size 512 --steps 2 --threads 2 [--repeat 2]
-      [--precision f32,bf16] [--tkg PATH] [--model-dir DIR] [--ir-dir DIR] [--json-out FILE]
+      [--precision f32,bf16] [--tkg-dtype f32,bf16] [--tkg PATH] [--model-dir DIR] [--ir-dir DIR] [--json-out FILE]
 
 --size also takes a list (--size 256,512). Converted IR is kept in --ir-dir (default: a
 temporary folder removed at the end); with an existing --ir-dir of the same size it is reused.
@@ -262,9 +263,10 @@ def run_openvino(args, size, precision, ir_dir):
                                        ["--ir-dir", ir_dir, "--precision", precision]))
 
 
-def run_tkg(args, size):
-    """`tkg bench` in f32 at `size`, as compare_diffusers.py runs it."""
-    return compare_diffusers.run_tkg(argparse.Namespace(**dict(vars(args), size=size, dtype="f32")))
+def run_tkg(args, size, dtype):
+    """`tkg bench` at `size` in `dtype` (f32, or bf16: f32 tensors with bf16 products), as
+    compare_diffusers.py runs it."""
+    return compare_diffusers.run_tkg(argparse.Namespace(**dict(vars(args), size=size, dtype=dtype)))
 
 
 def cpu_info(core):
@@ -295,11 +297,15 @@ def split_list(values, conv):
     return out
 
 
-def print_table(size, runs, columns, unsupported, args):
+def print_table(size, runs, tkg_dtypes, columns, unsupported, args):
     print(f"\n{size}x{size}, {args.threads} threads, {args.steps} steps, times in s")
-    names = ["tkg"] + [f"ov-{p}" for p in columns]
+    names = [f"tkg-{d}" for d in tkg_dtypes] + [f"ov-{p}" for p in columns]
+    # tkg against OpenVINO at the same precision, and tkg's bf16 against its f32.
+    ratios = [(f"tkg-{p}", f"ov-{p}") for p in columns if p in tkg_dtypes]
+    if "f32" in tkg_dtypes and "bf16" in tkg_dtypes:
+        ratios.append(("tkg-bf16", "tkg-f32"))
     header = f"{'stage':<26}" + "".join(f" {n:>10}" for n in names)
-    header += "".join(f" {'tkg/' + n:>12}" for n in names[1:])
+    header += "".join(f" {a + '/' + b:>18}" for a, b in ratios)
     header += "".join(f" {'ov-' + p:>10}" for p in unsupported)
     print(header)
     for r, pair in enumerate(runs):
@@ -307,7 +313,7 @@ def print_table(size, runs, columns, unsupported, args):
             print(f"-- run {r + 1}")
         for key, label in STAGES:
             line = f"{label:<26}" + "".join(f" {pair[n][key]:>10.4g}" for n in names)
-            line += "".join(f" {pair['tkg'][key] / pair[n][key]:>11.2f}x" for n in names[1:])
+            line += "".join(f" {pair[a][key] / pair[b][key]:>17.2f}x" for a, b in ratios)
             line += "".join(f" {'n/s':>10}" for _ in unsupported)
             print(line)
     for p in unsupported:
@@ -324,6 +330,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--precision", default="f32,bf16", help="OpenVINO precisions: f32,bf16")
+    ap.add_argument("--tkg-dtype", default="f32",
+                    help="tkg dtypes: f32,bf16 (bf16 needs AVX-512 BF16)")
     ap.add_argument("--tkg", default=os.path.join(os.path.dirname(__file__), "..", "target",
                                                   "release", "tkg"))
     ap.add_argument("--ir-dir", help="keep (and reuse) the converted IR here, one folder a size")
@@ -339,6 +347,10 @@ def main():
     for p in precisions:
         if p not in ("f32", "bf16"):
             ap.error(f"unknown precision {p}")
+    tkg_dtypes = split_list([args.tkg_dtype], str)
+    for d in tkg_dtypes:
+        if d not in ("f32", "bf16"):
+            ap.error(f"unknown tkg dtype {d}")
     args.tkg = os.path.abspath(args.tkg)
     if args.model_dir is None:
         args.model_dir = default_model_dir(args.tkg)
@@ -365,7 +377,7 @@ def main():
             if "convert_total_s" in conv:
                 print(f"  converted in {conv['convert_total_s']:.1f} s, peak RSS "
                       f"{conv['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-            sides = [("tkg", lambda s=size: run_tkg(args, s))]
+            sides = [(f"tkg-{d}", lambda s=size, d=d: run_tkg(args, s, d)) for d in tkg_dtypes]
             sides += [(f"ov-{p}", lambda s=size, p=p: run_openvino(args, s, p, ir_dir))
                       for p in columns]
             runs = []
@@ -379,7 +391,7 @@ def main():
                 pair["order"] = [n for n, _ in order]
                 runs.append(pair)
             result["sizes"][str(size)] = {"convert": conv, "runs": runs}
-            print_table(size, runs, columns, unsupported, args)
+            print_table(size, runs, tkg_dtypes, columns, unsupported, args)
             if "convert_total_s" in conv:
                 print(f"OpenVINO conversion (not in the times above): UNet "
                       f"{conv['unet_convert_s']:.1f} s + save {conv['unet_save_s']:.1f} s, VAE "

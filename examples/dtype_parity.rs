@@ -3,6 +3,12 @@
 //! and the time of the whole 50-step loop.
 //!
 //!   cargo run --release --example dtype_parity
+//!   cargo run --release --example dtype_parity -- DIR SIZE STEPS
+//!
+//! With a diffusers folder (e.g. random-sd15 materialised by `tkg models materialize`), it
+//! compares that model's bf16 run with its own f32 run instead (f16, 5-10x slower than f32
+//! on the CPU, is left to the golden models): SIZE x SIZE, STEPS DDIM
+//! steps, the same seeded start.
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -14,6 +20,10 @@ use tkg::models::hub::ModelFolder;
 use tkg::pipeline::{LoadOptions, Pipeline};
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [dir, size, steps] = &args[..] {
+        return against_f32(&PathBuf::from(dir), size.parse()?, steps.parse()?);
+    }
     for variant in ["a", "b"] {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden/sd15")
@@ -53,6 +63,54 @@ fn main() -> anyhow::Result<()> {
                 ),
                 Err(e) => println!("sd15/{variant} {dtype:?}: fails: {e:#}"),
             }
+        }
+    }
+    Ok(())
+}
+
+/// The model in `dir` with bf16 products against its own f32 run.
+fn against_f32(dir: &std::path::Path, size: usize, steps: usize) -> anyhow::Result<()> {
+    let folder = ModelFolder::local(dir)?;
+    let noise = tkg::rng::torch_cpu_randn(7, 4 * (size / 8) * (size / 8));
+    let init = candle_core::Tensor::from_vec(noise, (1, 4, size / 8, size / 8), &Device::Cpu)?;
+    let run = |dtype| -> anyhow::Result<(candle_core::Tensor, Vec<u8>, f64)> {
+        let opts = LoadOptions {
+            dtype,
+            ..LoadOptions::cpu_f32()
+        };
+        let pipe = Pipeline::load(&folder, &opts)?;
+        let cond = pipe.encode_prompt("a red apple on a table", "", true)?;
+        let start = Instant::now();
+        let fin = pipe.denoise_ddim(&init, &cond, steps, 7.5)?;
+        let secs = start.elapsed().as_secs_f64();
+        Ok((fin.clone(), pipe.decode(&fin)?, secs))
+    };
+    let (want, want_rgb, secs) = run(DType::F32)?;
+    println!(
+        "{} {size}x{size} {steps} steps: f32 loop {secs:.2} s",
+        dir.display()
+    );
+    for dtype in [DType::BF16] {
+        match run(dtype) {
+            Ok((fin, rgb, secs)) => {
+                let worst = rgb
+                    .iter()
+                    .zip(&want_rgb)
+                    .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                    .max()
+                    .unwrap_or(0);
+                let mean = rgb
+                    .iter()
+                    .zip(&want_rgb)
+                    .map(|(&a, &b)| (a as f64 - b as f64).abs())
+                    .sum::<f64>()
+                    / rgb.len() as f64;
+                println!(
+                    "  {dtype:?}: final rel L2 {:.2e} against f32, image max diff {worst}, mean {mean:.3}, loop {secs:.2} s",
+                    common::rel_l2(&fin, &want)
+                );
+            }
+            Err(e) => println!("  {dtype:?}: fails: {e:#}"),
         }
     }
     Ok(())

@@ -3,10 +3,12 @@
 //!   cargo run --release --example kernel_bench [-- FILTER]
 //!
 //! Prints the best of a few runs, in ms and GFLOP/s. The numbers are noisy on a shared machine.
+//! Where the CPU has AVX-512 BF16, the kernels also run with bf16 products ("tkg bf16").
 
 use candle_core::{Device, Module, Tensor};
 use std::time::Instant;
 use tkg::kernels;
+use tkg::kernels::matmul::{Precision, bf16_native, with_precision};
 
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -87,6 +89,8 @@ fn main() -> anyhow::Result<()> {
         (2, 640, 640, 32),
         (2, 1280, 1280, 16),
         (2, 1280, 1280, 8),
+        (2, 1280, 1280, 4),
+        (2, 2560, 1280, 8),
         (1, 512, 512, 64),
         (1, 256, 256, 128),
         (1, 128, 128, 256),
@@ -106,6 +110,14 @@ fn main() -> anyhow::Result<()> {
             kernels::conv::conv2d(&x, &w, Some(&bias), None, 1, 1).unwrap();
         });
         report(&format!("{name} tkg"), flops, s);
+        if bf16_native() {
+            let s = best(reps(flops), || {
+                with_precision(Precision::Bf16, || {
+                    kernels::conv::conv2d(&x, &w, Some(&bias), None, 1, 1).unwrap();
+                })
+            });
+            report(&format!("{name} tkg bf16"), flops, s);
+        }
         let conv = candle_nn::Conv2d::new(
             w.clone(),
             Some(bias.clone()),
@@ -143,6 +155,14 @@ fn main() -> anyhow::Result<()> {
             kernels::attention::attention(&q, &k, &v, heads).unwrap();
         });
         report(&format!("{name} tkg"), flops, s);
+        if bf16_native() {
+            let s = best(reps(flops), || {
+                with_precision(Precision::Bf16, || {
+                    kernels::attention::attention(&q, &k, &v, heads).unwrap();
+                })
+            });
+            report(&format!("{name} tkg bf16"), flops, s);
+        }
         let split = |t: &Tensor, m: usize| {
             t.reshape((b, m, heads, d))
                 .unwrap()
@@ -157,6 +177,34 @@ fn main() -> anyhow::Result<()> {
             o.transpose(1, 2).unwrap().reshape((b, n, c)).unwrap();
         });
         report(&format!("{name} candle"), flops, s);
+    }
+
+    // Linear layers on tokens: (batch, tokens, in, out)
+    for &(b, n, k, o) in &[
+        (2, 4096, 320, 2560),
+        (2, 1024, 640, 5120),
+        (2, 4096, 320, 320),
+        (2, 77, 768, 320),
+    ] {
+        let name = format!("linear b{b} {n}x{k}->{o}");
+        if !run(&name) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (b, n, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (o, k), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, o, &dev)?;
+        let flops = 2.0 * (b * n * k * o) as f64;
+        for (label, p) in [("tkg", Precision::F32), ("tkg bf16", Precision::Bf16)] {
+            if p == Precision::Bf16 && !bf16_native() {
+                continue;
+            }
+            let s = best(reps(flops), || {
+                with_precision(p, || {
+                    kernels::linear::linear(&x, &w, Some(&bias), None).unwrap();
+                })
+            });
+            report(&format!("{name} {label}"), flops, s);
+        }
     }
 
     // Group norm + SiLU: (batch, channels, size)

@@ -53,7 +53,9 @@ pub struct ModelArgs {
     /// Where to run: auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Weights and activations type (default: f32 on CPU, f16 on a GPU).
+    /// Compute type (default: f32 on CPU, f16 on a GPU). bf16 on the CPU keeps f32 tensors
+    /// and rounds the inputs of the UNet's and VAE's matrix products to bf16 (AVX-512 BF16
+    /// CPUs only: Zen 4, Sapphire Rapids and newer).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// How weights are kept with f32 compute: stored (weights the files store in 16 bits stay

@@ -7,11 +7,12 @@
 //! multiplies by V with a second gemm, and divides by the row sums. At 64x64 latents this
 //! replaces an 8 x 4096 x 4096 f32 score tensor (512 MiB per item) with 1 MiB per thread.
 
+use super::matmul::{Product, matmul, precision};
 use super::simd;
 use super::{SendPtr, matrix, matrix_mut, span, tensor, threads};
 use anyhow::{Result, bail, ensure};
 use candle_core::{DType, Storage, StorageRef, Tensor};
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 
 /// Scores per task, in floats (1 MiB).
 const BLOCK_FLOATS: usize = 1 << 18;
@@ -57,6 +58,7 @@ impl<'a> Rows<'a> {
 /// softmax(q·kᵀ/√d)·v per head. `q`: [B, Nq, H·d], `k` and `v`: [B, Nk, H·d] (the last axis
 /// must have unit stride; other strides are free). Returns [B, Nq, H·d].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let prec = precision();
     let (b, nq, c) = q.dims3()?;
     let (kb, nk, kc) = k.dims3()?;
     ensure!(
@@ -112,25 +114,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         // SAFETY: q, k and the scores (this task's own buffer) were checked by `matrix` (in
         // debug builds) for the shapes and strides given to gemm.
         unsafe {
-            gemm(
-                m,
-                nk,
-                d,
-                matrix_mut(s, 0, (m, nk), (nk, 1)),
-                1,
-                nk as isize,
+            matmul(
+                prec,
+                Product {
+                    m,
+                    n: nk,
+                    k: d,
+                    dst: matrix_mut(s, 0, (m, nk), (nk, 1)),
+                    dst_rs: nk,
+                    lhs: (qb, qr.row_stride, 1),
+                    rhs: (kb, 1, kr.row_stride),
+                },
                 false,
-                qb,
-                1,
-                qr.row_stride as isize,
-                kb,
-                kr.row_stride as isize,
-                1,
-                0.0,
                 scale,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }
@@ -144,25 +140,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         // the output, which `at` checks lie inside it (in debug builds); the scores and v were
         // checked by `matrix` for the shapes and strides given to gemm.
         unsafe {
-            gemm(
-                m,
-                d,
-                nk,
-                op.at(o0, span(m, d, c, 1)),
-                1,
-                c as isize,
+            matmul(
+                prec,
+                Product {
+                    m,
+                    n: d,
+                    k: nk,
+                    dst: op.at(o0, span(m, d, c, 1)),
+                    dst_rs: c,
+                    lhs: (matrix(s, 0, (m, nk), (nk, 1)), nk, 1),
+                    rhs: (vb, vr.row_stride, 1),
+                },
                 false,
-                matrix(s, 0, (m, nk), (nk, 1)),
-                1,
-                nk as isize,
-                vb,
-                1,
-                vr.row_stride as isize,
-                0.0,
                 1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }

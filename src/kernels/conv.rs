@@ -9,13 +9,14 @@
 //! The output starts as `residual + bias` (either optional; the bias may differ per batch item,
 //! which is how a resnet's timestep embedding is fused in), and the gemm accumulates onto it.
 
+use super::matmul::{Product, matmul, precision};
 use super::{
     F32View, SendPtr, for_each_chunk, for_each_task, for_each_task_with, gemm_parallelism, matrix,
     matrix_mut, span, tensor, threads,
 };
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 
 /// Bytes of one im2col tile; the tile's rows are chosen to stay near this.
 const TILE_BYTES: usize = 2 << 20;
@@ -86,6 +87,7 @@ fn conv2d_impl(
     up: usize,
     relu: bool,
 ) -> Result<Tensor> {
+    let prec = precision();
     let x = x.contiguous()?;
     let w = super::f32_weight(w)?;
     let (b, cin, sh, sw) = x.dims4()?;
@@ -239,25 +241,19 @@ fn conv2d_impl(
         // builds) that it lies inside the output; lhs and rhs were checked by `matrix` for the
         // same shapes and strides as given to gemm.
         unsafe {
-            gemm(
-                cout,
-                n,
-                k,
-                dst.at(bi * cout * plane + oy0 * ow, span(cout, n, plane, 1)),
-                1,
-                plane as isize,
+            matmul(
+                prec,
+                Product {
+                    m: cout,
+                    n,
+                    k,
+                    dst: dst.at(bi * cout * plane + oy0 * ow, span(cout, n, plane, 1)),
+                    dst_rs: plane,
+                    lhs: (lhs, k, 1),
+                    rhs: (rhs, rhs_rs, 1),
+                },
                 true,
-                lhs,
-                1,
-                k as isize,
-                rhs,
-                1,
-                rhs_rs as isize,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 par,
             );
         }
@@ -299,6 +295,7 @@ fn conv_small(
     (cout, kh, kw, stride, padding): (usize, usize, usize, usize, usize),
     (oh, ow): (usize, usize),
 ) {
+    let prec = precision();
     let plane = oh * ow;
     let ld = b * plane;
     let k = cin * kh * kw;
@@ -350,25 +347,19 @@ fn conv_small(
         // SAFETY: tmp is this task's own [m, ld] buffer; the weight rows c0..c0+m and the
         // im2col matrix [k, ld] lie inside ws and col (checked by `matrix` in debug builds).
         unsafe {
-            gemm(
-                m,
-                ld,
-                k,
-                dst_tmp,
-                1,
-                ld as isize,
+            matmul(
+                prec,
+                Product {
+                    m,
+                    n: ld,
+                    k,
+                    dst: dst_tmp,
+                    dst_rs: ld,
+                    lhs: (lhs, k, 1),
+                    rhs: (rhs, ld, 1),
+                },
                 false,
-                lhs,
-                1,
-                k as isize,
-                rhs,
-                1,
-                ld as isize,
-                0.0,
                 1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }

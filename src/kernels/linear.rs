@@ -2,10 +2,11 @@
 //! two layout changes around a spatial transformer: a feature map [B, C, H, W] read as tokens
 //! [B, H·W, C] (proj_in) and tokens written back as a map (proj_out), without a transpose copy.
 
+use super::matmul::{Product, matmul, precision};
 use super::{F32View, SendPtr, for_each_chunk, for_each_task, matrix, span, tensor, threads};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 
 /// Rows (or columns) of output per task.
 const BLOCK: usize = 128;
@@ -150,6 +151,7 @@ fn tokens_out(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Vec<f32>> {
+    let prec = precision();
     let (n, k) = w.dims2()?;
     let bias = bias.map(|t| t.contiguous()).transpose()?;
     let residual = residual.map(|t| t.contiguous()).transpose()?;
@@ -182,25 +184,19 @@ fn tokens_out(
         // task's alone and lie inside the output (checked by `at` in debug builds); lhs and
         // rhs were checked by `matrix` for the shapes and strides given to gemm.
         unsafe {
-            gemm(
-                m,
-                nc,
-                k,
-                dst.at((item * rows + r0) * n + c0, span(m, nc, n, 1)),
-                1,
-                n as isize,
+            matmul(
+                prec,
+                Product {
+                    m,
+                    n: nc,
+                    k,
+                    dst: dst.at((item * rows + r0) * n + c0, span(m, nc, n, 1)),
+                    dst_rs: n,
+                    lhs: (lhs, input.rs, input.cs),
+                    rhs: (rhs, 1, k),
+                },
                 read_dst,
-                lhs,
-                input.cs as isize,
-                input.rs as isize,
-                rhs,
-                k as isize,
-                1,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }
@@ -217,6 +213,7 @@ pub fn linear_to_map(
     residual: Option<&Tensor>,
     (h, wd): (usize, usize),
 ) -> Result<Tensor> {
+    let prec = precision();
     let t = t.contiguous()?;
     let (b, hw, k) = t.dims3()?;
     ensure!(hw == h * wd, "linear_to_map: {hw} tokens for {h}x{wd}");
@@ -253,25 +250,19 @@ pub fn linear_to_map(
         // this task's alone and lie inside the output (checked by `at` in debug builds); lhs
         // and rhs were checked by `matrix` for the shapes and strides given to gemm.
         unsafe {
-            gemm(
-                nf,
-                cols,
-                k,
-                dst.at(item * n * hw + f0 * hw + p0, span(nf, cols, hw, 1)),
-                1,
-                hw as isize,
+            matmul(
+                prec,
+                Product {
+                    m: nf,
+                    n: cols,
+                    k,
+                    dst: dst.at(item * n * hw + f0 * hw + p0, span(nf, cols, hw, 1)),
+                    dst_rs: hw,
+                    lhs: (lhs, k, 1),
+                    rhs: (rhs, 1, k),
+                },
                 read_dst,
-                lhs,
-                1,
-                k as isize,
-                rhs,
-                k as isize,
-                1,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
             );
         }

@@ -7,8 +7,10 @@
 //! global pool, and every `gemm` inside a parallel task is single-threaded.
 
 pub mod attention;
+mod bf16;
 pub mod conv;
 pub mod linear;
+pub mod matmul;
 pub mod norm;
 pub mod simd;
 mod winograd;

@@ -9,8 +9,9 @@
 //!
 //! Tiles are processed in blocks so a block's transformed input and products stay in cache.
 
+use super::matmul::{Product, matmul, precision};
 use super::{SendPtr, for_each_task, matrix, matrix_mut, threads};
-use gemm::{Parallelism, gemm};
+use gemm::Parallelism;
 
 /// Tiles (2x2 output blocks) per task.
 const BLOCK_TILES: usize = 192;
@@ -89,6 +90,7 @@ pub(super) fn conv3x3(
     (sh, sw): (usize, usize),
     up: usize,
 ) {
+    let prec = precision();
     assert!(
         x.len() == items * cin * sh * sw
             && w.len() == cout * cin * 9
@@ -145,25 +147,19 @@ pub(super) fn conv3x3(
                 // SAFETY: m is this task's own buffer; m, u and v were checked by `matrix`
                 // (in debug builds) for the shapes and strides given to gemm.
                 unsafe {
-                    gemm(
-                        mc,
-                        n,
-                        cin,
-                        matrix_mut(&mut m, xi * mc * n, (mc, n), (n, 1)),
-                        1,
-                        n as isize,
+                    matmul(
+                        prec,
+                        Product {
+                            m: mc,
+                            n,
+                            k: cin,
+                            dst: matrix_mut(&mut m, xi * mc * n, (mc, n), (n, 1)),
+                            dst_rs: n,
+                            lhs: (lhs, cin, 1),
+                            rhs: (rhs, n, 1),
+                        },
                         false,
-                        lhs,
-                        1,
-                        cin as isize,
-                        rhs,
-                        1,
-                        n as isize,
-                        0.0,
                         1.0,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }

@@ -4,6 +4,7 @@
 
 use super::conditioning::{Conditioner, TextTower};
 use super::{Family, LoadOptions, Pipeline};
+use crate::kernels::matmul::{Precision, bf16_native};
 use crate::models::builtin;
 use crate::models::clip::{ClipTextModel, HiddenLayer};
 use crate::models::config::{
@@ -302,6 +303,26 @@ impl ComponentSource for VaeFile<'_> {
     }
 }
 
+/// How `opts` runs on its device. `--dtype bf16` on the CPU becomes f32 tensors with bf16
+/// products (candle has no CPU bf16 matmul, and f32 activations lose nothing); weights are
+/// kept as `--weights-dtype` says. CPUs without AVX-512 BF16 are refused: the emulation there
+/// is slower than f32.
+fn cpu_products(opts: &LoadOptions) -> Result<(LoadOptions, Precision)> {
+    if !(opts.device.is_cpu() && opts.dtype == DType::BF16) {
+        return Ok((opts.clone(), Precision::F32));
+    }
+    ensure!(
+        bf16_native(),
+        "--dtype bf16 on the CPU needs AVX-512 BF16 (e.g. AMD Zen 4, Intel Sapphire Rapids), \
+         which this CPU lacks; use f32 (the default on the CPU)"
+    );
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        ..opts.clone()
+    };
+    Ok((opts, Precision::Bf16))
+}
+
 fn tower_name(index: usize) -> String {
     if index == 0 {
         "text_encoder".to_string()
@@ -320,11 +341,8 @@ impl Pipeline {
     /// they are read and, optionally, another VAE.
     pub fn load_with(source: ModelSource, opts: &LoadOptions, adapters: &Adapters) -> Result<Self> {
         let start = Instant::now();
-        ensure!(
-            !(opts.device.is_cpu() && opts.dtype == DType::BF16),
-            "--dtype bf16 is not available on the CPU (candle has no CPU bf16 matmul); use f32 \
-             (the default on the CPU) or f16"
-        );
+        let (cpu_opts, products) = cpu_products(opts)?;
+        let opts = &cpu_opts;
         // Configs, and where the weights are read.
         let single;
         let folder_components;
@@ -469,6 +487,7 @@ impl Pipeline {
             scheduler: cfg.scheduler,
             device: opts.device.clone(),
             dtype: opts.dtype,
+            products,
             unet_weights,
             lora_reports,
             lora_hashes,

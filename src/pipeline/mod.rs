@@ -11,6 +11,7 @@ pub use batch::stack_conditioning;
 pub use load::{Adapters, ModelSource, VaeSource, detect_family};
 pub use start::{ImageStart, LatentMask, SourceImage, Start, binary_mask, rgb8_to_tensor};
 
+use crate::kernels::matmul::{Precision, with_precision};
 use crate::models::config::SchedulerConfig;
 use crate::models::lora::LoraReport;
 use crate::models::unet::UNet;
@@ -184,7 +185,13 @@ pub struct Pipeline {
     pub vae_tiling: VaeTiling,
     pub scheduler: SchedulerConfig,
     pub device: Device,
+    /// The dtype of the tensors: f32 on the CPU even for `--dtype bf16`, which is
+    /// [`Self::products`] there.
     pub dtype: DType,
+    /// The precision of the CPU kernels' matrix products in the UNet and the VAE: bf16 for
+    /// `--dtype bf16` on the CPU (f32 tensors and sums, bf16 inputs to each product), else
+    /// f32. The text encoders, a fraction of a second per prompt, keep f32 products.
+    pub products: Precision,
     /// The file the `Model hash` is computed over: the UNet weights of a folder, or the
     /// single-file checkpoint.
     pub unet_weights: std::path::PathBuf,
@@ -470,7 +477,9 @@ impl Pipeline {
                 Some(e) => Tensor::cat(&[&input, e], 1)?,
                 None => input,
             };
-            let pred = self.unet.forward(&input, t, &context, added.as_ref())?;
+            let pred = with_precision(self.products, || {
+                self.unet.forward(&input, t, &context, added.as_ref())
+            })?;
             let pred = if cfg {
                 let uncond = pred.narrow(0, 0, batch)?;
                 let text = pred.narrow(0, batch, batch)?;
@@ -510,10 +519,10 @@ impl Pipeline {
 
     /// Decodes final latents into RGB8 pixels.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
-        let image = self.vae.decode_with(
-            &latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?,
-            self.vae_tiling,
-        )?;
+        let latents = latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
+        let image = with_precision(self.products, || {
+            self.vae.decode_with(&latents, self.vae_tiling)
+        })?;
         check_finite(&image, "decoded image (VAE output)")?;
         vae::to_rgb8(&image.squeeze(0)?)
     }

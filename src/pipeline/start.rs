@@ -156,7 +156,9 @@ impl Pipeline {
     /// f32 on the CPU.
     pub fn encode_sample(&self, images: &Tensor, generator: &mut Generator) -> Result<Tensor> {
         let x = images.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
-        let (mean, std) = self.vae.encode_distribution_with(&x, self.vae_tiling)?;
+        let (mean, std) = crate::kernels::matmul::with_precision(self.products, || {
+            self.vae.encode_distribution_with(&x, self.vae_tiling)
+        })?;
         let mean = mean.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let std = std.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let eps = Tensor::from_vec(

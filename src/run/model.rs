@@ -119,8 +119,19 @@ fn resolve_file(path: &Path, name: String) -> Result<ResolvedModel> {
 
 impl ResolvedModel {
     /// The VAE to load instead of the model's own: `--vae`, else the registry's VAE when
-    /// the dtype is half precision.
-    pub fn vae_source(&self, vae_arg: Option<&Path>, dtype: DType) -> Result<Option<VaeSource>> {
+    /// the tensors are half precision (not for bf16 on the CPU, whose tensors are f32 with
+    /// bf16 products: nothing there overflows).
+    pub fn vae_source(
+        &self,
+        vae_arg: Option<&Path>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Option<VaeSource>> {
+        let half_tensors = match dtype {
+            DType::F16 => true,
+            DType::BF16 => !device.is_cpu(),
+            _ => false,
+        };
         if let Some(p) = vae_arg {
             return Ok(Some(if p.is_dir() {
                 VaeSource::Folder(ModelFolder::local(p)?)
@@ -131,7 +142,7 @@ impl ResolvedModel {
             }));
         }
         match &self.half_vae {
-            Some(entry) if dtype != DType::F32 => Ok(Some(VaeSource::Folder(entry.folder()?))),
+            Some(entry) if half_tensors => Ok(Some(VaeSource::Folder(entry.folder()?))),
             _ => Ok(None),
         }
     }
@@ -168,7 +179,7 @@ impl ResolvedModel {
         let adapters = Adapters {
             loras,
             lora_strict: cfg.lora_strict,
-            vae: self.vae_source(cfg.vae.as_deref(), opts.dtype)?,
+            vae: self.vae_source(cfg.vae.as_deref(), opts.dtype, &opts.device)?,
         };
         let source = match &self.file {
             Some(path) => ModelSource::File { path, config: None },
@@ -229,18 +240,35 @@ mod tests {
         let m = resolve(&s, &cfg, &|_| {}).unwrap();
         assert!(!m.fp16_files);
         assert_eq!(m.defaults.width, Some(640));
-        assert!(m.vae_source(None, DType::F32).unwrap().is_none());
-        match m.vae_source(None, DType::F16).unwrap() {
+        assert!(
+            m.vae_source(None, DType::F32, &candle_core::Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
+        match m
+            .vae_source(None, DType::F16, &candle_core::Device::Cpu)
+            .unwrap()
+        {
             Some(VaeSource::Folder(f)) => assert_eq!(f.root().unwrap(), vae),
             other => panic!("expected the registry's VAE folder, got {other:?}"),
         }
+        // bf16 on the CPU has f32 tensors: the model's own VAE.
+        assert!(
+            m.vae_source(None, DType::BF16, &candle_core::Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
         let s = Settings {
             model: "plain".into(),
             ..Settings::default()
         };
         let m = resolve(&s, &cfg, &|_| {}).unwrap();
         assert!(m.fp16_files && m.half_vae.is_none());
-        assert!(m.vae_source(None, DType::F16).unwrap().is_none());
+        assert!(
+            m.vae_source(None, DType::F16, &candle_core::Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
         // An entry whose family its configs contradict is refused, not taken on trust.
         let s = Settings {
             model: "wrong".into(),

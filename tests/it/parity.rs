@@ -230,3 +230,50 @@ fn sixteen_bit_weights_kept_narrow_give_the_bits_of_widened_ones() {
         eprintln!("{family}: bf16-kept weights, final latent rel L2 {err:.2e}");
     }
 }
+
+/// `--dtype bf16` on the CPU: f32 tensors with bf16 matrix products where the CPU has
+/// AVX-512 BF16 (close to the f32 run, and not equal to it: the products did change), a
+/// one-line refusal naming the missing feature elsewhere.
+#[test]
+fn bf16_products_on_the_cpu_stay_close_to_f32_or_are_refused() {
+    use candle_core::DType;
+    use tkg::kernels::matmul::{Precision, bf16_native};
+    for family in ["sd15", "sdxl"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(family)
+            .join("a/model");
+        let folder = ModelFolder::local(&dir).unwrap();
+        let load = |dtype| {
+            let opts = LoadOptions {
+                dtype,
+                ..LoadOptions::cpu_f32()
+            };
+            Pipeline::load(&folder, &opts)
+        };
+        if !bf16_native() {
+            let err = format!("{:#}", load(DType::BF16).err().expect("bf16 is refused"));
+            assert!(err.contains("AVX-512 BF16") && !err.contains('\n'), "{err}");
+            eprintln!("{family}: no AVX-512 BF16 here, refused as it should be");
+            continue;
+        }
+        let run = |dtype| {
+            let pipe = load(dtype).unwrap();
+            let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
+            // 32x32 latents: products of at least 64 rows and columns, which run in bf16.
+            let noise = tkg::rng::torch_cpu_randn(7, 4 * 32 * 32);
+            let init = Tensor::from_vec(noise, (1, 4, 32, 32), &Device::Cpu).unwrap();
+            let fin = pipe.denoise_ddim(&init, &cond, 5, 7.5).unwrap();
+            let rgb = pipe.decode(&fin).unwrap();
+            (pipe.dtype, pipe.products, fin, rgb)
+        };
+        let (_, f32_products, want, want_rgb) = run(DType::F32);
+        let (dtype, products, got, rgb) = run(DType::BF16);
+        assert_eq!(f32_products, Precision::F32);
+        assert_eq!((dtype, products), (DType::F32, Precision::Bf16));
+        let err = rel_l2(&got, &want);
+        let worst = max_u8_diff(&rgb, &want_rgb);
+        eprintln!("{family}: bf16 products, final latent rel L2 {err:.2e}, image max diff {worst}");
+        assert!(err > 1e-6 && err < 0.05, "{family}: rel L2 {err}");
+    }
+}

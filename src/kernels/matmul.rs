@@ -1,0 +1,170 @@
+//! The one matrix product the kernels call: the f32 `gemm` crate, or bf16 inputs with f32
+//! accumulation ([`super::bf16`]) when a caller runs the model inside [`with_precision`].
+
+use super::bf16::{self, Operand};
+use std::cell::Cell;
+
+/// The precision of the inputs to the kernels' matrix products; sums are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 inputs (the default).
+    #[default]
+    F32,
+    /// Inputs rounded to bf16 as they are packed, for AVX-512 BF16's dot products (see
+    /// [`bf16_native`]): about twice the multiply rate, with bf16's 8-bit mantissa.
+    Bf16,
+}
+
+/// Whether this CPU runs [`Precision::Bf16`] products natively (AVX-512 BF16). Elsewhere they
+/// run on a slow emulation meant for tests.
+pub fn bf16_native() -> bool {
+    bf16::native()
+}
+
+thread_local! {
+    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with the kernels called from this thread using `p` for their matrix products.
+/// Kernels read it on the calling thread when they start, so their tasks on other threads
+/// follow it; a model's forward pass run inside `f` is covered whole.
+pub fn with_precision<R>(p: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|c| c.replace(p)));
+    f()
+}
+
+/// The precision set by the innermost [`with_precision`] on this thread.
+pub(crate) fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
+}
+
+/// A matrix product's inputs: `lhs` [m, k] and `rhs` [k, n] as (pointer, row stride, column
+/// stride), and `dst` [m, n] with column stride 1.
+pub(crate) struct Product {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dst: *mut f32,
+    pub dst_rs: usize,
+    pub lhs: (*const f32, usize, usize),
+    pub rhs: (*const f32, usize, usize),
+}
+
+/// The fewest rows and columns of an output that [`Precision::Bf16`] products are used for.
+pub(crate) const BF16_MIN_SIDE: usize = 64;
+
+/// `dst = [dst +] scale · lhs · rhs` at precision `p` (f32 below [`BF16_MIN_SIDE`]), single-threaded or over the pool as
+/// `par` says. f32 runs the `gemm` crate exactly as before this wrapper existed.
+///
+/// # Safety
+/// As for `gemm::gemm`: the operands readable for their shapes and strides, `dst` writable
+/// (and readable when `accumulate`) for [m, n], not overlapping them and not touched by
+/// anyone else during the call.
+pub(crate) unsafe fn matmul(
+    p: Precision,
+    g: Product,
+    accumulate: bool,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    let Product {
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        lhs,
+        rhs,
+    } = g;
+    // Below 64 rows or columns each packed bf16 value serves too few multiplications to pay
+    // for its rounding and packing (measured: a 3x3 conv 1280->1280 on 4x4 pixels, n = 32,
+    // ran 2x slower in bf16), so such products stay f32.
+    let p = if m.min(n) < BF16_MIN_SIDE {
+        Precision::F32
+    } else {
+        p
+    };
+    match p {
+        // SAFETY: the caller's promise, in the gemm crate's argument order.
+        Precision::F32 => unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                dst_rs as isize,
+                accumulate,
+                lhs.0,
+                lhs.2 as isize,
+                lhs.1 as isize,
+                rhs.0,
+                rhs.2 as isize,
+                rhs.1 as isize,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                par,
+            )
+        },
+        Precision::Bf16 => {
+            let a = Operand {
+                ptr: lhs.0,
+                rs: lhs.1 as isize,
+                cs: lhs.2 as isize,
+            };
+            let b = Operand {
+                ptr: rhs.0,
+                rs: rhs.1 as isize,
+                cs: rhs.2 as isize,
+            };
+            match par {
+                // SAFETY: the caller's promise.
+                gemm::Parallelism::None => unsafe {
+                    bf16::gemm((m, n, k), dst, dst_rs, accumulate, a, b, scale)
+                },
+                _ => {
+                    // Fixed row blocks, so the split (like the sums) does not depend on the
+                    // thread count.
+                    const ROWS: usize = 96;
+                    struct Dst(*mut f32);
+                    // SAFETY: each task writes its own rows of dst (below).
+                    unsafe impl Sync for Dst {}
+                    let d = Dst(dst);
+                    let d = &d;
+                    super::for_each_task(m.div_ceil(ROWS), move |t| {
+                        // Whole operands, not their (non-Send) pointer fields.
+                        let (a, b) = (a, b);
+                        let r0 = t * ROWS;
+                        let rows = ROWS.min(m - r0);
+                        let a = Operand {
+                            ptr: a.ptr.wrapping_offset(r0 as isize * a.rs),
+                            ..a
+                        };
+                        // SAFETY: rows r0..r0+rows of dst are this task's alone, inside the
+                        // caller's [m, n]; a's rows likewise.
+                        unsafe {
+                            bf16::gemm(
+                                (rows, n, k),
+                                d.0.add(r0 * dst_rs),
+                                dst_rs,
+                                accumulate,
+                                a,
+                                b,
+                                scale,
+                            )
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
