@@ -518,7 +518,8 @@ def main():
         sd15, sdxl = "random-sd15", "random-sdxl"
         sd15_size, sdxl_size, dtype_size, steps, dtype_steps = 512, 1024, 512, 50, 20
     gpu = args.device == "cuda"
-    # The CPU refuses bf16: the dry run runs f32 under that label.
+    # bf16 on the CPU needs AVX-512 BF16, which a dry-run host may lack: the dry run runs f32
+    # under that label.
     dtypes = ([("f32", "f32"), ("f16", "f16"), ("bf16", "bf16")] if gpu
               else [("f32", "f32"), ("f16", "f16"), ("bf16", "f32")])
     fast = "f16" if gpu else "f32"

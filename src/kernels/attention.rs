@@ -7,7 +7,7 @@
 //! multiplies by V with a second gemm, and divides by the row sums. At 64x64 latents this
 //! replaces an 8 x 4096 x 4096 f32 score tensor (512 MiB per item) with 1 MiB per thread.
 
-use super::matmul::{Product, matmul, precision};
+use super::matmul::{Precision, Product, matmul, precision};
 use super::simd;
 use super::{SendPtr, matrix, matrix_mut, span, tensor, threads};
 use anyhow::{Result, bail, ensure};
@@ -69,13 +69,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         bail!("attention: {c} channels do not split into {heads} heads");
     }
     let d = c / heads;
+    // Scores [nq, nk], then outputs [nq, d].
+    let (prec_scores, prec_out) = (prec.for_output(nq, nk), prec.for_output(nq, d));
     let _p = super::profile::scope(|| format!("attention {nq}x{nk} h{heads} d{d}"));
     let scale = (d as f32).powf(-0.5);
     let (qr, kr, vr) = (Rows::new(q)?, Rows::new(k)?, Rows::new(v)?);
     let (qs, ks, vs) = (qr.data(), kr.data(), vr.data());
 
     let nthreads = threads();
-    let mut rows = (BLOCK_FLOATS / nk).clamp(8, 512).min(nq);
+    // bf16 products pack K and V per query block: larger blocks pack them fewer times.
+    let block_floats = match prec_scores {
+        Precision::F32 => BLOCK_FLOATS,
+        Precision::Bf16 => 4 * BLOCK_FLOATS,
+    };
+    let mut rows = (block_floats / nk).clamp(8, 512).min(nq);
     while rows > 8 && b * heads * nq.div_ceil(rows) < 4 * nthreads {
         rows = rows.div_ceil(2);
     }
@@ -115,7 +122,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         // debug builds) for the shapes and strides given to gemm.
         unsafe {
             matmul(
-                prec,
+                prec_scores,
                 Product {
                     m,
                     n: nk,
@@ -141,7 +148,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         // checked by `matrix` for the shapes and strides given to gemm.
         unsafe {
             matmul(
-                prec,
+                prec_out,
                 Product {
                     m,
                     n: d,

@@ -91,9 +91,25 @@ pub(crate) unsafe fn gemm(
         // the operands, read transposed or not.
         unsafe {
             if padded(n, m) < padded(m, n) {
-                x86::gemm((n, m, k), dst, (1, dst_rs), accumulate, t(b), t(a), scale);
+                x86::gemm(
+                    (n, m, k),
+                    dst,
+                    (1, dst_rs),
+                    accumulate,
+                    x86::Lhs::Strided(t(b)),
+                    t(a),
+                    scale,
+                );
             } else {
-                x86::gemm((m, n, k), dst, (dst_rs, 1), accumulate, a, b, scale);
+                x86::gemm(
+                    (m, n, k),
+                    dst,
+                    (dst_rs, 1),
+                    accumulate,
+                    x86::Lhs::Strided(a),
+                    b,
+                    scale,
+                );
             }
         }
         return;
@@ -151,6 +167,89 @@ pub(crate) unsafe fn gemm_portable(
     }
 }
 
+/// A left operand [m, k] packed once for many products (see [`gemm_packed_a`]): every pass
+/// over k as the kernel packs it, panels of MR rows over all m rows.
+pub(crate) struct PackedA {
+    m: usize,
+    k: usize,
+    /// Where each pass over k starts in `data`.
+    passes: Vec<usize>,
+    data: Vec<u32>,
+}
+
+/// Packs `a` [m, k] for [`gemm_packed_a`]; `None` where the CPU has no AVX-512 BF16.
+///
+/// # Safety
+/// `a` must be readable for [m, k] at its strides.
+pub(crate) unsafe fn pack_a(a: Operand, m: usize, k: usize) -> Option<PackedA> {
+    if !native() || m == 0 {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let kpass = depth_pass(k);
+        let panels = m.div_ceil(MR);
+        let mut passes = Vec::new();
+        let mut len = 0;
+        for pc in (0..k.max(1)).step_by(kpass) {
+            passes.push(len);
+            len += panels * MR * kpass.min(k - pc.min(k)).div_ceil(2);
+        }
+        let mut data = vec![0u32; len];
+        for (i, pc) in (0..k.max(1)).step_by(kpass).enumerate() {
+            let kc = kpass.min(k - pc.min(k));
+            // SAFETY: the CPU has the features (`native`); rows 0..m, columns pc..pc+kc lie
+            // inside a (caller); the pass's part of data holds panels·MR·kc/2 pairs.
+            unsafe { x86::pack(a, a.cs, a.rs, (pc, kc), (0, m), MR, &mut data[passes[i]..]) };
+        }
+        Some(PackedA { m, k, passes, data })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`gemm`] with the left operand's rows `row0..row0 + m` (row0 a multiple of [`MR`]) taken
+/// from `a`, packed once by [`pack_a`]: the same sums as [`gemm`] in its untransposed
+/// orientation, without packing A again.
+///
+/// # Safety
+/// As for [`gemm`], with rows row0..row0+m inside `a`'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_packed_a(
+    a: &PackedA,
+    row0: usize,
+    (m, n): (usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    b: Operand,
+    scale: f32,
+) {
+    assert!(
+        row0.is_multiple_of(MR) && row0 + m <= a.m,
+        "packed rows {row0}..{} of {}",
+        row0 + m,
+        a.m
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `a` exists only where the CPU has the features; the caller's promise covers the
+    // rest.
+    unsafe {
+        x86::gemm(
+            (m, n, a.k),
+            dst,
+            (dst_rs, 1),
+            accumulate,
+            x86::Lhs::Packed(a, row0),
+            b,
+            scale,
+        )
+    }
+}
+
 /// The depth of each pass over k: k cut into the fewest passes of at most [`KC`], of equal
 /// even length (the last may be shorter), so that no pass is a short remainder that costs a
 /// full load and store of the output tiles. A function of k alone, like the sums' order.
@@ -160,13 +259,19 @@ fn depth_pass(k: usize) -> usize {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KC, MC, MR, NC, NR, Operand, depth_pass};
+    use super::{KC, MC, MR, NC, NR, Operand, PackedA, depth_pass};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
     thread_local! {
         /// Packed panels of A and B, kept per thread between calls.
         static SCRATCH: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// The left operand: strided f32, packed here, or packed once before (rows from row0).
+    pub(super) enum Lhs<'a> {
+        Strided(Operand),
+        Packed(&'a PackedA, usize),
     }
 
     /// # Safety
@@ -179,7 +284,7 @@ mod x86 {
         dst: *mut f32,
         (dst_rs, dst_cs): (usize, usize),
         accumulate: bool,
-        a: Operand,
+        a: Lhs<'_>,
         b: Operand,
         scale: f32,
     ) {
@@ -190,7 +295,7 @@ mod x86 {
             let kpass = depth_pass(k);
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
-                for pc in (0..k.max(1)).step_by(kpass) {
+                for (pass, pc) in (0..k.max(1)).step_by(kpass).enumerate() {
                     let kc = kpass.min(k - pc.min(k));
                     let kp = kc.div_ceil(2);
                     // B as k x n: k along rows (stride rs), n along columns (stride cs).
@@ -199,9 +304,19 @@ mod x86 {
                     let add = accumulate || pc > 0;
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
-                        // A as k x m: k along columns (stride cs), m along rows (stride rs).
-                        // SAFETY: rows ic..ic+mc, columns pc..pc+kc lie inside a (caller).
-                        unsafe { pack(a, a.cs, a.rs, (pc, kc), (ic, mc), MR, ap) };
+                        let apanels: &[u32] = match a {
+                            Lhs::Strided(a) => {
+                                // A as k x m: k along columns (stride cs), m along rows
+                                // (stride rs).
+                                // SAFETY: rows ic..ic+mc, columns pc..pc+kc lie inside a
+                                // (caller).
+                                unsafe { pack(a, a.cs, a.rs, (pc, kc), (ic, mc), MR, ap) };
+                                ap
+                            }
+                            Lhs::Packed(p, row0) => {
+                                &p.data[p.passes[pass] + (row0 + ic) / MR * kp * MR..]
+                            }
+                        };
                         for jr in 0..nc.div_ceil(NR) {
                             for ir in 0..mc.div_ceil(MR) {
                                 let at = (ic + ir * MR, jc + jr * NR);
@@ -212,7 +327,10 @@ mod x86 {
                                 unsafe {
                                     store_tile(
                                         kp,
-                                        (ap[ir * kp * MR..].as_ptr(), bp[jr * kp * NR..].as_ptr()),
+                                        (
+                                            apanels[ir * kp * MR..].as_ptr(),
+                                            bp[jr * kp * NR..].as_ptr(),
+                                        ),
                                         (c, dst_rs, dst_cs),
                                         size,
                                         add,
@@ -317,7 +435,7 @@ mod x86 {
     /// The [kc, xc] block must lie inside the operand; `out` must hold
     /// `xc.div_ceil(w)·w·kc.div_ceil(2)` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack(
+    pub(super) unsafe fn pack(
         o: Operand,
         ks: isize,
         xs: isize,
@@ -586,10 +704,79 @@ mod tests {
         let mut ct = vec![0f32; m * n];
         // SAFETY: [m, k], [k, n] and [m, n] buffers as described (ct written transposed).
         unsafe {
-            x86::gemm((m, n, k), c.as_mut_ptr(), (n, 1), false, a, b, 0.5);
-            x86::gemm((n, m, k), ct.as_mut_ptr(), (1, n), false, t(b), t(a), 0.5);
+            x86::gemm(
+                (m, n, k),
+                c.as_mut_ptr(),
+                (n, 1),
+                false,
+                x86::Lhs::Strided(a),
+                b,
+                0.5,
+            );
+            x86::gemm(
+                (n, m, k),
+                ct.as_mut_ptr(),
+                (1, n),
+                false,
+                x86::Lhs::Strided(t(b)),
+                t(a),
+                0.5,
+            );
         }
         assert!(c.iter().zip(&ct).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    /// Rows of an operand packed once give the bits of the same rows packed per product.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_packed_once_gives_the_bits_of_a_packed_per_product() {
+        if !native() {
+            eprintln!("no AVX-512 BF16 here: the packed path is not tested");
+            return;
+        }
+        let (m, n, k) = (100, 70, 900);
+        let (av, a_rs, a_cs) = operand(m, k, false, 11);
+        let (bv, b_rs, b_cs) = operand(k, n, false, 12);
+        let a = Operand {
+            ptr: av.as_ptr(),
+            rs: a_rs,
+            cs: a_cs,
+        };
+        let b = Operand {
+            ptr: bv.as_ptr(),
+            rs: b_rs,
+            cs: b_cs,
+        };
+        // SAFETY: a is [m, k].
+        let packed = unsafe { pack_a(a, m, k) }.unwrap();
+        for (row0, rows) in [(0, m), (8, 40), (96, 4)] {
+            let sub = Operand {
+                ptr: av[row0 * k..].as_ptr(),
+                ..a
+            };
+            let mut want = vec![1f32; rows * n];
+            let mut got = want.clone();
+            // SAFETY: rows row0..row0+rows of a, b [k, n], outputs [rows, n].
+            unsafe {
+                x86::gemm(
+                    (rows, n, k),
+                    want.as_mut_ptr(),
+                    (n, 1),
+                    true,
+                    x86::Lhs::Strided(sub),
+                    b,
+                    0.25,
+                );
+                gemm_packed_a(&packed, row0, (rows, n), got.as_mut_ptr(), n, true, b, 0.25);
+            }
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "rows {row0}..{}",
+                row0 + rows
+            );
+        }
     }
 
     #[test]

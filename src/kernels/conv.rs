@@ -87,7 +87,6 @@ fn conv2d_impl(
     up: usize,
     relu: bool,
 ) -> Result<Tensor> {
-    let prec = precision();
     let x = x.contiguous()?;
     let w = super::f32_weight(w)?;
     let (b, cin, sh, sw) = x.dims4()?;
@@ -170,6 +169,7 @@ fn conv2d_impl(
         return finish(out, (b, cout, oh, ow), relu);
     }
     let k = cin * kh * kw;
+    let prec = precision().for_output(cout, b * oh * ow);
     let dst = SendPtr::new(&mut out);
     let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0 && up == 1;
     if !pointwise && b * plane <= SMALL_PIXELS {
@@ -295,8 +295,8 @@ fn conv_small(
     (cout, kh, kw, stride, padding): (usize, usize, usize, usize, usize),
     (oh, ow): (usize, usize),
 ) {
-    let prec = precision();
     let plane = oh * ow;
+    let prec = precision().for_output(cout, b * plane);
     let ld = b * plane;
     let k = cin * kh * kw;
     let mut col = vec![0.0; k * ld];

@@ -151,8 +151,8 @@ fn tokens_out(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Vec<f32>> {
-    let prec = precision();
     let (n, k) = w.dims2()?;
+    let prec = precision().for_output(items * rows, n);
     let bias = bias.map(|t| t.contiguous()).transpose()?;
     let residual = residual.map(|t| t.contiguous()).transpose()?;
     if let Some(r) = &residual {
@@ -213,7 +213,6 @@ pub fn linear_to_map(
     residual: Option<&Tensor>,
     (h, wd): (usize, usize),
 ) -> Result<Tensor> {
-    let prec = precision();
     let t = t.contiguous()?;
     let (b, hw, k) = t.dims3()?;
     ensure!(hw == h * wd, "linear_to_map: {hw} tokens for {h}x{wd}");
@@ -221,6 +220,7 @@ pub fn linear_to_map(
     let w = w.reshape((w.dim(0)?, ()))?;
     let (n, wk) = w.dims2()?;
     ensure!(wk == k, "linear_to_map: {k} features, weight [{n}, {wk}]");
+    let prec = precision().for_output(n, b * hw);
     let _p = super::profile::scope(|| format!("linear_to_map {hw}x{k}->{n}"));
     let bias = bias.map(|t| t.contiguous()).transpose()?;
     let residual = residual.map(|t| t.contiguous()).transpose()?;

@@ -57,9 +57,25 @@ pub(crate) struct Product {
 }
 
 /// The fewest rows and columns of an output that [`Precision::Bf16`] products are used for.
-pub(crate) const BF16_MIN_SIDE: usize = 64;
+pub(crate) const BF16_MIN_SIDE: usize = 128;
 
-/// `dst = [dst +] scale · lhs · rhs` at precision `p` (f32 below [`BF16_MIN_SIDE`]), single-threaded or over the pool as
+impl Precision {
+    /// The precision for a kernel's products whose whole output (all its tasks together) is
+    /// `rows` x `cols`: f32 below [`BF16_MIN_SIDE`] on either side, where each packed bf16
+    /// value serves too few multiplications to pay for its rounding and packing (measured: a
+    /// 3x3 conv 1280->1280 on 4x4 pixels, 32 columns, ran 2x slower in bf16, cross-attention
+    /// scores over 77 keys 1.7x slower). Decided on the whole output, not per task, so that
+    /// the thread count cannot change it.
+    pub(crate) fn for_output(self, rows: usize, cols: usize) -> Precision {
+        if rows.min(cols) < BF16_MIN_SIDE {
+            Precision::F32
+        } else {
+            self
+        }
+    }
+}
+
+/// `dst = [dst +] scale · lhs · rhs` at precision `p`, single-threaded or over the pool as
 /// `par` says. f32 runs the `gemm` crate exactly as before this wrapper existed.
 ///
 /// # Safety
@@ -82,14 +98,6 @@ pub(crate) unsafe fn matmul(
         lhs,
         rhs,
     } = g;
-    // Below 64 rows or columns each packed bf16 value serves too few multiplications to pay
-    // for its rounding and packing (measured: a 3x3 conv 1280->1280 on 4x4 pixels, n = 32,
-    // ran 2x slower in bf16), so such products stay f32.
-    let p = if m.min(n) < BF16_MIN_SIDE {
-        Precision::F32
-    } else {
-        p
-    };
     match p {
         // SAFETY: the caller's promise, in the gemm crate's argument order.
         Precision::F32 => unsafe {

@@ -9,7 +9,8 @@
 //!
 //! Tiles are processed in blocks so a block's transformed input and products stay in cache.
 
-use super::matmul::{Product, matmul, precision};
+use super::bf16;
+use super::matmul::{Precision, Product, matmul, precision};
 use super::{SendPtr, for_each_task, matrix, matrix_mut, threads};
 use gemm::Parallelism;
 
@@ -90,7 +91,6 @@ pub(super) fn conv3x3(
     (sh, sw): (usize, usize),
     up: usize,
 ) {
-    let prec = precision();
     assert!(
         x.len() == items * cin * sh * sw
             && w.len() == cout * cin * 9
@@ -100,6 +100,23 @@ pub(super) fn conv3x3(
     let u = transform_weights(w, cout, cin);
     let (oh, ow) = (sh * up, sw * up);
     let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let prec = precision().for_output(cout, items * th * tw);
+    // With bf16 products each U[ξ] is packed once here, not once per block.
+    let u_packed: Vec<bf16::PackedA> = if prec == Precision::Bf16 {
+        (0..16)
+            .map_while(|xi| {
+                let a = bf16::Operand {
+                    ptr: u[xi * cout * cin..].as_ptr(),
+                    rs: cin as isize,
+                    cs: 1,
+                };
+                // SAFETY: U[ξ] is [cout, cin] row-major inside u.
+                unsafe { bf16::pack_a(a, cout, cin) }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     // Blocks of about BLOCK_TILES tiles: whole tile rows when they are short, else row
     // segments. Each block is transformed once; its products are split over output-channel
     // chunks when there are too few blocks to keep every thread busy (a chunk packs only its
@@ -136,6 +153,7 @@ pub(super) fn conv3x3(
         input_transform(&input, &mut v, block);
         let v = &v;
         let u = &u;
+        let u_packed = &u_packed;
         for_each_task(chunks, |c| {
             let c0 = c * chunk;
             let mc = chunk.min(cout - c0);
@@ -144,6 +162,18 @@ pub(super) fn conv3x3(
                 // M[ξ] [mc, n] = U[ξ] rows c0..c0+mc [mc, cin] · V[ξ] [cin, n]
                 let lhs = matrix(u, xi * cout * cin + c0 * cin, (mc, cin), (cin, 1));
                 let rhs = matrix(v, xi * cin * n, (cin, n), (n, 1));
+                let dst = matrix_mut(&mut m, xi * mc * n, (mc, n), (n, 1));
+                if let Some(packed) = u_packed.get(xi) {
+                    let rhs = bf16::Operand {
+                        ptr: rhs,
+                        rs: n as isize,
+                        cs: 1,
+                    };
+                    // SAFETY: as below; rows c0..c0+mc (c0 a multiple of 8) lie inside the
+                    // packed U[ξ].
+                    unsafe { bf16::gemm_packed_a(packed, c0, (mc, n), dst, n, false, rhs, 1.0) };
+                    continue;
+                }
                 // SAFETY: m is this task's own buffer; m, u and v were checked by `matrix`
                 // (in debug builds) for the shapes and strides given to gemm.
                 unsafe {
@@ -153,7 +183,7 @@ pub(super) fn conv3x3(
                             m: mc,
                             n,
                             k: cin,
-                            dst: matrix_mut(&mut m, xi * mc * n, (mc, n), (n, 1)),
+                            dst,
                             dst_rs: n,
                             lhs: (lhs, cin, 1),
                             rhs: (rhs, n, 1),

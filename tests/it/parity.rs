@@ -277,3 +277,62 @@ fn bf16_products_on_the_cpu_stay_close_to_f32_or_are_refused() {
         assert!(err > 1e-6 && err < 0.05, "{family}: rel L2 {err}");
     }
 }
+
+/// A seed gives the same bits on 1, 2 or 3 threads: the kernels' partitions and sums do not
+/// depend on the thread count (f32, and bf16 products where the CPU has them).
+#[test]
+fn one_two_and_three_threads_give_the_same_bits() {
+    use candle_core::DType;
+    let dtypes = if tkg::kernels::matmul::bf16_native() {
+        vec![DType::F32, DType::BF16]
+    } else {
+        vec![DType::F32]
+    };
+    for family in ["sd15", "sdxl"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(family)
+            .join("a/model");
+        let folder = ModelFolder::local(&dir).unwrap();
+        for &dtype in &dtypes {
+            let opts = LoadOptions {
+                dtype,
+                ..LoadOptions::cpu_f32()
+            };
+            let pipe = Pipeline::load(&folder, &opts).unwrap();
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
+                    let noise = tkg::rng::torch_cpu_randn(7, 4 * 32 * 32);
+                    let init = Tensor::from_vec(noise, (1, 4, 32, 32), &Device::Cpu).unwrap();
+                    let fin = pipe.denoise_ddim(&init, &cond, 3, 7.5).unwrap();
+                    (
+                        fin.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        pipe.decode(&fin).unwrap(),
+                    )
+                })
+            };
+            let (one, one_rgb) = run(1);
+            for threads in [2, 3] {
+                let (got, rgb) = run(threads);
+                let differ = one
+                    .iter()
+                    .zip(&got)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{family} {dtype:?}: {threads} threads change {differ} latent values"
+                );
+                assert_eq!(
+                    rgb, one_rgb,
+                    "{family} {dtype:?}: {threads} threads change the image"
+                );
+            }
+        }
+    }
+}
