@@ -49,12 +49,7 @@ fn main() -> anyhow::Result<()> {
                 let secs = start.elapsed().as_secs_f64();
                 let rgb = pipe.decode(&fin)?;
                 let want = t["image"].flatten_all()?.to_vec1::<u8>()?;
-                let worst = rgb
-                    .iter()
-                    .zip(&want)
-                    .map(|(&a, &b)| (a as i32 - b as i32).abs())
-                    .max()
-                    .unwrap_or(0);
+                let worst = common::max_u8_diff(&rgb, &want);
                 Ok((common::rel_l2(&fin, &t["final"]), worst, secs))
             })();
             match result {
@@ -83,35 +78,29 @@ fn against_f32(dir: &std::path::Path, size: usize, steps: usize) -> anyhow::Resu
         let start = Instant::now();
         let fin = pipe.denoise_ddim(&init, &cond, steps, 7.5)?;
         let secs = start.elapsed().as_secs_f64();
-        Ok((fin.clone(), pipe.decode(&fin)?, secs))
+        let rgb = pipe.decode(&fin)?;
+        Ok((fin, rgb, secs))
     };
     let (want, want_rgb, secs) = run(DType::F32)?;
     println!(
         "{} {size}x{size} {steps} steps: f32 loop {secs:.2} s",
         dir.display()
     );
-    for dtype in [DType::BF16] {
-        match run(dtype) {
-            Ok((fin, rgb, secs)) => {
-                let worst = rgb
-                    .iter()
-                    .zip(&want_rgb)
-                    .map(|(&a, &b)| (a as i32 - b as i32).abs())
-                    .max()
-                    .unwrap_or(0);
-                let mean = rgb
-                    .iter()
-                    .zip(&want_rgb)
-                    .map(|(&a, &b)| (a as f64 - b as f64).abs())
-                    .sum::<f64>()
-                    / rgb.len() as f64;
-                println!(
-                    "  {dtype:?}: final rel L2 {:.2e} against f32, image max diff {worst}, mean {mean:.3}, loop {secs:.2} s",
-                    common::rel_l2(&fin, &want)
-                );
-            }
-            Err(e) => println!("  {dtype:?}: fails: {e:#}"),
+    match run(DType::BF16) {
+        Ok((fin, rgb, secs)) => {
+            let worst = common::max_u8_diff(&rgb, &want_rgb);
+            let mean = rgb
+                .iter()
+                .zip(&want_rgb)
+                .map(|(&a, &b)| (a as f64 - b as f64).abs())
+                .sum::<f64>()
+                / rgb.len() as f64;
+            println!(
+                "  BF16: final rel L2 {:.2e} against f32, image max diff {worst}, mean {mean:.3}, loop {secs:.2} s",
+                common::rel_l2(&fin, &want)
+            );
         }
+        Err(e) => println!("  BF16: fails: {e:#}"),
     }
     Ok(())
 }

@@ -34,6 +34,18 @@ fn report(name: &str, flops: f64, secs: f64) {
     );
 }
 
+/// Times `f` with f32 products ("tkg") and, where the CPU has AVX-512 BF16, bf16 ones
+/// ("tkg bf16").
+fn report_tkg(name: &str, flops: f64, f: impl Fn()) {
+    for (label, p) in [("tkg", Precision::F32), ("tkg bf16", Precision::Bf16)] {
+        if p == Precision::Bf16 && !bf16_native() {
+            continue;
+        }
+        let s = best(reps(flops), || with_precision(p, &f));
+        report(&format!("{name} {label}"), flops, s);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let filter = std::env::args().nth(1).unwrap_or_default();
     let dev = Device::Cpu;
@@ -106,18 +118,9 @@ fn main() -> anyhow::Result<()> {
         let w = Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
         let flops = 2.0 * (b * cin * cout * 9 * hw * hw) as f64;
-        let s = best(reps(flops), || {
+        report_tkg(&name, flops, || {
             kernels::conv::conv2d(&x, &w, Some(&bias), None, 1, 1).unwrap();
         });
-        report(&format!("{name} tkg"), flops, s);
-        if bf16_native() {
-            let s = best(reps(flops), || {
-                with_precision(Precision::Bf16, || {
-                    kernels::conv::conv2d(&x, &w, Some(&bias), None, 1, 1).unwrap();
-                })
-            });
-            report(&format!("{name} tkg bf16"), flops, s);
-        }
         let conv = candle_nn::Conv2d::new(
             w.clone(),
             Some(bias.clone()),
@@ -151,18 +154,9 @@ fn main() -> anyhow::Result<()> {
         let k = Tensor::randn(0f32, 1.0, (b, nk, c), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (b, nk, c), &dev)?;
         let flops = 4.0 * (b * heads * n * nk * d) as f64;
-        let s = best(reps(flops), || {
+        report_tkg(&name, flops, || {
             kernels::attention::attention(&q, &k, &v, heads).unwrap();
         });
-        report(&format!("{name} tkg"), flops, s);
-        if bf16_native() {
-            let s = best(reps(flops), || {
-                with_precision(Precision::Bf16, || {
-                    kernels::attention::attention(&q, &k, &v, heads).unwrap();
-                })
-            });
-            report(&format!("{name} tkg bf16"), flops, s);
-        }
         let split = |t: &Tensor, m: usize| {
             t.reshape((b, m, heads, d))
                 .unwrap()
@@ -194,17 +188,9 @@ fn main() -> anyhow::Result<()> {
         let w = Tensor::randn(0f32, 0.05, (o, k), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, o, &dev)?;
         let flops = 2.0 * (b * n * k * o) as f64;
-        for (label, p) in [("tkg", Precision::F32), ("tkg bf16", Precision::Bf16)] {
-            if p == Precision::Bf16 && !bf16_native() {
-                continue;
-            }
-            let s = best(reps(flops), || {
-                with_precision(p, || {
-                    kernels::linear::linear(&x, &w, Some(&bias), None).unwrap();
-                })
-            });
-            report(&format!("{name} {label}"), flops, s);
-        }
+        report_tkg(&name, flops, || {
+            kernels::linear::linear(&x, &w, Some(&bias), None).unwrap();
+        });
     }
 
     // Group norm + SiLU: (batch, channels, size)

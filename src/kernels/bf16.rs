@@ -32,6 +32,17 @@ pub(crate) struct Operand {
     pub cs: isize,
 }
 
+impl Operand {
+    /// The same matrix read transposed: [cols, rows].
+    pub(crate) fn transposed(self) -> Operand {
+        Operand {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
 // SAFETY: an Operand is only read through, and the caller of the unsafe products that take
 // one promises the matrix stays readable and unwritten while they run, on any thread.
 unsafe impl Send for Operand {}
@@ -82,11 +93,6 @@ pub(crate) unsafe fn gemm(
         // NR-wide tiles; computing Cᵀ = Bᵀ·Aᵀ instead gives the same sums (each element is
         // summed over the same pairs in the same order) with less padding.
         let padded = |m: usize, n: usize| m.next_multiple_of(MR) * n.next_multiple_of(NR);
-        let t = |o: Operand| Operand {
-            ptr: o.ptr,
-            rs: o.cs,
-            cs: o.rs,
-        };
         // SAFETY: the CPU has the features (checked by `native`); the caller's promise covers
         // the operands, read transposed or not.
         unsafe {
@@ -96,8 +102,8 @@ pub(crate) unsafe fn gemm(
                     dst,
                     (1, dst_rs),
                     accumulate,
-                    x86::Lhs::Strided(t(b)),
-                    t(a),
+                    x86::Lhs::Strided(b.transposed()),
+                    a.transposed(),
                     scale,
                 );
             } else {
@@ -557,8 +563,29 @@ mod tests {
         half::bf16::from_f32(x).to_f32() as f64
     }
 
-    /// A pseudo-random matrix with values in (-2, 2), rows x cols stored with the strides.
-    fn operand(rows: usize, cols: usize, col_major: bool, seed: u64) -> (Vec<f32>, isize, isize) {
+    /// A test matrix: its values and the strides they are read with.
+    struct Mat {
+        v: Vec<f32>,
+        rs: isize,
+        cs: isize,
+    }
+
+    impl Mat {
+        fn op(&self) -> Operand {
+            Operand {
+                ptr: self.v.as_ptr(),
+                rs: self.rs,
+                cs: self.cs,
+            }
+        }
+
+        fn at(&self, r: usize, c: usize) -> f32 {
+            self.v[(r as isize * self.rs + c as isize * self.cs) as usize]
+        }
+    }
+
+    /// A pseudo-random matrix with values in (-2, 2), rows x cols, column-major or row-major.
+    fn operand(rows: usize, cols: usize, col_major: bool, seed: u64) -> Mat {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let v = (0..rows * cols)
             .map(|_| {
@@ -568,11 +595,12 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
             })
             .collect();
-        if col_major {
-            (v, 1, rows as isize)
+        let (rs, cs) = if col_major {
+            (1, rows as isize)
         } else {
-            (v, cols as isize, 1)
-        }
+            (cols as isize, 1)
+        };
+        Mat { v, rs, cs }
     }
 
     /// Every path against an f64 product of the bf16-rounded inputs, across edge shapes
@@ -595,21 +623,14 @@ mod tests {
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             for layout in 0..4 {
-                let (av, a_rs, a_cs) = operand(m, k, layout & 1 == 1, si as u64);
-                let (bv, b_rs, b_cs) = operand(k, n, layout & 2 == 2, 100 + si as u64);
-                let at = |v: &[f32], rs: isize, cs: isize, r: usize, c: usize| {
-                    v[(r as isize * rs + c as isize * cs) as usize]
-                };
+                let am = operand(m, k, layout & 1 == 1, si as u64);
+                let bm = operand(k, n, layout & 2 == 2, 100 + si as u64);
                 for (accumulate, scale) in [(false, 1.0f32), (true, 0.125)] {
                     let init: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 - 3.0).collect();
                     let want: Vec<f64> = (0..m * n)
                         .map(|i| {
                             let (r, c) = (i / n, i % n);
-                            let dot: f64 = (0..k)
-                                .map(|p| {
-                                    bf(at(&av, a_rs, a_cs, r, p)) * bf(at(&bv, b_rs, b_cs, p, c))
-                                })
-                                .sum();
+                            let dot: f64 = (0..k).map(|p| bf(am.at(r, p)) * bf(bm.at(p, c))).sum();
                             let base = if accumulate { init[i] as f64 } else { 0.0 };
                             base + scale as f64 * dot
                         })
@@ -618,24 +639,12 @@ mod tests {
                         .map(|i| {
                             let (r, c) = (i / n, i % n);
                             (0..k)
-                                .map(|p| {
-                                    (at(&av, a_rs, a_cs, r, p) * at(&bv, b_rs, b_cs, p, c)).abs()
-                                        as f64
-                                })
+                                .map(|p| (am.at(r, p) * bm.at(p, c)).abs() as f64)
                                 .sum::<f64>()
                                 + 1.0
                         })
                         .collect();
-                    let a = Operand {
-                        ptr: av.as_ptr(),
-                        rs: a_rs,
-                        cs: a_cs,
-                    };
-                    let b = Operand {
-                        ptr: bv.as_ptr(),
-                        rs: b_rs,
-                        cs: b_cs,
-                    };
+                    let (a, b) = (am.op(), bm.op());
                     let mut paths: Vec<(&str, Vec<f32>)> = vec![("portable", init.clone())];
                     if native() {
                         paths.push(("native", init.clone()));
@@ -683,23 +692,8 @@ mod tests {
             return;
         }
         let (m, n, k) = (37, 61, 530);
-        let (av, a_rs, a_cs) = operand(m, k, false, 7);
-        let (bv, b_rs, b_cs) = operand(k, n, true, 8);
-        let a = Operand {
-            ptr: av.as_ptr(),
-            rs: a_rs,
-            cs: a_cs,
-        };
-        let b = Operand {
-            ptr: bv.as_ptr(),
-            rs: b_rs,
-            cs: b_cs,
-        };
-        let t = |o: Operand| Operand {
-            ptr: o.ptr,
-            rs: o.cs,
-            cs: o.rs,
-        };
+        let (am, bm) = (operand(m, k, false, 7), operand(k, n, true, 8));
+        let (a, b) = (am.op(), bm.op());
         let mut c = vec![0f32; m * n];
         let mut ct = vec![0f32; m * n];
         // SAFETY: [m, k], [k, n] and [m, n] buffers as described (ct written transposed).
@@ -718,8 +712,8 @@ mod tests {
                 ct.as_mut_ptr(),
                 (1, n),
                 false,
-                x86::Lhs::Strided(t(b)),
-                t(a),
+                x86::Lhs::Strided(b.transposed()),
+                a.transposed(),
                 0.5,
             );
         }
@@ -735,23 +729,13 @@ mod tests {
             return;
         }
         let (m, n, k) = (100, 70, 900);
-        let (av, a_rs, a_cs) = operand(m, k, false, 11);
-        let (bv, b_rs, b_cs) = operand(k, n, false, 12);
-        let a = Operand {
-            ptr: av.as_ptr(),
-            rs: a_rs,
-            cs: a_cs,
-        };
-        let b = Operand {
-            ptr: bv.as_ptr(),
-            rs: b_rs,
-            cs: b_cs,
-        };
+        let (am, bm) = (operand(m, k, false, 11), operand(k, n, false, 12));
+        let (a, b) = (am.op(), bm.op());
         // SAFETY: a is [m, k].
         let packed = unsafe { pack_a(a, m, k) }.unwrap();
         for (row0, rows) in [(0, m), (8, 40), (96, 4)] {
             let sub = Operand {
-                ptr: av[row0 * k..].as_ptr(),
+                ptr: am.v[row0 * k..].as_ptr(),
                 ..a
             };
             let mut want = vec![1f32; rows * n];

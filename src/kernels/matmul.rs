@@ -17,9 +17,7 @@ pub enum Precision {
 
 /// Whether this CPU runs [`Precision::Bf16`] products natively (AVX-512 BF16). Elsewhere they
 /// run on a slow emulation meant for tests.
-pub fn bf16_native() -> bool {
-    bf16::native()
-}
+pub use super::bf16::native as bf16_native;
 
 thread_local! {
     static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };

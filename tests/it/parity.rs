@@ -186,28 +186,40 @@ fn sdxl_variant_b_negative_prompt_matches_diffusers() {
     check("sdxl", "b", "golden_neg");
 }
 
+/// The golden model `tests/golden/{family}/a/model`.
+fn golden_model(family: &str) -> ModelFolder {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(family)
+        .join("a/model");
+    ModelFolder::local(&dir).unwrap()
+}
+
+/// `steps` DDIM steps (guidance 7.5) of "a red apple" from seed 7's noise on side x side
+/// latents: the final latents and the decoded image.
+fn short_run(pipe: &Pipeline, side: usize, steps: usize) -> (Tensor, Vec<u8>) {
+    let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
+    let noise = tkg::rng::torch_cpu_randn(7, 4 * side * side);
+    let init = Tensor::from_vec(noise, (1, 4, side, side), &Device::Cpu).unwrap();
+    let fin = pipe.denoise_ddim(&init, &cond, steps, 7.5).unwrap();
+    let rgb = pipe.decode(&fin).unwrap();
+    (fin, rgb)
+}
+
 /// The golden models' weights are stored in f16: kept so (`WeightStorage::Stored`) and widened
 /// per layer, they give the very bits of weights widened at load; rounded to bf16 they stay
 /// close.
 #[test]
 fn sixteen_bit_weights_kept_narrow_give_the_bits_of_widened_ones() {
     for family in ["sd15", "sdxl"] {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(family)
-            .join("a/model");
-        let folder = ModelFolder::local(&dir).unwrap();
+        let folder = golden_model(family);
         let run = |weights: WeightStorage| {
             let opts = LoadOptions {
                 weights,
                 ..LoadOptions::cpu_f32()
             };
             let pipe = Pipeline::load(&folder, &opts).unwrap();
-            let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
-            let noise = tkg::rng::torch_cpu_randn(7, 4 * 8 * 8);
-            let init = Tensor::from_vec(noise, (1, 4, 8, 8), &Device::Cpu).unwrap();
-            let fin = pipe.denoise_ddim(&init, &cond, 5, 7.5).unwrap();
-            let rgb = pipe.decode(&fin).unwrap();
+            let (fin, rgb) = short_run(&pipe, 8, 5);
             (pipe.unet.weight_dtype(), fin, rgb)
         };
         let (wide_dtype, wide, wide_rgb) = run(WeightStorage::F32);
@@ -239,11 +251,7 @@ fn bf16_products_on_the_cpu_stay_close_to_f32_or_are_refused() {
     use candle_core::DType;
     use tkg::kernels::matmul::{Precision, bf16_native};
     for family in ["sd15", "sdxl"] {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(family)
-            .join("a/model");
-        let folder = ModelFolder::local(&dir).unwrap();
+        let folder = golden_model(family);
         let load = |dtype| {
             let opts = LoadOptions {
                 dtype,
@@ -259,12 +267,8 @@ fn bf16_products_on_the_cpu_stay_close_to_f32_or_are_refused() {
         }
         let run = |dtype| {
             let pipe = load(dtype).unwrap();
-            let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
-            // 32x32 latents: products of at least 64 rows and columns, which run in bf16.
-            let noise = tkg::rng::torch_cpu_randn(7, 4 * 32 * 32);
-            let init = Tensor::from_vec(noise, (1, 4, 32, 32), &Device::Cpu).unwrap();
-            let fin = pipe.denoise_ddim(&init, &cond, 5, 7.5).unwrap();
-            let rgb = pipe.decode(&fin).unwrap();
+            // 32x32 latents: products of at least 128 rows and columns, which run in bf16.
+            let (fin, rgb) = short_run(&pipe, 32, 5);
             (pipe.dtype, pipe.products, fin, rgb)
         };
         let (_, f32_products, want, want_rgb) = run(DType::F32);
@@ -289,11 +293,7 @@ fn one_two_and_three_threads_give_the_same_bits() {
         vec![DType::F32]
     };
     for family in ["sd15", "sdxl"] {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(family)
-            .join("a/model");
-        let folder = ModelFolder::local(&dir).unwrap();
+        let folder = golden_model(family);
         for &dtype in &dtypes {
             let opts = LoadOptions {
                 dtype,
@@ -305,16 +305,8 @@ fn one_two_and_three_threads_give_the_same_bits() {
                     .num_threads(threads)
                     .build()
                     .unwrap();
-                pool.install(|| {
-                    let cond = pipe.encode_prompt("a red apple", "", true).unwrap();
-                    let noise = tkg::rng::torch_cpu_randn(7, 4 * 32 * 32);
-                    let init = Tensor::from_vec(noise, (1, 4, 32, 32), &Device::Cpu).unwrap();
-                    let fin = pipe.denoise_ddim(&init, &cond, 3, 7.5).unwrap();
-                    (
-                        fin.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                        pipe.decode(&fin).unwrap(),
-                    )
-                })
+                let (fin, rgb) = pool.install(|| short_run(&pipe, 32, 3));
+                (fin.flatten_all().unwrap().to_vec1::<f32>().unwrap(), rgb)
             };
             let (one, one_rgb) = run(1);
             for threads in [2, 3] {
