@@ -48,6 +48,10 @@ fn report_tkg(name: &str, flops: f64, f: impl Fn()) {
 
 fn main() -> anyhow::Result<()> {
     let filter = std::env::args().nth(1).unwrap_or_default();
+    // TKG_WINOGRAD=0 and TKG_PROFILE=1 work here as in the CLI.
+    kernels::configure(kernels::KernelConfig::from_lookup(&|k| {
+        std::env::var(k).ok()
+    }))?;
     let dev = Device::Cpu;
     let run = |name: &str| name.contains(&filter);
 

@@ -31,16 +31,20 @@ pub struct KernelConfig {
     /// Whether 3x3 stride-1 convolutions on large enough maps use Winograd F(2x2, 3x3);
     /// `false` runs im2col for every convolution (for comparisons).
     pub winograd: bool,
+    /// Whether the larger maps among those use F(4x4, 3x3) rather than F(2x2, 3x3); `false`
+    /// runs F(2x2) wherever Winograd runs (for comparisons).
+    pub winograd_f4: bool,
     /// Whether the kernels add their wall-clock time to [`profile`]'s totals.
     pub profile: bool,
 }
 
 impl Default for KernelConfig {
-    /// Kernels on, Winograd on, no profiling.
+    /// Kernels on, Winograd (both tile sizes) on, no profiling.
     fn default() -> Self {
         Self {
             enabled: true,
             winograd: true,
+            winograd_f4: true,
             profile: false,
         }
     }
@@ -48,14 +52,15 @@ impl Default for KernelConfig {
 
 impl KernelConfig {
     /// The config from variables looked up by `get` (the CLI passes `std::env::var`):
-    /// `TKG_KERNELS=0` turns the kernels off, `TKG_WINOGRAD=0` turns Winograd off (any other
-    /// value, or none, leaves each on), `TKG_PROFILE=1` turns profiling on (any other value,
+    /// `TKG_KERNELS=0` turns the kernels off, `TKG_WINOGRAD=0` turns Winograd off,
+    /// `TKG_WINOGRAD_F4=0` its 4x4 tiles (any other value, or none, leaves each on), `TKG_PROFILE=1` turns profiling on (any other value,
     /// or none, leaves it off).
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Self {
         let on_unless_zero = |name: &str| get(name).is_none_or(|v| v != "0");
         Self {
             enabled: on_unless_zero("TKG_KERNELS"),
             winograd: on_unless_zero("TKG_WINOGRAD"),
+            winograd_f4: on_unless_zero("TKG_WINOGRAD_F4"),
             profile: get("TKG_PROFILE").is_some_and(|v| v == "1"),
         }
     }
@@ -325,6 +330,30 @@ fn is_in_order() -> bool {
     IN_ORDER.with(|c| c.get())
 }
 
+/// A per-thread spare buffer for [`with_scratch`].
+pub(crate) type Scratch = std::thread::LocalKey<std::cell::Cell<Vec<f32>>>;
+
+/// Runs `f` on a buffer of `len` f32s taken from this thread's spare `slot` (grown with zeros
+/// when too short, else holding whatever the last user left: `f` must write before it reads),
+/// and keeps the buffer for the next call. Large kernel buffers are thus allocated once per
+/// thread instead of page-faulted in afresh on every call, which costs as much as the
+/// arithmetic on small feature maps. The buffer is taken out, not borrowed, so work that rayon
+/// runs on this thread meanwhile (while `f` waits on a join) finds the slot empty and
+/// allocates its own.
+pub(crate) fn with_scratch<R>(
+    slot: &'static Scratch,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = slot.take();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    slot.set(buf);
+    r
+}
+
 /// `f(i)` for every i in 0..n, over rayon's pool (in order inside [`in_order`]).
 pub(crate) fn for_each_task(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;
@@ -493,17 +522,26 @@ mod tests {
             KernelConfig {
                 enabled: true,
                 winograd: true,
+                winograd_f4: true,
                 profile: false
             }
         );
         let cfg = |enabled, winograd, profile| KernelConfig {
             enabled,
             winograd,
+            winograd_f4: true,
             profile,
         };
         assert_eq!(from(&[("TKG_KERNELS", "0")]), cfg(false, true, false));
         assert_eq!(from(&[("TKG_WINOGRAD", "0")]), cfg(true, false, false));
         assert_eq!(from(&[("TKG_PROFILE", "1")]), cfg(true, true, true));
+        assert_eq!(
+            from(&[("TKG_WINOGRAD_F4", "0")]),
+            KernelConfig {
+                winograd_f4: false,
+                ..KernelConfig::default()
+            }
+        );
         assert_eq!(
             from(&[
                 ("TKG_KERNELS", "0"),
