@@ -354,6 +354,14 @@ pub(crate) fn with_scratch<R>(
     r
 }
 
+/// Frees the buffers the kernels keep on this thread (see [`with_scratch`]); the largest is a
+/// Winograd weight transform, up to ~210 MB on SDXL, kept by the thread that calls the model.
+/// The pipeline calls this between the denoising loop and the VAE, so the decode's peak does
+/// not carry the UNet's largest transform. The pool's threads keep their smaller buffers.
+pub fn release_scratch() {
+    winograd::release_scratch();
+}
+
 /// `f(i)` for every i in 0..n, over rayon's pool (in order inside [`in_order`]).
 pub(crate) fn for_each_task(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;

@@ -212,6 +212,13 @@ thread_local! {
     static PRODUCTS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
+/// Frees this thread's buffers (see [`super::release_scratch`]).
+pub(super) fn release_scratch() {
+    for slot in [&WEIGHTS, &INPUTS, &PRODUCTS] {
+        drop(slot.take());
+    }
+}
+
 /// [`conv3x3`] on weights already transformed into `u`.
 #[allow(clippy::too_many_arguments)]
 fn conv3x3_transformed(
@@ -777,6 +784,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A call leaves its weight transform on the calling thread; release frees it.
+    #[test]
+    fn release_frees_the_kept_weight_transform() {
+        std::thread::spawn(|| {
+            let (cin, cout) = (6, 10);
+            let x = values(cin * 20 * 20, 3);
+            let w = values(cout * cin * 9, 4);
+            let mut out = vec![0f32; cout * 20 * 20];
+            conv3x3(Variant::F2, &x, &w, &mut out, 1, cin, cout, (20, 20), 1);
+            let kept = |slot: &'static super::super::Scratch| {
+                let buf = slot.take();
+                let len = buf.len();
+                slot.set(buf);
+                len
+            };
+            assert_eq!(kept(&WEIGHTS), 16 * cout * cin);
+            super::super::release_scratch();
+            assert_eq!(kept(&WEIGHTS), 0);
+        })
+        .join()
+        .unwrap();
     }
 
     /// The scratch buffers are reused from call to call (and hold the last call's values):

@@ -519,6 +519,7 @@ impl Pipeline {
 
     /// Decodes final latents into RGB8 pixels.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
+        crate::kernels::release_scratch();
         let latents = latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
         let image = with_precision(self.products, || {
             self.vae.decode_with(&latents, self.vae_tiling)
