@@ -11,8 +11,8 @@ static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 /// Process set-up before any tensor work (what `kernels::set_threads` and the kernels' first
 /// call used to do): sets how many threads candle and rayon use (`None`: `RAYON_NUM_THREADS`,
 /// else candle's choice, the physical cores), tunes glibc's malloc when the kernels run, builds
-/// rayon's global pool and installs the kernels' config from `TKG_KERNELS`, `TKG_WINOGRAD` and
-/// `TKG_PROFILE`. Rayon sizes its pool once, candle's element-wise pool reads
+/// rayon's global pool and installs the kernels' config from `TKG_KERNELS`, `TKG_WINOGRAD`,
+/// `TKG_WINOGRAD_F4` and `TKG_PROFILE`. Rayon sizes its pool once, candle's element-wise pool reads
 /// `CANDLE_NUM_THREADS` once, and candle's matmul reads `RAYON_NUM_THREADS` on every call
 /// (when unset it works out the core count from /proc/cpuinfo each time, which on small
 /// models costs more than the matmul).

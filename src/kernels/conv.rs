@@ -39,8 +39,8 @@ fn winograd_variant(pixels: usize) -> Option<Variant> {
 }
 
 /// Below this many output pixels per item, im2col + gemm wins: the weight transform, done on
-/// every call, costs more than the multiplications it saves (measured on SD1.5's shapes in
-/// docs/performance.md: even at 8x8, Winograd at 4x4).
+/// every call, costs more than the multiplications it saves (SD1.5's shapes in
+/// docs/performance.md: even with im2col at 8x8, 3x slower at 4x4).
 const WINOGRAD_MIN_PIXELS: usize = 16 * 16;
 /// From this many output pixels per item F(4x4, 3x3) beats F(2x2, 3x3); at 32x32 it loses
 /// (its blocks hold too few tiles; docs/performance.md).

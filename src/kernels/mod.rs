@@ -28,7 +28,7 @@ pub struct KernelConfig {
     /// Whether the fast kernels run at all; `false` runs candle's ops everywhere (for
     /// comparisons).
     pub enabled: bool,
-    /// Whether 3x3 stride-1 convolutions on large enough maps use Winograd F(2x2, 3x3);
+    /// Whether 3x3 stride-1 convolutions on large enough maps use Winograd;
     /// `false` runs im2col for every convolution (for comparisons).
     pub winograd: bool,
     /// Whether the larger maps among those use F(4x4, 3x3) rather than F(2x2, 3x3); `false`
@@ -53,8 +53,8 @@ impl Default for KernelConfig {
 impl KernelConfig {
     /// The config from variables looked up by `get` (the CLI passes `std::env::var`):
     /// `TKG_KERNELS=0` turns the kernels off, `TKG_WINOGRAD=0` turns Winograd off,
-    /// `TKG_WINOGRAD_F4=0` its 4x4 tiles (any other value, or none, leaves each on), `TKG_PROFILE=1` turns profiling on (any other value,
-    /// or none, leaves it off).
+    /// `TKG_WINOGRAD_F4=0` its 4x4 tiles (any other value, or none, leaves each on),
+    /// `TKG_PROFILE=1` turns profiling on (any other value, or none, leaves it off).
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Self {
         let on_unless_zero = |name: &str| get(name).is_none_or(|v| v != "0");
         Self {
