@@ -24,12 +24,18 @@ const TILE_BYTES: usize = 2 << 20;
 /// Fewest output columns per tile.
 const MIN_TILE_COLS: usize = 64;
 
-/// Which Winograd variant, if any, 3x3 stride-1 convolutions with `pixels` outputs per item
-/// use (none when [`KernelConfig::winograd`](super::KernelConfig::winograd) is off, F(2x2)
-/// only when `winograd_f4` is: for comparisons).
-fn winograd_variant(pixels: usize) -> Option<Variant> {
+/// Which Winograd variant, if any, a convolution with a `kernel` x `kernel` kernel, `stride`,
+/// `padding` and `pixels` outputs per item uses: only 3x3 stride-1 padding-1 ones qualify
+/// (none when [`KernelConfig::winograd`](super::KernelConfig::winograd) is off, F(2x2) only
+/// when `winograd_f4` is: for comparisons).
+fn winograd_variant(
+    (kh, kw): (usize, usize),
+    stride: usize,
+    padding: usize,
+    pixels: usize,
+) -> Option<Variant> {
     let cfg = super::config();
-    if pixels < WINOGRAD_MIN_PIXELS || !cfg.winograd {
+    if (kh, kw, stride, padding) != (3, 3, 1, 1) || pixels < WINOGRAD_MIN_PIXELS || !cfg.winograd {
         None
     } else if pixels >= WINOGRAD_F4_MIN_PIXELS && cfg.winograd_f4 {
         Some(Variant::F4)
@@ -105,10 +111,10 @@ fn conv2d_impl(
     let (b, cin, sh, sw) = x.dims4()?;
     let _p = super::profile::scope(|| {
         let (co, _, k, _) = w.dims4().unwrap_or_default();
-        let algo = match winograd_variant(sh * sw * up * up) {
-            Some(Variant::F2) if k == 3 && stride == 1 && padding == 1 => "winograd",
-            Some(Variant::F4) if k == 3 && stride == 1 && padding == 1 => "winograd4",
-            _ => "im2col",
+        let algo = match winograd_variant((k, k), stride, padding, sh * sw * up * up) {
+            Some(Variant::F2) => "winograd",
+            Some(Variant::F4) => "winograd4",
+            None => "im2col",
         };
         format!(
             "conv{k}x{k} s{stride} {algo} {cin}->{co} {}x{}",
@@ -175,8 +181,7 @@ fn conv2d_impl(
     let wv = F32View::new(&w)?;
     let xs = xv.slice();
     let ws = wv.slice();
-    let variant = winograd_variant(oh * ow).filter(|_| (kh, kw, stride, padding) == (3, 3, 1, 1));
-    if let Some(variant) = variant {
+    if let Some(variant) = winograd_variant((kh, kw), stride, padding, oh * ow) {
         super::winograd::conv3x3(variant, xs, ws, &mut out, b, cin, cout, (sh, sw), up);
         drop(xv);
         drop(wv);

@@ -371,7 +371,6 @@ super::simd::multiversion! {
         tx0: usize,
         tx1: usize,
     ) {
-        let (h, w) = (sh * up, sw * up);
         let bw = tx1 - tx0;
         let n = (ty1 - ty0) * bw;
         let stride_xi = cin * n;
@@ -384,26 +383,8 @@ super::simd::multiversion! {
             let plane = &x[ci * sh * sw..(ci + 1) * sh * sw];
             for ty in ty0..ty1 {
                 for (r, row) in d.iter_mut().enumerate() {
-                    let row = &mut row[..len];
                     let iy = 2 * ty as isize - 1 + r as isize;
-                    if iy < 0 || iy >= h as isize {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[(iy as usize / up) * sw..(iy as usize / up + 1) * sw];
-                    // Valid i: 0 <= x0 + i < w.
-                    let lo = (-x0).max(0) as usize;
-                    let hi = ((w as isize - x0).min(len as isize)).max(lo as isize) as usize;
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    if up == 1 {
-                        let s0 = (x0 + lo as isize) as usize;
-                        row[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
-                    } else {
-                        for (i, val) in row[lo..hi].iter_mut().enumerate() {
-                            *val = src[(x0 + (lo + i) as isize) as usize / up];
-                        }
-                    }
+                    padded_row(plane, (sh, sw), up, iy, x0, &mut row[..len]);
                 }
                 // Bᵀ·d along whole rows.
                 for i in 0..len {
@@ -427,6 +408,68 @@ super::simd::multiversion! {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Row `iy` of an input `plane` ([sh, sw] as stored, seen upsampled `up` times), columns
+/// x0 .. x0 + row.len() of the upsampled image, into `row`; zero outside the image.
+#[inline(always)]
+fn padded_row(
+    plane: &[f32],
+    (sh, sw): (usize, usize),
+    up: usize,
+    iy: isize,
+    x0: isize,
+    row: &mut [f32],
+) {
+    let (h, w) = (sh * up, sw * up);
+    if iy < 0 || iy >= h as isize {
+        row.fill(0.0);
+        return;
+    }
+    let src = &plane[(iy as usize / up) * sw..(iy as usize / up + 1) * sw];
+    // Valid i: 0 <= x0 + i < w.
+    let len = row.len();
+    let lo = (-x0).max(0) as usize;
+    let hi = ((w as isize - x0).min(len as isize)).max(lo as isize) as usize;
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+    if up == 1 {
+        let s0 = (x0 + lo as isize) as usize;
+        row[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+    } else {
+        for (i, val) in row[lo..hi].iter_mut().enumerate() {
+            *val = src[(x0 + (lo + i) as isize) as usize / up];
+        }
+    }
+}
+
+/// out[plane co] += the rows `y` of one tile row's outputs: output rows oy0.. (those below
+/// oh), columns x0 .. x0 + cols. `out` holds (oh, ow) planes; only this block's pixels are
+/// touched, so tasks with other blocks may write the same planes at the same time.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn add_tile_rows<const W: usize>(
+    out: SendPtr<'_>,
+    y: &[[f32; W]],
+    co: usize,
+    oy0: usize,
+    x0: usize,
+    cols: usize,
+    (oh, ow): (usize, usize),
+) {
+    for (r, yr) in y.iter().enumerate() {
+        let oy = oy0 + r;
+        if oy >= oh {
+            break;
+        }
+        // SAFETY: this row segment (oy < oh, x0 + cols <= ow) lies in plane co of `out`
+        // (checked by `slice_mut` in debug builds) and belongs to this block's tiles, which no
+        // other task writes.
+        let o = unsafe { out.slice_mut(co * oh * ow + oy * ow + x0, cols) };
+        for (dst, val) in o.iter_mut().zip(&yr[..cols]) {
+            *dst += val;
         }
     }
 }
@@ -513,20 +556,7 @@ super::simd::multiversion! {
                     y[1][2 * q + 1] = s11 - s12 - s13;
                 }
                 let x0 = 2 * tx0;
-                let cols = (2 * bw).min(ow - x0);
-                for (r, yr) in y.iter().enumerate() {
-                    let oy = 2 * ty + r;
-                    if oy >= oh {
-                        break;
-                    }
-                    // SAFETY: this row segment (oy < oh, x0 + cols <= ow) lies in plane co < cout
-                    // of `out` (checked by `slice_mut` in debug builds) and belongs to this
-                    // block's tiles, which no other task writes.
-                    let o = unsafe { out.slice_mut(co * oh * ow + oy * ow + x0, cols) };
-                    for (dst, val) in o.iter_mut().zip(&yr[..cols]) {
-                        *dst += val;
-                    }
-                }
+                add_tile_rows(out, &y, co, 2 * ty, x0, (2 * bw).min(ow - x0), (oh, ow));
             }
         }
     }
@@ -549,7 +579,6 @@ super::simd::multiversion! {
         tx0: usize,
         tx1: usize,
     ) {
-        let (h, w) = (sh * up, sw * up);
         let bw = tx1 - tx0;
         let n = (ty1 - ty0) * bw;
         let stride_xi = cin * n;
@@ -562,25 +591,8 @@ super::simd::multiversion! {
             let plane = &x[ci * sh * sw..(ci + 1) * sh * sw];
             for ty in ty0..ty1 {
                 for (r, row) in d.iter_mut().enumerate() {
-                    let row = &mut row[..len];
                     let iy = 4 * ty as isize - 1 + r as isize;
-                    if iy < 0 || iy >= h as isize {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[(iy as usize / up) * sw..(iy as usize / up + 1) * sw];
-                    let lo = (-x0).max(0) as usize;
-                    let hi = ((w as isize - x0).min(len as isize)).max(lo as isize) as usize;
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    if up == 1 {
-                        let s0 = (x0 + lo as isize) as usize;
-                        row[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
-                    } else {
-                        for (i, val) in row[lo..hi].iter_mut().enumerate() {
-                            *val = src[(x0 + (lo + i) as isize) as usize / up];
-                        }
-                    }
+                    padded_row(plane, (sh, sw), up, iy, x0, &mut row[..len]);
                 }
                 // Bᵀ·d along whole rows.
                 for i in 0..len {
@@ -673,19 +685,7 @@ super::simd::multiversion! {
                     }
                 }
                 let x0 = 4 * tx0;
-                let cols = (4 * bw).min(ow - x0);
-                for (r, yr) in y.iter().enumerate() {
-                    let oy = 4 * ty + r;
-                    if oy >= oh {
-                        break;
-                    }
-                    // SAFETY: as in `output_transform_rows`: this row segment lies in plane
-                    // co < cout of `out` and belongs to this block's tiles alone.
-                    let o = unsafe { out.slice_mut(co * oh * ow + oy * ow + x0, cols) };
-                    for (dst, val) in o.iter_mut().zip(&yr[..cols]) {
-                        *dst += val;
-                    }
-                }
+                add_tile_rows(out, &y, co, 4 * ty, x0, (4 * bw).min(ow - x0), (oh, ow));
             }
         }
     }
