@@ -37,6 +37,9 @@
 //!   colour-only vs + u2netp (no-regression: within +2%); u2netp's mask IoU; and the CPU time
 //!   of u2netp's `segment()` on the 1024x1024 speed composite (median of 5, all threads; the
 //!   count follows RAYON_NUM_THREADS, else the machine's cores).
+//! - `--segment-detail` also lists every fused image on stderr: whole SAD and part alpha loss
+//!   per variant, and what each fusion restored or why it ignored the mask; `--dump DIR`
+//!   writes each image's input, true alpha, key, masks and fused keys there as PNGs.
 //!
 //! `--keyability` fits the matte-error weights of `tkg::key::keyability` (its `WEIGHTS`) and
 //! reports how well the score ranks images by their real matte error; nothing else runs (no
@@ -1202,6 +1205,7 @@ fn study_fusions(
     part: &[bool],
     net: Option<&U2NetSegmenter>,
     seed: u64,
+    dump: Option<&Path>,
 ) -> Result<()> {
     let base = seg_score(comp, trimap, keyed, part);
     let mut scores = [base, SegScore::default(), SegScore::default()];
@@ -1210,6 +1214,16 @@ fn study_fusions(
     let mut fused = keyed.clone();
     fuse::fuse_subject_mask(&mut fused, &comp.rgb, &mask, "degraded")?;
     scores[1] = seg_score(comp, trimap, &fused, part);
+    let mut detail = vec![describe_fusion(&fused)];
+    let stem = format!("{kind}-{name}");
+    if let Some(d) = dump {
+        dump_images(
+            d,
+            &stem,
+            &[("dmask", &mask.values), ("dfused", &fused.alpha)],
+            None,
+        )?;
+    }
     let mut report = |v: usize, s: &SegScore, extra: String| {
         let d = s.whole_sad - base.whole_sad;
         if d > 0.0 {
@@ -1234,6 +1248,31 @@ fn study_fusions(
         fuse::fuse_subject_mask(&mut fused, &comp.rgb, &mask, net.name())?;
         scores[2] = seg_score(comp, trimap, &fused, part);
         report(2, &scores[2], format!(" (mask IoU {m_iou:.3})"));
+        detail.push(format!("{} (IoU {m_iou:.3})", describe_fusion(&fused)));
+        if let Some(d) = dump {
+            dump_images(
+                d,
+                &stem,
+                &[("umask", &mask.values), ("ufused", &fused.alpha)],
+                None,
+            )?;
+        }
+    }
+    if SEGMENT_DETAIL.load(std::sync::atomic::Ordering::Relaxed) {
+        let sads: Vec<String> = scores[..detail.len() + 1]
+            .iter()
+            .map(|s| format!("{:.2}", s.whole_sad))
+            .collect();
+        let losses: Vec<String> = scores[..detail.len() + 1]
+            .iter()
+            .map(|s| format!("{:.2}", s.part_loss))
+            .collect();
+        eprintln!(
+            "  {kind}/{name}: whole SAD {}, part alpha loss {}; {}",
+            sads.join(" / "),
+            losses.join(" / "),
+            detail.join("; ")
+        );
     }
     let e = set.by_kind.entry(kind).or_default();
     for v in 0..3 {
@@ -1246,6 +1285,55 @@ fn study_fusions(
     }
     set.images += 1;
     Ok(())
+}
+
+/// Writes 8-bit greys of `alphas` (tag, values) and, if given, the RGB input as
+/// `dir/stem.TAG.png` (`--dump`).
+fn dump_images(
+    dir: &Path,
+    stem: &str,
+    alphas: &[(&str, &[f32])],
+    rgb: Option<&[u8]>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let stem = stem.replace([':', '/'], "-");
+    for (tag, a) in alphas {
+        let bytes: Vec<u8> = a
+            .iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        image::save_buffer(
+            dir.join(format!("{stem}.{tag}.png")),
+            &bytes,
+            S as u32,
+            S as u32,
+            image::ExtendedColorType::L8,
+        )?;
+    }
+    if let Some(rgb) = rgb {
+        image::save_buffer(
+            dir.join(format!("{stem}.input.png")),
+            rgb,
+            S as u32,
+            S as u32,
+            image::ExtendedColorType::Rgb8,
+        )?;
+    }
+    Ok(())
+}
+
+/// `--segment-detail`: one line per fused image on stderr.
+static SEGMENT_DETAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What a fusion did, for `--segment-detail`.
+fn describe_fusion(fused: &key::Keyed) -> String {
+    match &fused.fused {
+        Some(f) => match &f.ignored {
+            Some(why) => format!("{}: ignored ({why})", f.source),
+            None => format!("{}: restored {} of {}", f.source, f.restored, f.interior),
+        },
+        None => "not fused".into(),
+    }
 }
 
 /// User + system CPU seconds of the whole process (all threads), from /proc.
@@ -1324,6 +1412,7 @@ fn run_key_coloured(
     set: &mut SegSet,
     kc: &KeyColoured,
     net: Option<&U2NetSegmenter>,
+    dump: Option<&Path>,
 ) -> Result<usize> {
     let t0 = Instant::now();
     for &kind in &kc.kinds {
@@ -1346,7 +1435,16 @@ fn run_key_coloured(
                 part,
                 net,
                 KeyColoured::seed(j),
+                dump,
             )?;
+            if let Some(d) = dump {
+                dump_images(
+                    d,
+                    &format!("{kind}-{}", sub.name),
+                    &[("gt", &comp.gt_a), ("tkg", &keyed.alpha)],
+                    Some(&comp.rgb),
+                )?;
+            }
         }
         eprintln!(
             "key-coloured {kind} done ({:.0}s)",
@@ -2433,6 +2531,10 @@ fn main() -> Result<()> {
     let keyability = args.iter().any(|a| a == "--keyability");
     // Subject-mask fusion study (see the doc comment).
     let segment = !keyability && args.iter().any(|a| a == "--segment");
+    SEGMENT_DETAIL.store(
+        args.iter().any(|a| a == "--segment-detail"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let u2netp_path = args
         .iter()
         .position(|a| a == "--u2netp")
@@ -2582,29 +2684,15 @@ fn main() -> Result<()> {
                         &no_parts,
                         net.as_ref(),
                         1000 + members[k] as u64 * 7,
+                        dump.as_deref(),
                     )?;
                 }
                 if let Some(d) = &dump {
-                    std::fs::create_dir_all(d)?;
-                    let stem = format!("{kind}-{}", subjects[members[k]].name.replace(':', "-"));
-                    let to8 = |a: &[f32]| -> Vec<u8> {
-                        a.iter().map(|v| (v * 255.0).round() as u8).collect()
-                    };
-                    for (tag, a) in [("gt", &comp.gt_a), ("tkg", &keyed.alpha)] {
-                        image::save_buffer(
-                            d.join(format!("{stem}.{tag}.png")),
-                            &to8(a),
-                            S as u32,
-                            S as u32,
-                            image::ExtendedColorType::L8,
-                        )?;
-                    }
-                    image::save_buffer(
-                        d.join(format!("{stem}.input.png")),
-                        &comp.rgb,
-                        S as u32,
-                        S as u32,
-                        image::ExtendedColorType::Rgb8,
+                    dump_images(
+                        d,
+                        &format!("{kind}-{}", subjects[members[k]].name),
+                        &[("gt", &comp.gt_a), ("tkg", &keyed.alpha)],
+                        Some(&comp.rgb),
                     )?;
                 }
                 worst.push((
@@ -2662,7 +2750,7 @@ fn main() -> Result<()> {
         let kc = KeyColoured::new(&subjects, icons.len(), quick);
         let kc_kinds = kc.kinds.clone();
         let mut kc_set = SegSet::default();
-        let kc_n = run_key_coloured(&mut kc_set, &kc, net.as_ref())?;
+        let kc_n = run_key_coloured(&mut kc_set, &kc, net.as_ref(), dump.as_deref())?;
         let timing = match &net {
             Some(net) => {
                 let big = big_composite(&subjects[0]);

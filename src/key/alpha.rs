@@ -31,9 +31,25 @@ use super::screen::{ACHROMATIC_CHROMA, chroma, dot};
 /// Chosen on the benchmark's quick set: SAD 1.61 at k = 0, 1.65 here, 1.77 at k = 0.3.
 const K_PERP: f32 = 0.15;
 
+/// The cross-axis weight of the solid-core test ([`promote_solid_cores`]): the classic
+/// `tan 30 deg`, zero 60 degrees of hue from the key. [`K_PERP`]'s measure still reads a
+/// saturated blue on green (71 degrees away) as 12% screen, across the whole subject.
+const K_SOLID: f32 = 0.577_350_26;
+
 /// Per-pixel raw alpha (not yet thresholded), the reference for [`raw_alpha_row`].
 #[cfg(test)]
 pub(crate) fn raw_alpha(c: [f32; 3], b: [f32; 3], noise_margin: f32) -> f32 {
+    raw_alpha_with(c, b, noise_margin, K_PERP)
+}
+
+/// The raw alpha of the solid-core test, the reference for [`raw_alpha_row`]'s `solid`.
+#[cfg(test)]
+pub(crate) fn solid_raw_alpha(c: [f32; 3], b: [f32; 3], noise_margin: f32) -> f32 {
+    raw_alpha_with(c, b, noise_margin, K_SOLID)
+}
+
+#[cfg(test)]
+fn raw_alpha_with(c: [f32; 3], b: [f32; 3], noise_margin: f32, k_perp: f32) -> f32 {
     let gamut = gamut_bound(c, b, noise_margin);
     let ch_b = chroma(b);
     let m2 = dot(ch_b, ch_b);
@@ -46,7 +62,7 @@ pub(crate) fn raw_alpha(c: [f32; 3], b: [f32; 3], noise_margin: f32) -> f32 {
     let ch_c = chroma(c);
     let par = dot(ch_c, u);
     let perp = (dot(ch_c, ch_c) - par * par).max(0.0).sqrt();
-    let d = par - K_PERP * perp;
+    let d = par - k_perp * perp;
     let cd = 1.0 - d * inv_m;
     cd.max(gamut)
 }
@@ -168,8 +184,16 @@ impl PlateRow {
 }
 
 /// Raw alpha of a whole row (as [`raw_alpha`] per pixel, up to the interpolation of the
-/// plate-derived quantities): the keyer's hottest loop, branch-free.
-pub(crate) fn raw_alpha_row(rgb: &[u8], p: &PlateRow, margin: f32, out: &mut [f32]) {
+/// plate-derived quantities): the keyer's hottest loop, branch-free. `solid[x]` is 1 where
+/// the solid-core measure ([`K_SOLID`]) reaches `solid_level`.
+pub(crate) fn raw_alpha_row(
+    rgb: &[u8],
+    p: &PlateRow,
+    margin: f32,
+    solid_level: f32,
+    out: &mut [f32],
+    solid: &mut [u8],
+) {
     p.for_each(|x, p| {
         let c = [
             rgb[3 * x] as f32,
@@ -189,9 +213,78 @@ pub(crate) fn raw_alpha_row(rgb: &[u8], p: &PlateRow, margin: f32, out: &mut [f3
             .max(0.0)
             .sqrt();
         let cd = 1.0 - (par - K_PERP * perp) * p.inv_m;
+        let cd_solid = 1.0 - (par - K_SOLID * perp) * p.inv_m;
         // NaN (achromatic) loses to the gamut bound in f32::max.
         out[x] = gamut.max(cd);
+        solid[x] = (gamut.max(cd_solid) >= solid_level) as u8;
     });
+}
+
+/// The neighbours [`promote_solid_cores`] checks: the 3x3 block, and eight pixels two away,
+/// where a ramp has moved twice as far while noise has not.
+const CORE_OFFSETS: [(isize, isize); 16] = [
+    (-1, -1),
+    (0, -1),
+    (1, -1),
+    (-1, 0),
+    (1, 0),
+    (-1, 1),
+    (0, 1),
+    (1, 1),
+    (-2, -2),
+    (0, -2),
+    (2, -2),
+    (-2, 0),
+    (2, 0),
+    (-2, 2),
+    (0, 2),
+    (2, 2),
+];
+
+/// Makes opaque (raw alpha 1) every pixel whose neighbourhood ([`CORE_OFFSETS`]) is solid
+/// under the classic measure (`solid` from [`raw_alpha_row`]; outside the image counts as
+/// solid, as the image edge is not the subject's) and flat: no neighbour's channel differs
+/// from the pixel's by more than `flat_tol` levels. A subject whose hue is 60-80 degrees from the key
+/// (blue on green) is then opaque inside, while its one-pixel rim, every thinner structure
+/// (strands) and every ramp (motion blur, where the classic measure overstates alpha as it
+/// does for browns) keep [`K_PERP`]'s reading; [`project_edges`] then re-reads the rim
+/// against the now-opaque interior.
+pub(crate) fn promote_solid_cores(
+    width: usize,
+    height: usize,
+    rgb: &[u8],
+    solid: &[u8],
+    flat_tol: f32,
+    raw: &mut [f32],
+) {
+    debug_assert_eq!(solid.len(), width * height);
+    debug_assert_eq!(raw.len(), width * height);
+    debug_assert_eq!(rgb.len(), 3 * width * height);
+    for y in 0..height {
+        for x in 0..width {
+            let i = y * width + x;
+            if solid[i] == 0 || raw[i] >= 1.0 {
+                continue;
+            }
+            let c = [rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]].map(f32::from);
+            let neighbour_fits = |xx: usize, yy: usize| {
+                let j = yy * width + xx;
+                solid[j] != 0
+                    && (0..3).all(|k| (f32::from(rgb[3 * j + k]) - c[k]).abs() <= flat_tol)
+            };
+            let fits = CORE_OFFSETS.iter().all(|&(dx, dy)| {
+                let (xx, yy) = (x as isize + dx, y as isize + dy);
+                xx < 0
+                    || yy < 0
+                    || xx >= width as isize
+                    || yy >= height as isize
+                    || neighbour_fits(xx as usize, yy as usize)
+            });
+            if fits {
+                raw[i] = 1.0;
+            }
+        }
+    }
 }
 
 /// The smallest alpha that keeps the unmixed foreground in range, less a noise margin.

@@ -215,19 +215,19 @@ pub fn key_rgb8(width: u32, height: u32, rgb: &[u8], opts: &KeyOptions) -> Resul
         ramp.lo = ramp.lo.min(hi - 0.01);
     }
     let margin = 2.0 * noise + 1.0;
-    let mut a = vec![0f32; n];
     let mut raw = vec![0f32; n];
+    let mut solid = vec![0u8; n];
     let mut prow = alpha::PlateRow::default();
     for y in 0..h {
         prow.fill(&plate, y);
         let row = &rgb[y * w * 3..(y + 1) * w * 3];
-        let arow = &mut a[y * w..(y + 1) * w];
         let rrow = &mut raw[y * w..(y + 1) * w];
-        alpha::raw_alpha_row(row, &prow, margin, rrow);
-        for (a, &r) in arow.iter_mut().zip(rrow.iter()) {
-            *a = ramp.apply(r);
-        }
+        let srow = &mut solid[y * w..(y + 1) * w];
+        alpha::raw_alpha_row(row, &prow, margin, ramp.hi, rrow, srow);
     }
+    alpha::promote_solid_cores(w, h, rgb, &solid, 4.0 * noise + 4.0, &mut raw);
+    drop(solid);
+    let mut a: Vec<f32> = raw.iter().map(|&r| ramp.apply(r)).collect();
     alpha::project_edges(w, h, rgb, &plate, &raw, &mut a, ramp, noise);
 
     // 3. Clean-up.

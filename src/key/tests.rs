@@ -155,6 +155,34 @@ fn gradient_and_vignette_screens_key_cleanly() {
 }
 
 #[test]
+fn a_blue_subject_on_green_is_opaque_inside() {
+    // Saturated blue lies 71 degrees of hue from chroma green: the soft measure alone reads
+    // it as about 12% screen over the whole disc.
+    let (w, h) = (64, 48);
+    let blue = [28.0, 113.0, 216.0];
+    let (rgb, gt) = composite(
+        w,
+        h,
+        &disc_alpha(30.0, 24.0, 16.3),
+        &|_, _| blue,
+        &|_, _| CHROMA_GREEN,
+    );
+    let soft = alpha::raw_alpha(blue, CHROMA_GREEN, 1.0);
+    assert!(soft < 0.89, "the case this guards: {soft}");
+    let k = key(w, h, &rgb, "green");
+    // Opaque from two pixels inside the edge (the rim keeps the soft reading, re-read
+    // against the interior's colour).
+    let inner = disc_alpha(30.0, 24.0, 14.3);
+    for i in 0..w * h {
+        if inner(i % w, i / w) >= 1.0 {
+            assert_eq!(k.alpha[i], 1.0, "pixel {i}");
+        }
+    }
+    let e = max_err(&k.alpha, &gt);
+    assert!(e < 0.2, "max alpha error {e}");
+}
+
+#[test]
 fn shadows_glass_and_strands_survive() {
     let (w, h) = (80, 60);
     // A soft shadow (black, alpha up to 0.35), a glass panel (alpha 0.4, light blue) and a
@@ -441,11 +469,16 @@ fn row_and_pixel_raw_alpha_agree() {
         row.fill(&plate, 0);
         let rgb: Vec<u8> = (0..64 * 3).map(|i| (i * 97 % 256) as u8).collect();
         let mut out = vec![0f32; 64];
-        alpha::raw_alpha_row(&rgb, &row, 3.0, &mut out);
+        let mut solid = vec![0u8; 64];
+        alpha::raw_alpha_row(&rgb, &row, 3.0, 0.9, &mut out, &mut solid);
         for x in 0..64 {
             let c = screen::px(&rgb, x);
             let want = alpha::raw_alpha(c, screen, 3.0);
             assert!((out[x] - want).abs() < 1e-4, "{x}: {} vs {want}", out[x]);
+            let solid_raw = alpha::solid_raw_alpha(c, screen, 3.0);
+            if (solid_raw - 0.9).abs() > 1e-4 {
+                assert_eq!(solid[x] != 0, solid_raw >= 0.9, "{x}: {solid_raw}");
+            }
         }
     }
 }
