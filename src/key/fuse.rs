@@ -5,16 +5,22 @@
 //! line of text, or a glass panel, for one solid object). So the mask only decides which of
 //! the keyer's holes are the subject's own parts:
 //! - the mask's confident interior is the mask eroded by a margin wider than its edge error;
-//! - inside it, the pixels the keyer did not make opaque form connected regions;
-//! - a region is a key-coloured part, made opaque with its true colour and no despill, when
-//!   the keyer saw plain screen in it (some alpha below [`SEED_ALPHA`]) and it is enclosed by
-//!   the subject: at most [`MAX_OPEN_SHARE`] of its outline lies on the interior's edge
-//!   (a stripe may run out to the subject's outline; the screen between letters, or around a
-//!   too-wide mask, is open on all sides).
+//! - inside it, the pixels the keyer called screen (alpha below [`SEED_ALPHA`]) form
+//!   connected regions, and so do the pixels it made partly transparent;
+//! - a screen region is a part in the key colour when the subject encloses it: at most
+//!   [`MAX_OPEN_SHARE`] of its outline lies on the interior's edge (a stripe may run out to
+//!   the subject's outline; the screen between letters, or around a too-wide mask, is open);
+//! - a partial region comes back with an enclosed screen region it touches (that part's
+//!   anti-aliased rim), or on its own when it is a darker shade of the screen
+//!   ([`is_screen_shade`]: the keyer reads it as a shadow, which cannot lie on an opaque
+//!   subject) and at most [`MAX_SHADE_OPEN_SHARE`] of it is open. A partial region that is
+//!   neither (a glass panel, lighter and paler than the screen) stays as the keyer has it.
 //!
-//! Everywhere else, the soft edge band included, the keyer's alpha and colour stay as they
-//! are. Two checks distrust a mask as a whole, and then nothing changes: more than
-//! [`MAX_OPEN_SCREEN_SHARE`] of its interior is plain screen that no subject encloses, or the
+//! Restored pixels become opaque with their observed colour and no despill. Everywhere else,
+//! the soft edge band included, the keyer's alpha and colour stay as they are. Three checks
+//! distrust a mask as a whole, and then nothing changes: its interior holds more than
+//! [`MAX_SCREEN_REGIONS`] patches of screen (hair, lettering), more than
+//! [`MAX_OPEN_SCREEN_SHARE`] of it is plain screen that no subject encloses, or the restored
 //! regions would cover more than [`MAX_RESTORED_SHARE`] of it.
 
 use super::Keyed;
@@ -29,10 +35,9 @@ use imageproc::distance_transform::Norm;
 const SUBJECT_LEVEL: u8 = 128;
 /// Keyer alpha at or above this is opaque already.
 const OPAQUE_ALPHA: f32 = 0.98;
-/// A region needs a pixel the keyer called screen (alpha below this) to be restored: a
-/// translucent glass panel has none.
+/// Keyer alpha below this is screen; between it and [`OPAQUE_ALPHA`], partly transparent.
 pub const SEED_ALPHA: f32 = 0.1;
-/// Largest share of a region's outline that may lie on the interior's edge.
+/// Largest share of a screen region's outline that may lie on the interior's edge.
 pub const MAX_OPEN_SHARE: f32 = 0.25;
 /// Largest share of the interior that may be plain screen open to the interior's edge.
 pub const MAX_OPEN_SCREEN_SHARE: f32 = 0.1;
@@ -40,6 +45,20 @@ pub const MAX_OPEN_SCREEN_SHARE: f32 = 0.1;
 /// likely wrong (U²-Net takes a line of text for one blob, whose gaps then look enclosed)
 /// than the subject mostly key-coloured.
 pub const MAX_RESTORED_SHARE: f32 = 0.5;
+/// Most separate patches of screen (of 2 pixels or more) the interior may hold: past it the
+/// mask covers a texture of subject and screen (hair, fur, lettering), whose gaps are each
+/// enclosed by strands.
+pub const MAX_SCREEN_REGIONS: usize = 80;
+/// Largest share of a screen-shade region's outline that may lie on the interior's edge: a
+/// darker band along the subject's outline is open on its long side, and a real hole cannot
+/// be a shade (it shows the screen itself).
+pub const MAX_SHADE_OPEN_SHARE: f32 = 0.6;
+/// Smallest screen-shade region that is restored on its colour alone.
+const MIN_SHADE_PIXELS: u32 = 20;
+/// The screen-shade test ([`is_screen_shade`]).
+const SHADE_MAX_HUE_DEG: f32 = 30.0;
+const SHADE_MIN_SATURATION: f32 = 0.5;
+const SHADE_MAX_BRIGHTNESS: f32 = 1.1;
 
 /// What the fusion changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -170,6 +189,65 @@ pub fn keyer_prompt(keyed: &Keyed, hints: &[[f32; 2]]) -> Option<Prompt> {
     })
 }
 
+/// Connected regions of one class of interior pixels, with what the fusion asks of each.
+struct Regions {
+    /// Region of each pixel (`u32::MAX` outside the class).
+    label: Vec<u32>,
+    /// Pixels per region.
+    size: Vec<u32>,
+    /// Outline pixels per region, and those of them on the interior's edge.
+    outline: Vec<u32>,
+    on_edge: Vec<u32>,
+}
+
+impl Regions {
+    /// 8-connected regions of the pixels where `class` holds (all inside `inside`).
+    fn of(
+        w: usize,
+        h: usize,
+        class: &dyn Fn(usize) -> bool,
+        inside: &dyn Fn(usize) -> bool,
+    ) -> Self {
+        let cc = label_runs(w, h, class);
+        let mut r = Regions {
+            label: vec![u32::MAX; w * h],
+            size: vec![0; cc.count],
+            outline: vec![0; cc.count],
+            on_edge: vec![0; cc.count],
+        };
+        for (run, &c) in cc.runs.iter().zip(&cc.comp) {
+            let y = run.y as usize;
+            for x in run.x0 as usize..run.x1 as usize {
+                let i = y * w + x;
+                r.label[i] = c;
+                r.size[c as usize] += 1;
+                let neighbours = [
+                    (x > 0).then(|| i - 1),
+                    (x + 1 < w).then(|| i + 1),
+                    (y > 0).then(|| i - w),
+                    (y + 1 < h).then(|| i + w),
+                ];
+                if neighbours.iter().any(|nb| nb.is_none_or(|j| !class(j))) {
+                    r.outline[c as usize] += 1;
+                    if neighbours.iter().any(|nb| nb.is_none_or(|j| !inside(j))) {
+                        r.on_edge[c as usize] += 1;
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn count(&self) -> usize {
+        self.size.len()
+    }
+
+    /// Whether at most `share` of region `c`'s outline lies on the interior's edge.
+    fn enclosed(&self, c: usize, share: f32) -> bool {
+        self.on_edge[c] as f32 <= share * self.outline[c] as f32
+    }
+}
+
 /// Fuses `mask` (from `source`, for the record) into `keyed`; `rgb` is the keyed image
 /// (RGB8). A mask of another size is stretched to the image first.
 pub fn fuse_subject_mask(
@@ -187,91 +265,150 @@ pub fn fuse_subject_mask(
     );
     let interior = confident_interior(mask, w, h)?;
     let inside = |i: usize| interior.as_raw()[i] != 0;
-    let alpha = &keyed.alpha;
-    let open = |i: usize| inside(i) && alpha[i] < OPAQUE_ALPHA;
-    let cc = label_runs(wu, hu, open);
-    // Per region: outline pixels, those on the interior's edge, and whether it has a seed.
-    let mut outline = vec![0u32; cc.count];
-    let mut on_edge = vec![0u32; cc.count];
-    let mut seeded = vec![false; cc.count];
-    for (r, &c) in cc.runs.iter().zip(&cc.comp) {
-        let (y, c) = (r.y as usize, c as usize);
-        for x in r.x0 as usize..r.x1 as usize {
-            let i = y * wu + x;
-            seeded[c] |= alpha[i] < SEED_ALPHA;
-            let neighbours = [
-                (x > 0).then(|| i - 1),
-                (x + 1 < wu).then(|| i + 1),
-                (y > 0).then(|| i - wu),
-                (y + 1 < hu).then(|| i + wu),
-            ];
-            if neighbours.iter().any(|nb| nb.is_none_or(|j| !open(j))) {
-                outline[c] += 1;
-                if neighbours.iter().any(|nb| nb.is_none_or(|j| !inside(j))) {
-                    on_edge[c] += 1;
-                }
-            }
-        }
-    }
-    let enclosed: Vec<bool> = (0..cc.count)
-        .map(|c| seeded[c] && on_edge[c] as f32 <= MAX_OPEN_SHARE * outline[c] as f32)
-        .collect();
     let mut stats = FuseStats {
         source: source.to_string(),
         interior: interior.as_raw().iter().filter(|&&p| p != 0).count(),
         ..FuseStats::default()
     };
     if stats.interior == 0 {
-        stats.ignored = Some(format!(
-            "it marks no subject (no pixel at or above 50%, or none left {} px inside its edge)",
-            interior_margin(w, h)
-        ));
-        keyed.fused = Some(stats);
-        return Ok(());
+        return ignore(
+            &mut keyed.fused,
+            &stats,
+            format!(
+                "it marks no subject (no pixel at or above 50%, or none left {} px inside its edge)",
+                interior_margin(w, h)
+            ),
+        );
     }
-    let (mut restorable, mut open_screen) = (0usize, 0usize);
-    for (r, &c) in cc.runs.iter().zip(&cc.comp) {
-        let len = (r.x1 - r.x0) as usize;
-        if enclosed[c as usize] {
-            restorable += len;
-        } else {
-            let base = r.y as usize * wu;
-            open_screen += alpha[base + r.x0 as usize..base + r.x1 as usize]
-                .iter()
-                .filter(|&&a| a < SEED_ALPHA)
-                .count();
-        }
+    let alpha = &keyed.alpha;
+    let screen = |i: usize| inside(i) && alpha[i] < SEED_ALPHA;
+    let partial = |i: usize| inside(i) && (SEED_ALPHA..OPAQUE_ALPHA).contains(&alpha[i]);
+    let screens = Regions::of(wu, hu, &screen, &inside);
+    let patches = screens.size.iter().filter(|&&s| s >= 2).count();
+    if patches > MAX_SCREEN_REGIONS {
+        return ignore(
+            &mut keyed.fused,
+            &stats,
+            format!(
+                "its interior holds {patches} separate patches of screen: a texture such as hair \
+             or lettering, which the keyer's matte serves better"
+            ),
+        );
     }
+    let screen_ok: Vec<bool> = (0..screens.count())
+        .map(|c| screens.enclosed(c, MAX_OPEN_SHARE))
+        .collect();
+    let open_screen: usize = (0..screens.count())
+        .filter(|&c| !screen_ok[c])
+        .map(|c| screens.size[c] as usize)
+        .sum();
     // A mask that takes in plain screen not enclosed by the subject (the space between
     // letters, a blob around a thin subject) is not a mask of this subject.
     if open_screen as f32 > MAX_OPEN_SCREEN_SHARE * stats.interior as f32 {
-        stats.ignored = Some(format!(
-            "{:.0}% of the mask's interior is open screen: the mask does not fit the subject",
-            100.0 * open_screen as f32 / stats.interior as f32
-        ));
-        keyed.fused = Some(stats);
-        return Ok(());
+        return ignore(
+            &mut keyed.fused,
+            &stats,
+            format!(
+                "{:.0}% of the mask's interior is open screen: the mask does not fit the subject",
+                100.0 * open_screen as f32 / stats.interior as f32
+            ),
+        );
     }
-    if restorable as f32 > MAX_RESTORED_SHARE * stats.interior as f32 {
-        stats.ignored = Some(format!(
-            "the mask would make {:.0}% of its interior opaque: more likely a wrong mask than \
-             a subject mostly in the key colour",
-            100.0 * restorable as f32 / stats.interior as f32
-        ));
-        keyed.fused = Some(stats);
-        return Ok(());
-    }
-    for (r, &c) in cc.runs.iter().zip(&cc.comp) {
-        if !enclosed[c as usize] {
+    let partials = Regions::of(wu, hu, &partial, &inside);
+    // Partial regions next to a screen region that comes back: the part's anti-aliased rim.
+    let mut beside_restored = vec![false; partials.count()];
+    // Colour sums per partial region: observed, and the plate under it.
+    let mut colour = vec![[0f64; 6]; partials.count()];
+    for (i, &c) in partials.label.iter().enumerate() {
+        if c == u32::MAX {
             continue;
         }
-        let base = r.y as usize * wu;
-        for i in base + r.x0 as usize..base + r.x1 as usize {
-            make_opaque(keyed, rgb, i);
+        let c = c as usize;
+        let (x, y) = (i % wu, i / wu);
+        let b = keyed.plate.at(x, y);
+        for k in 0..3 {
+            colour[c][k] += f64::from(rgb[3 * i + k]);
+            colour[c][3 + k] += f64::from(b[k]);
         }
+        if !beside_restored[c] {
+            let (x0, x1) = (x.saturating_sub(1), (x + 1).min(wu - 1));
+            let (y0, y1) = (y.saturating_sub(1), (y + 1).min(hu - 1));
+            beside_restored[c] = (y0..=y1).any(|yy| {
+                (x0..=x1).any(|xx| {
+                    let s = screens.label[yy * wu + xx];
+                    s != u32::MAX && screen_ok[s as usize]
+                })
+            });
+        }
+    }
+    let partial_ok: Vec<bool> = (0..partials.count())
+        .map(|c| {
+            (beside_restored[c] && partials.enclosed(c, MAX_OPEN_SHARE))
+                || (partials.size[c] >= MIN_SHADE_PIXELS
+                    && partials.enclosed(c, MAX_SHADE_OPEN_SHARE)
+                    && is_screen_shade(&colour[c], partials.size[c]))
+        })
+        .collect();
+    let restore = |i: usize| {
+        let s = screens.label[i];
+        let p = partials.label[i];
+        (s != u32::MAX && screen_ok[s as usize]) || (p != u32::MAX && partial_ok[p as usize])
+    };
+    let chosen: Vec<usize> = (0..n).filter(|&i| restore(i)).collect();
+    let restorable = chosen.len();
+    if restorable as f32 > MAX_RESTORED_SHARE * stats.interior as f32 {
+        return ignore(
+            &mut keyed.fused,
+            &stats,
+            format!(
+                "the mask would make {:.0}% of its interior opaque: more likely a wrong mask than \
+             a subject mostly in the key colour",
+                100.0 * restorable as f32 / stats.interior as f32
+            ),
+        );
+    }
+    for i in chosen {
+        make_opaque(keyed, rgb, i);
     }
     stats.restored = restorable;
     finish(keyed, stats);
+    Ok(())
+}
+
+/// Whether a region's mean colour (`sums[..3]` over `count` pixels) is a shade of the plate
+/// under it (`sums[3..]`): the plate's hue within [`SHADE_MAX_HUE_DEG`], at least
+/// [`SHADE_MIN_SATURATION`] of its saturation, and no brighter than [`SHADE_MAX_BRIGHTNESS`]
+/// times it. The keyer reads such a region as a shadow on the screen; inside a subject's mask
+/// it is a part in a darker shade of the key colour. Glass lightens and desaturates the
+/// screen, and fails the test.
+fn is_screen_shade(sums: &[f64; 6], count: u32) -> bool {
+    let n = f64::from(count.max(1));
+    let c = [sums[0] / n, sums[1] / n, sums[2] / n];
+    let b = [sums[3] / n, sums[4] / n, sums[5] / n];
+    let chroma = |v: [f64; 3]| {
+        let m = (v[0] + v[1] + v[2]) / 3.0;
+        ([v[0] - m, v[1] - m, v[2] - m], m)
+    };
+    let ((cc, cm), (bc, bm)) = (chroma(c), chroma(b));
+    let norm = |v: [f64; 3]| (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+    let (cn, bn) = (norm(cc), norm(bc));
+    if bn < f64::from(crate::key::screen::ACHROMATIC_CHROMA) || cn <= 0.0 || bm <= 0.0 || cm <= 0.0
+    {
+        return false;
+    }
+    let cos = (cc[0] * bc[0] + cc[1] * bc[1] + cc[2] * bc[2]) / (cn * bn);
+    let saturation = (cn / cm) / (bn / bm);
+    cos >= f64::from(SHADE_MAX_HUE_DEG).to_radians().cos()
+        && saturation >= f64::from(SHADE_MIN_SATURATION)
+        && cm <= f64::from(SHADE_MAX_BRIGHTNESS) * bm
+}
+
+/// Records that the mask was not used, and why.
+fn ignore(record: &mut Option<FuseStats>, stats: &FuseStats, why: String) -> Result<()> {
+    *record = Some(FuseStats {
+        ignored: Some(why),
+        ..stats.clone()
+    });
     Ok(())
 }
 
@@ -421,6 +558,64 @@ mod tests {
             }
             assert!(fused.background_fraction < keyed.background_fraction);
         }
+    }
+
+    #[test]
+    fn a_band_in_a_darker_shade_of_the_screen_comes_back() {
+        // The keyer reads a darker green as a shadow (partly transparent, no pixel of plain
+        // screen); inside the subject's mask it is a part of the subject.
+        const SHADE: [u8; 3] = [0, 130, 47];
+        let rgb: Vec<u8> = scene()
+            .chunks(3)
+            .enumerate()
+            .flat_map(|(i, p)| {
+                let band = (44..52).contains(&(i as u32 / N));
+                if band && dist(i) < 30.0 {
+                    SHADE
+                } else {
+                    [p[0], p[1], p[2]]
+                }
+            })
+            .collect();
+        let keyed = key(&rgb);
+        let centre = (48 * N + 48) as usize;
+        assert!(
+            keyed.alpha[centre] > SEED_ALPHA && keyed.alpha[centre] < 0.9,
+            "the keyer alone makes the band a shadow: {}",
+            keyed.alpha[centre]
+        );
+        let mut fused = keyed.clone();
+        fuse_subject_mask(&mut fused, &rgb, &disc(30.0, N), "test").unwrap();
+        assert_eq!(fused.alpha[centre], 1.0, "{:?}", fused.fused);
+        assert_eq!(fused.foreground[3 * centre..3 * centre + 3], SHADE);
+        for i in 0..(N * N) as usize {
+            if dist(i) > 31.0 {
+                assert_eq!(fused.alpha[i], keyed.alpha[i], "pixel {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_over_a_texture_of_screen_patches_is_ignored() {
+        // Hair or lettering under one blob: a grey disc full of small screen-coloured holes,
+        // each enclosed.
+        let rgb: Vec<u8> = (0..(N * N) as usize)
+            .flat_map(|i| {
+                let (x, y) = (i as u32 % N, i as u32 / N);
+                let hole = (1..3).contains(&(x % 5)) && (1..3).contains(&(y % 5));
+                if dist(i) < 30.0 && !hole {
+                    [128, 128, 128]
+                } else {
+                    SCREEN
+                }
+            })
+            .collect();
+        let keyed = key(&rgb);
+        let mut fused = keyed.clone();
+        fuse_subject_mask(&mut fused, &rgb, &disc(30.0, N), "blob").unwrap();
+        assert!(fused.alpha == keyed.alpha, "{:?}", fused.fused);
+        let why = fused.fused.unwrap().ignored.unwrap_or_default();
+        assert!(why.contains("patches of screen"), "{why}");
     }
 
     #[test]
