@@ -25,6 +25,7 @@
 
 use super::Keyed;
 use super::cleanup::label_runs;
+use super::screen::{ACHROMATIC_CHROMA, chroma, dot, norm};
 use crate::resize::{FilterType, PixelType, Resize};
 use crate::segment::{Prompt, Segmenter, SubjectMask};
 use anyhow::{Context, Result, ensure};
@@ -383,24 +384,19 @@ pub fn fuse_subject_mask(
 /// screen, and fails the test.
 fn is_screen_shade(sums: &[f64; 6], count: u32) -> bool {
     let n = f64::from(count.max(1));
-    let c = [sums[0] / n, sums[1] / n, sums[2] / n];
-    let b = [sums[3] / n, sums[4] / n, sums[5] / n];
-    let chroma = |v: [f64; 3]| {
-        let m = (v[0] + v[1] + v[2]) / 3.0;
-        ([v[0] - m, v[1] - m, v[2] - m], m)
-    };
-    let ((cc, cm), (bc, bm)) = (chroma(c), chroma(b));
-    let norm = |v: [f64; 3]| (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+    let mean = |k: usize| [sums[k] / n, sums[k + 1] / n, sums[k + 2] / n].map(|v| v as f32);
+    let (c, b) = (mean(0), mean(3));
+    let brightness = |v: [f32; 3]| (v[0] + v[1] + v[2]) / 3.0;
+    let (cc, bc) = (chroma(c), chroma(b));
     let (cn, bn) = (norm(cc), norm(bc));
-    if bn < f64::from(crate::key::screen::ACHROMATIC_CHROMA) || cn <= 0.0 || bm <= 0.0 || cm <= 0.0
-    {
+    let (cm, bm) = (brightness(c), brightness(b));
+    if bn < ACHROMATIC_CHROMA || cn <= 0.0 || bm <= 0.0 || cm <= 0.0 {
         return false;
     }
-    let cos = (cc[0] * bc[0] + cc[1] * bc[1] + cc[2] * bc[2]) / (cn * bn);
     let saturation = (cn / cm) / (bn / bm);
-    cos >= f64::from(SHADE_MAX_HUE_DEG).to_radians().cos()
-        && saturation >= f64::from(SHADE_MIN_SATURATION)
-        && cm <= f64::from(SHADE_MAX_BRIGHTNESS) * bm
+    dot(cc, bc) / (cn * bn) >= SHADE_MAX_HUE_DEG.to_radians().cos()
+        && saturation >= SHADE_MIN_SATURATION
+        && cm <= SHADE_MAX_BRIGHTNESS * bm
 }
 
 /// Records that the mask was not used, and why.
