@@ -92,7 +92,7 @@ pub(crate) unsafe fn gemm(
         // Narrow outputs (a few pixels of a deep convolution) would fill a fraction of the
         // NR-wide tiles; computing Cᵀ = Bᵀ·Aᵀ instead gives the same sums (each element is
         // summed over the same pairs in the same order) with less padding.
-        let padded = |m: usize, n: usize| m.next_multiple_of(MR) * n.next_multiple_of(NR);
+        let padded = |m: usize, n: usize| m.next_multiple_of(MR) * n.next_multiple_of(16);
         // SAFETY: the CPU has the features (checked by `native`); the caller's promise covers
         // the operands, read transposed or not.
         unsafe {
@@ -183,6 +183,13 @@ pub(crate) struct PackedA {
     data: Vec<u32>,
 }
 
+impl PackedA {
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
 /// Packs `a` [m, k] for [`gemm_packed_a`]; `None` where the CPU has no AVX-512 BF16.
 ///
 /// # Safety
@@ -202,11 +209,21 @@ pub(crate) unsafe fn pack_a(a: Operand, m: usize, k: usize) -> Option<PackedA> {
             len += panels * MR * kpass.min(k - pc.min(k)).div_ceil(2);
         }
         let mut data = vec![0u32; len];
-        for (i, pc) in (0..k.max(1)).step_by(kpass).enumerate() {
+        // Groups of panels in parallel: a 1280 x 11520 kernel is 15M values to round.
+        const GROUP: usize = 8;
+        let mut rest = &mut data[..];
+        for pc in (0..k.max(1)).step_by(kpass) {
             let kc = kpass.min(k - pc.min(k));
-            // SAFETY: the CPU has the features (`native`); rows 0..m, columns pc..pc+kc lie
-            // inside a (caller); the pass's part of data holds panels·MR·kc/2 pairs.
-            unsafe { x86::pack(a, a.cs, a.rs, (pc, kc), (0, m), MR, &mut data[passes[i]..]) };
+            let pass_len = panels * MR * kc.div_ceil(2);
+            let (pass, tail) = rest.split_at_mut(pass_len);
+            rest = tail;
+            super::for_each_chunk(pass, GROUP * MR * kc.div_ceil(2), |g, out| {
+                let r0 = g * GROUP * MR;
+                let rows = (GROUP * MR).min(m - r0);
+                // SAFETY: the CPU has the features (`native`); rows r0..r0+rows, columns
+                // pc..pc+kc lie inside a (caller); out holds those panels' kc/2 pairs.
+                unsafe { x86::pack(a, a.cs, a.rs, (pc, kc), (r0, rows), MR, out) };
+            });
         }
         Some(PackedA { m, k, passes, data })
     }
@@ -366,13 +383,29 @@ mod x86 {
         add: bool,
         scale: f32,
     ) {
+        // Only the 16-wide vectors that hold columns are multiplied: a 64-wide output (an 8x8
+        // map) costs 64 columns of work, not 96.
+        let vectors = cols.div_ceil(16);
+        let direct = rows == MR && cols == 16 * vectors && cs == 1;
+        let mut buf = [0f32; MR * NR];
+        let (c, c_rs, c_add) = if direct {
+            (dst, rs, add)
+        } else {
+            (buf.as_mut_ptr(), NR, false)
+        };
+        // SAFETY: the caller's promise, or buf; c holds MR rows of 16·vectors values.
+        unsafe {
+            match vectors {
+                1 => tile::<1>(kp, a, b, c, c_rs, c_add, scale),
+                2 => tile::<2>(kp, a, b, c, c_rs, c_add, scale),
+                _ => tile::<3>(kp, a, b, c, c_rs, c_add, scale),
+            }
+        }
+        if direct {
+            return;
+        }
         // SAFETY: the caller's promise.
         unsafe {
-            if rows == MR && cols == NR && cs == 1 {
-                return tile(kp, a, b, dst, rs, add, scale);
-            }
-            let mut buf = [0f32; MR * NR];
-            tile(kp, a, b, buf.as_mut_ptr(), NR, false, scale);
             for r in 0..rows {
                 for j in 0..cols {
                     let d = dst.add(r * rs + j * cs);
@@ -383,14 +416,15 @@ mod x86 {
         }
     }
 
-    /// One MR x NR tile: `c = [c +] scale · Σ_p a[p]·b[p]` over `kp` pairs of k.
+    /// The first `V` 16-wide vectors of one MR x NR tile: `c = [c +] scale · Σ_p a[p]·b[p]`
+    /// over `kp` pairs of k. Each column's sum is the same whatever `V`.
     ///
     /// # Safety
     /// `a` holds kp·MR pairs, `b` kp·NR pairs; c is writable (readable when `add`) for MR rows
-    /// of NR values, `c_rs` apart.
+    /// of 16·V values, `c_rs` apart.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn tile(
+    unsafe fn tile<const V: usize>(
         kp: usize,
         a: *const u32,
         b: *const u32,
@@ -399,20 +433,21 @@ mod x86 {
         add: bool,
         scale: f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        debug_assert!((1..=NR / 16).contains(&V));
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
         for p in 0..kp {
-            // SAFETY: pair p of the panels (caller's promise on their lengths).
+            // SAFETY: pair p of the panels (caller's promise on their lengths); V ≤ 3 vectors
+            // of the NR-wide B panel.
             unsafe {
                 let bq = b.add(p * NR);
-                let b0 = as_bh(_mm512_loadu_si512(bq.cast()));
-                let b1 = as_bh(_mm512_loadu_si512(bq.add(16).cast()));
-                let b2 = as_bh(_mm512_loadu_si512(bq.add(32).cast()));
+                let bv: [__m512bh; V] =
+                    std::array::from_fn(|j| as_bh(_mm512_loadu_si512(bq.add(16 * j).cast())));
                 let aq = a.add(p * MR);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = as_bh(_mm512_set1_epi32(*aq.add(r) as i32));
-                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
-                    acc[2] = _mm512_dpbf16_ps(acc[2], av, b2);
+                    for j in 0..V {
+                        acc[j] = _mm512_dpbf16_ps(acc[j], av, bv[j]);
+                    }
                 }
             }
         }
