@@ -125,6 +125,17 @@ fn main() -> anyhow::Result<()> {
         report_tkg(&name, flops, || {
             kernels::conv::conv2d(&x, &w, Some(&bias), None, 1, 1).unwrap();
         });
+        if bf16_native() {
+            // As a model's layer runs it: the weight's packed forms kept from call to call.
+            let kept = kernels::PreparedConv::default();
+            let s = best(reps(flops), || {
+                with_precision(Precision::Bf16, || {
+                    kernels::conv::conv2d_prepared(&x, &w, &kept, Some(&bias), None, 1, 1, 1)
+                        .unwrap();
+                })
+            });
+            report(&format!("{name} tkg bf16 kept"), flops, s);
+        }
         let conv = candle_nn::Conv2d::new(
             w.clone(),
             Some(bias.clone()),

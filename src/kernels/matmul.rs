@@ -122,55 +122,83 @@ pub(crate) unsafe fn matmul(
             )
         },
         Precision::Bf16 => {
-            let a = Operand {
-                ptr: lhs.0,
-                rs: lhs.1 as isize,
-                cs: lhs.2 as isize,
-            };
-            let b = Operand {
-                ptr: rhs.0,
-                rs: rhs.1 as isize,
-                cs: rhs.2 as isize,
-            };
+            let (a, b) = (operand(lhs), operand(rhs));
             match par {
                 // SAFETY: the caller's promise.
                 gemm::Parallelism::None => unsafe {
                     bf16::gemm((m, n, k), dst, dst_rs, accumulate, a, b, scale)
                 },
                 _ => {
-                    // Fixed row blocks, so the split (like the sums) does not depend on the
-                    // thread count.
-                    const ROWS: usize = 96;
-                    struct Dst(*mut f32);
-                    // SAFETY: each task writes its own rows of dst (below).
-                    unsafe impl Sync for Dst {}
-                    let d = Dst(dst);
-                    let d = &d;
-                    super::for_each_task(m.div_ceil(ROWS), move |t| {
+                    // SAFETY: rows r0..r0+rows of dst are each task's alone, inside the
+                    // caller's [m, n]; a's rows likewise.
+                    for_row_blocks(m, dst, dst_rs, |r0, rows, dst| unsafe {
                         // Whole operands, not their (non-Send) pointer fields.
                         let (a, b) = (a, b);
-                        let r0 = t * ROWS;
-                        let rows = ROWS.min(m - r0);
                         let a = Operand {
                             ptr: a.ptr.wrapping_offset(r0 as isize * a.rs),
                             ..a
                         };
-                        // SAFETY: rows r0..r0+rows of dst are this task's alone, inside the
-                        // caller's [m, n]; a's rows likewise.
-                        unsafe {
-                            bf16::gemm(
-                                (rows, n, k),
-                                d.0.add(r0 * dst_rs),
-                                dst_rs,
-                                accumulate,
-                                a,
-                                b,
-                                scale,
-                            )
-                        }
+                        bf16::gemm((rows, n, k), dst, dst_rs, accumulate, a, b, scale)
                     });
                 }
             }
         }
+    }
+}
+
+/// A (pointer, row stride, column stride) operand as the bf16 kernel takes it.
+fn operand((ptr, rs, cs): (*const f32, usize, usize)) -> Operand {
+    Operand {
+        ptr,
+        rs: rs as isize,
+        cs: cs as isize,
+    }
+}
+
+/// `f(r0, rows, dst + r0·dst_rs)` for fixed blocks of `m` rows over the pool: fixed so that
+/// the split, like the sums, does not depend on the thread count.
+fn for_row_blocks(
+    m: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    f: impl Fn(usize, usize, *mut f32) + Sync + Send,
+) {
+    const ROWS: usize = 96;
+    struct Dst(*mut f32);
+    // SAFETY: each task writes its own rows of dst (the callers' promise).
+    unsafe impl Sync for Dst {}
+    let d = Dst(dst);
+    let d = &d;
+    super::for_each_task(m.div_ceil(ROWS), move |t| {
+        let r0 = t * ROWS;
+        f(r0, ROWS.min(m - r0), d.0.wrapping_add(r0 * dst_rs))
+    });
+}
+
+/// `dst [m, n] = [dst +] lhs · rhs` with bf16 products, where lhs is rows row0..row0+m (row0
+/// a multiple of 8) of a matrix packed once by `bf16::pack_a`; single-threaded or over the
+/// pool as `par` says. The same sums as [`matmul`] at [`Precision::Bf16`] on the unpacked rows.
+///
+/// # Safety
+/// As for [`matmul`], with rows row0..row0+m inside the packed matrix.
+pub(crate) unsafe fn matmul_packed(
+    lhs: &bf16::PackedA,
+    row0: usize,
+    (m, n): (usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    rhs: (*const f32, usize, usize),
+    par: gemm::Parallelism,
+) {
+    let b = operand(rhs);
+    match par {
+        // SAFETY: the caller's promise.
+        gemm::Parallelism::None => unsafe {
+            bf16::gemm_packed_a(lhs, row0, (m, n), dst, dst_rs, accumulate, b, 1.0)
+        },
+        // SAFETY: rows r0..r0+rows of dst are each task's alone (96 is a multiple of 8).
+        _ => for_row_blocks(m, dst, dst_rs, |r0, rows, dst| unsafe {
+            bf16::gemm_packed_a(lhs, row0 + r0, (rows, n), dst, dst_rs, accumulate, b, 1.0)
+        }),
     }
 }

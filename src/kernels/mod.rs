@@ -12,8 +12,11 @@ pub mod conv;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
+mod prepared;
 pub mod simd;
 mod winograd;
+
+pub use prepared::PreparedConv;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Storage, StorageRef, Tensor};

@@ -15,6 +15,7 @@
 
 use super::bf16;
 use super::matmul::{Precision, Product, matmul, precision};
+use super::prepared::PreparedConv;
 use super::{
     SendPtr, for_each_task, for_each_task_with, matrix, matrix_mut, threads, with_scratch,
 };
@@ -185,6 +186,7 @@ pub(super) fn conv3x3(
     variant: Variant,
     x: &[f32],
     w: &[f32],
+    prepared: Option<&PreparedConv>,
     out: &mut [f32],
     items: usize,
     cin: usize,
@@ -198,10 +200,58 @@ pub(super) fn conv3x3(
             && out.len() == items * cout * sh * up * sw * up,
         "winograd: buffer sizes do not match the shapes"
     );
-    with_scratch(&WEIGHTS, variant.planes() * cout * cin, |u| {
+    if out.is_empty() || cin == 0 {
+        return;
+    }
+    let (oh, ow) = (sh * up, sw * up);
+    let tiles = oh.div_ceil(variant.m()) * ow.div_ceil(variant.m());
+    let prec = precision().for_output(cout, items * tiles);
+    let planes = variant.planes();
+    let mut run =
+        |u: Planes| conv3x3_transformed(variant, x, u, out, items, cin, cout, (sh, sw), up);
+    if prec == Precision::Bf16 && bf16::native() {
+        // Each U[ξ] packed once per call (or once per model, kept in `prepared`), not once
+        // per block.
+        let make = || {
+            with_scratch(&WEIGHTS, planes * cout * cin, |u| {
+                transform_weights(variant, w, u, cout, cin);
+                pack_planes(u, planes, cout, cin)
+            })
+        };
+        match prepared {
+            Some(p) => run(Planes::Packed(p.winograd(variant, make))),
+            None => run(Planes::Packed(&make())),
+        }
+        return;
+    }
+    with_scratch(&WEIGHTS, planes * cout * cin, |u| {
         transform_weights(variant, w, u, cout, cin);
-        conv3x3_transformed(variant, x, u, out, items, cin, cout, (sh, sw), up);
+        run(Planes::F32(u, prec));
     });
+}
+
+/// The transformed weights as the products read them.
+#[derive(Clone, Copy)]
+enum Planes<'a> {
+    /// U [α², Cout, Cin], multiplied at the precision given.
+    F32(&'a [f32], Precision),
+    /// Each U[ξ] packed for bf16 products.
+    Packed(&'a [bf16::PackedA]),
+}
+
+/// Packs each plane U[ξ] ([cout, cin] row-major in `u`) for bf16 products.
+fn pack_planes(u: &[f32], planes: usize, cout: usize, cin: usize) -> Vec<bf16::PackedA> {
+    (0..planes)
+        .map_while(|xi| {
+            let a = bf16::Operand {
+                ptr: u[xi * cout * cin..].as_ptr(),
+                rs: cin as isize,
+                cs: 1,
+            };
+            // SAFETY: U[ξ] is [cout, cin] row-major inside u.
+            unsafe { bf16::pack_a(a, cout, cin) }
+        })
+        .collect()
 }
 
 thread_local! {
@@ -224,7 +274,7 @@ pub(super) fn release_scratch() {
 fn conv3x3_transformed(
     variant: Variant,
     x: &[f32],
-    u: &[f32],
+    u: Planes,
     out: &mut [f32],
     items: usize,
     cin: usize,
@@ -235,23 +285,6 @@ fn conv3x3_transformed(
     let (oh, ow) = (sh * up, sw * up);
     let (tm, planes) = (variant.m(), variant.planes());
     let (th, tw) = (oh.div_ceil(tm), ow.div_ceil(tm));
-    let prec = precision().for_output(cout, items * th * tw);
-    // With bf16 products each U[ξ] is packed once here, not once per block.
-    let u_packed: Vec<bf16::PackedA> = if prec == Precision::Bf16 {
-        (0..planes)
-            .map_while(|xi| {
-                let a = bf16::Operand {
-                    ptr: u[xi * cout * cin..].as_ptr(),
-                    rs: cin as isize,
-                    cs: 1,
-                };
-                // SAFETY: U[ξ] is [cout, cin] row-major inside u.
-                unsafe { bf16::pack_a(a, cout, cin) }
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
     // Blocks of about BLOCK_TILES tiles: whole tile rows when they are short, else row
     // segments. Each block is transformed once; its products are split over output-channel
     // chunks when there are too few blocks to keep every thread busy (a chunk packs only its
@@ -288,29 +321,40 @@ fn conv3x3_transformed(
         with_scratch(&INPUTS, planes * cin * n, |v| {
             input_transform(variant, &input, v, block);
             let v = &*v;
-            let u_packed = &u_packed;
             for_each_task(chunks, |c| {
                 let c0 = c * chunk;
                 let mc = chunk.min(cout - c0);
                 with_scratch(&PRODUCTS, planes * mc * n, |m| {
                     for xi in 0..planes {
                         // M[ξ] [mc, n] = U[ξ] rows c0..c0+mc [mc, cin] · V[ξ] [cin, n]
-                        let lhs = matrix(u, xi * cout * cin + c0 * cin, (mc, cin), (cin, 1));
                         let rhs = matrix(v, xi * cin * n, (cin, n), (n, 1));
                         let dst = matrix_mut(m, xi * mc * n, (mc, n), (n, 1));
-                        if let Some(packed) = u_packed.get(xi) {
-                            let rhs = bf16::Operand {
-                                ptr: rhs,
-                                rs: n as isize,
-                                cs: 1,
-                            };
-                            // SAFETY: as below; rows c0..c0+mc (c0 a multiple of 8) lie inside the
-                            // packed U[ξ].
-                            unsafe {
-                                bf16::gemm_packed_a(packed, c0, (mc, n), dst, n, false, rhs, 1.0)
-                            };
-                            continue;
-                        }
+                        let (u, prec) = match u {
+                            Planes::F32(u, prec) => (u, prec),
+                            Planes::Packed(packed) => {
+                                let rhs = bf16::Operand {
+                                    ptr: rhs,
+                                    rs: n as isize,
+                                    cs: 1,
+                                };
+                                // SAFETY: as below; rows c0..c0+mc (c0 a multiple of 8) lie
+                                // inside the packed U[ξ].
+                                unsafe {
+                                    bf16::gemm_packed_a(
+                                        &packed[xi],
+                                        c0,
+                                        (mc, n),
+                                        dst,
+                                        n,
+                                        false,
+                                        rhs,
+                                        1.0,
+                                    )
+                                };
+                                continue;
+                            }
+                        };
+                        let lhs = matrix(u, xi * cout * cin + c0 * cin, (mc, cin), (cin, 1));
                         // SAFETY: m is this task's own buffer; m, u and v were checked by `matrix`
                         // (in debug builds) for the shapes and strides given to gemm.
                         unsafe {
@@ -772,7 +816,18 @@ mod tests {
             for (variant, tol) in [(Variant::F2, 1e-6), (Variant::F4, 8e-6)] {
                 // The output starts as "bias + residual", here 1.0, and the convolution is added.
                 let mut out = vec![1f32; want.len()];
-                conv3x3(variant, &x, &w, &mut out, items, cin, cout, (sh, sw), up);
+                conv3x3(
+                    variant,
+                    &x,
+                    &w,
+                    None,
+                    &mut out,
+                    items,
+                    cin,
+                    cout,
+                    (sh, sw),
+                    up,
+                );
                 let err = out
                     .iter()
                     .zip(&want)
@@ -794,7 +849,18 @@ mod tests {
             let x = values(cin * 20 * 20, 3);
             let w = values(cout * cin * 9, 4);
             let mut out = vec![0f32; cout * 20 * 20];
-            conv3x3(Variant::F2, &x, &w, &mut out, 1, cin, cout, (20, 20), 1);
+            conv3x3(
+                Variant::F2,
+                &x,
+                &w,
+                None,
+                &mut out,
+                1,
+                cin,
+                cout,
+                (20, 20),
+                1,
+            );
             let kept = |slot: &'static super::super::Scratch| {
                 let buf = slot.take();
                 let len = buf.len();
@@ -817,7 +883,18 @@ mod tests {
             let x = values(items * cin * sh * sw, 7);
             let w = values(cout * cin * 9, 8);
             let mut out = vec![0f32; items * cout * sh * sw];
-            conv3x3(variant, &x, &w, &mut out, items, cin, cout, (sh, sw), 1);
+            conv3x3(
+                variant,
+                &x,
+                &w,
+                None,
+                &mut out,
+                items,
+                cin,
+                cout,
+                (sh, sw),
+                1,
+            );
             out
         };
         for variant in [Variant::F2, Variant::F4] {

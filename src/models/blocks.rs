@@ -72,6 +72,8 @@ pub struct Conv {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    /// The weight's packed forms for bf16 products, made on first use.
+    prepared: kernels::PreparedConv,
 }
 
 impl Conv {
@@ -88,6 +90,7 @@ impl Conv {
             bias: Some(vb.get(cout, "bias")?),
             stride,
             padding,
+            prepared: Default::default(),
         })
     }
 
@@ -128,13 +131,15 @@ impl Conv {
                 (None, Some(e)) => Some(e.clone()),
                 (None, None) => None,
             };
-            return kernels::conv::conv2d(
+            return kernels::conv::conv2d_prepared(
                 xs,
                 &self.weight,
+                &self.prepared,
                 bias.as_ref(),
                 residual,
                 self.stride,
                 self.padding,
+                1,
             );
         }
         let mut h = xs.conv2d(&*like(&self.weight, xs)?, self.padding, self.stride, 1, 1)?;
@@ -154,11 +159,15 @@ impl Conv {
     pub fn forward_upsampled(&self, xs: &Tensor, (oh, ow): (usize, usize)) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         if kernels::applies(xs) && self.stride == 1 && oh == 2 * h && ow == 2 * w {
-            return kernels::conv::conv2d_upsample2x(
+            return kernels::conv::conv2d_prepared(
                 xs,
                 &self.weight,
+                &self.prepared,
                 self.bias.as_ref(),
+                None,
+                1,
                 self.padding,
+                2,
             );
         }
         self.forward(&xs.upsample_nearest2d(oh, ow)?)
