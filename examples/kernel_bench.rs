@@ -194,6 +194,9 @@ fn main() -> anyhow::Result<()> {
         (2, 1024, 640, 5120),
         (2, 4096, 320, 320),
         (2, 77, 768, 320),
+        // The 8x8 level of a 256x256 image: few tokens, a large weight.
+        (2, 64, 1280, 10240),
+        (2, 64, 5120, 1280),
     ] {
         let name = format!("linear b{b} {n}x{k}->{o}");
         if !run(&name) {
@@ -204,8 +207,18 @@ fn main() -> anyhow::Result<()> {
         let bias = Tensor::randn(0f32, 1.0, o, &dev)?;
         let flops = 2.0 * (b * n * k * o) as f64;
         report_tkg(&name, flops, || {
-            kernels::linear::linear(&x, &w, Some(&bias), None).unwrap();
+            kernels::linear::linear(&x, &w, None, Some(&bias), None).unwrap();
         });
+        if bf16_native() {
+            // As a model's layer runs it: the weight's packed form kept from call to call.
+            let kept = kernels::PreparedLinear::default();
+            let s = best(reps(flops), || {
+                with_precision(Precision::Bf16, || {
+                    kernels::linear::linear(&x, &w, Some(&kept), Some(&bias), None).unwrap();
+                })
+            });
+            report(&format!("{name} tkg bf16 kept"), flops, s);
+        }
     }
 
     // Group norm + SiLU: (batch, channels, size)

@@ -103,7 +103,7 @@ pub(crate) unsafe fn gemm(
                     (1, dst_rs),
                     accumulate,
                     x86::Lhs::Strided(b.transposed()),
-                    a.transposed(),
+                    x86::Rhs::Strided(a.transposed()),
                     scale,
                 );
             } else {
@@ -113,7 +113,7 @@ pub(crate) unsafe fn gemm(
                     (dst_rs, 1),
                     accumulate,
                     x86::Lhs::Strided(a),
-                    b,
+                    x86::Rhs::Strided(b),
                     scale,
                 );
             }
@@ -173,17 +173,19 @@ pub(crate) unsafe fn gemm_portable(
     }
 }
 
-/// A left operand [m, k] packed once for many products (see [`gemm_packed_a`]): every pass
-/// over k as the kernel packs it, panels of MR rows over all m rows.
-pub(crate) struct PackedA {
-    m: usize,
+/// An operand packed once for many products: every pass over k as the kernel packs it, in
+/// panels of `width` indices (MR rows of a left operand, see [`pack_a`] and [`gemm_packed_a`],
+/// or NR columns of a right one, see [`pack_b`] and [`gemm_packed_b`]) over all `len`.
+pub(crate) struct Packed {
+    len: usize,
     k: usize,
+    width: usize,
     /// Where each pass over k starts in `data`.
     passes: Vec<usize>,
     data: Vec<u32>,
 }
 
-impl PackedA {
+impl Packed {
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
         self.data.len() * 4
@@ -194,38 +196,69 @@ impl PackedA {
 ///
 /// # Safety
 /// `a` must be readable for [m, k] at its strides.
-pub(crate) unsafe fn pack_a(a: Operand, m: usize, k: usize) -> Option<PackedA> {
-    if !native() || m == 0 {
+pub(crate) unsafe fn pack_a(a: Operand, m: usize, k: usize) -> Option<Packed> {
+    // A as k x m: k along columns, m along rows.
+    // SAFETY: the caller's promise.
+    unsafe { pack_once(a, (a.cs, a.rs), (m, k), MR) }
+}
+
+/// Packs `b` [k, n] for [`gemm_packed_b`]; `None` where the CPU has no AVX-512 BF16.
+///
+/// # Safety
+/// `b` must be readable for [k, n] at its strides.
+pub(crate) unsafe fn pack_b(b: Operand, k: usize, n: usize) -> Option<Packed> {
+    // SAFETY: the caller's promise.
+    unsafe { pack_once(b, (b.rs, b.cs), (n, k), NR) }
+}
+
+/// Packs the k x `len` matrix `o` (depth stride `ks`, index stride `xs`) into panels of
+/// `width` indices, pass by pass, groups of panels in parallel (a 1280 x 11520 kernel is 15M
+/// values to round).
+///
+/// # Safety
+/// `o` must be readable for the [k, len] block at those strides.
+unsafe fn pack_once(
+    o: Operand,
+    (ks, xs): (isize, isize),
+    (len, k): (usize, usize),
+    width: usize,
+) -> Option<Packed> {
+    if !native() || len == 0 {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
         let kpass = depth_pass(k);
-        let panels = m.div_ceil(MR);
+        let panels = len.div_ceil(width);
+        let pass_len = |kc: usize| panels * width * kc.div_ceil(2);
         let mut passes = Vec::new();
-        let mut len = 0;
+        let mut total = 0;
         for pc in (0..k.max(1)).step_by(kpass) {
-            passes.push(len);
-            len += panels * MR * kpass.min(k - pc.min(k)).div_ceil(2);
+            passes.push(total);
+            total += pass_len(kpass.min(k - pc.min(k)));
         }
-        let mut data = vec![0u32; len];
-        // Groups of panels in parallel: a 1280 x 11520 kernel is 15M values to round.
-        const GROUP: usize = 8;
+        let mut data = vec![0u32; total];
+        let group = (64 / width).max(1);
         let mut rest = &mut data[..];
         for pc in (0..k.max(1)).step_by(kpass) {
             let kc = kpass.min(k - pc.min(k));
-            let pass_len = panels * MR * kc.div_ceil(2);
-            let (pass, tail) = rest.split_at_mut(pass_len);
+            let (pass, tail) = rest.split_at_mut(pass_len(kc));
             rest = tail;
-            super::for_each_chunk(pass, GROUP * MR * kc.div_ceil(2), |g, out| {
-                let r0 = g * GROUP * MR;
-                let rows = (GROUP * MR).min(m - r0);
-                // SAFETY: the CPU has the features (`native`); rows r0..r0+rows, columns
-                // pc..pc+kc lie inside a (caller); out holds those panels' kc/2 pairs.
-                unsafe { x86::pack(a, a.cs, a.rs, (pc, kc), (r0, rows), MR, out) };
+            super::for_each_chunk(pass, group * width * kc.div_ceil(2), |g, out| {
+                let x0 = g * group * width;
+                let xc = (group * width).min(len - x0);
+                // SAFETY: the CPU has the features (`native`); indices x0..x0+xc, depths
+                // pc..pc+kc lie inside o (caller); out holds those panels' kc/2 pairs.
+                unsafe { x86::pack(o, ks, xs, (pc, kc), (x0, xc), width, out) };
             });
         }
-        Some(PackedA { m, k, passes, data })
+        Some(Packed {
+            len,
+            k,
+            width,
+            passes,
+            data,
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
@@ -239,7 +272,7 @@ pub(crate) unsafe fn pack_a(a: Operand, m: usize, k: usize) -> Option<PackedA> {
 /// As for [`gemm`], with rows row0..row0+m inside `a`'s.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_packed_a(
-    a: &PackedA,
+    a: &Packed,
     row0: usize,
     (m, n): (usize, usize),
     dst: *mut f32,
@@ -249,10 +282,10 @@ pub(crate) unsafe fn gemm_packed_a(
     scale: f32,
 ) {
     assert!(
-        row0.is_multiple_of(MR) && row0 + m <= a.m,
+        a.width == MR && row0.is_multiple_of(MR) && row0 + m <= a.len,
         "packed rows {row0}..{} of {}",
         row0 + m,
-        a.m
+        a.len
     );
     if m == 0 || n == 0 {
         return;
@@ -267,7 +300,49 @@ pub(crate) unsafe fn gemm_packed_a(
             (dst_rs, 1),
             accumulate,
             x86::Lhs::Packed(a, row0),
-            b,
+            x86::Rhs::Strided(b),
+            scale,
+        )
+    }
+}
+
+/// [`gemm`] with the right operand's columns `col0..col0 + n` (col0 a multiple of [`NR`])
+/// taken from `b`, packed once by [`pack_b`]: the same sums as [`gemm`], without packing B
+/// again.
+///
+/// # Safety
+/// As for [`gemm`], with columns col0..col0+n inside `b`'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_packed_b(
+    b: &Packed,
+    col0: usize,
+    (m, n): (usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    scale: f32,
+) {
+    assert!(
+        b.width == NR && col0.is_multiple_of(NR) && col0 + n <= b.len,
+        "packed columns {col0}..{} of {}",
+        col0 + n,
+        b.len
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `b` exists only where the CPU has the features; the caller's promise covers the
+    // rest.
+    unsafe {
+        x86::gemm(
+            (m, n, b.k),
+            dst,
+            (dst_rs, 1),
+            accumulate,
+            x86::Lhs::Strided(a),
+            x86::Rhs::Packed(b, col0),
             scale,
         )
     }
@@ -282,7 +357,7 @@ fn depth_pass(k: usize) -> usize {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{KC, MC, MR, NC, NR, Operand, PackedA, depth_pass};
+    use super::{KC, MC, MR, NC, NR, Operand, Packed, depth_pass};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -294,7 +369,14 @@ mod x86 {
     /// The left operand: strided f32, packed here, or packed once before (rows from row0).
     pub(super) enum Lhs<'a> {
         Strided(Operand),
-        Packed(&'a PackedA, usize),
+        Packed(&'a Packed, usize),
+    }
+
+    /// The right operand: strided f32, packed here, or packed once before (columns from
+    /// col0).
+    pub(super) enum Rhs<'a> {
+        Strided(Operand),
+        Packed(&'a Packed, usize),
     }
 
     /// # Safety
@@ -308,7 +390,7 @@ mod x86 {
         (dst_rs, dst_cs): (usize, usize),
         accumulate: bool,
         a: Lhs<'_>,
-        b: Operand,
+        b: Rhs<'_>,
         scale: f32,
     ) {
         SCRATCH.with_borrow_mut(|(ap, bp)| {
@@ -321,9 +403,18 @@ mod x86 {
                 for (pass, pc) in (0..k.max(1)).step_by(kpass).enumerate() {
                     let kc = kpass.min(k - pc.min(k));
                     let kp = kc.div_ceil(2);
-                    // B as k x n: k along rows (stride rs), n along columns (stride cs).
-                    // SAFETY: rows pc..pc+kc, columns jc..jc+nc lie inside b (caller).
-                    unsafe { pack(b, b.rs, b.cs, (pc, kc), (jc, nc), NR, bp) };
+                    let bpanels: &[u32] = match b {
+                        Rhs::Strided(b) => {
+                            // B as k x n: k along rows (stride rs), n along columns (stride
+                            // cs).
+                            // SAFETY: rows pc..pc+kc, columns jc..jc+nc lie inside b (caller).
+                            unsafe { pack(b, b.rs, b.cs, (pc, kc), (jc, nc), NR, bp) };
+                            bp
+                        }
+                        Rhs::Packed(p, col0) => {
+                            &p.data[p.passes[pass] + (col0 + jc) / NR * kp * NR..]
+                        }
+                    };
                     let add = accumulate || pc > 0;
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
@@ -352,7 +443,7 @@ mod x86 {
                                         kp,
                                         (
                                             apanels[ir * kp * MR..].as_ptr(),
-                                            bp[jr * kp * NR..].as_ptr(),
+                                            bpanels[jr * kp * NR..].as_ptr(),
                                         ),
                                         (c, dst_rs, dst_cs),
                                         size,
@@ -739,7 +830,7 @@ mod tests {
                 (n, 1),
                 false,
                 x86::Lhs::Strided(a),
-                b,
+                x86::Rhs::Strided(b),
                 0.5,
             );
             x86::gemm(
@@ -748,7 +839,7 @@ mod tests {
                 (1, n),
                 false,
                 x86::Lhs::Strided(b.transposed()),
-                a.transposed(),
+                x86::Rhs::Strided(a.transposed()),
                 0.5,
             );
         }
@@ -783,7 +874,7 @@ mod tests {
                     (n, 1),
                     true,
                     x86::Lhs::Strided(sub),
-                    b,
+                    x86::Rhs::Strided(b),
                     0.25,
                 );
                 gemm_packed_a(&packed, row0, (rows, n), got.as_mut_ptr(), n, true, b, 0.25);
@@ -794,6 +885,60 @@ mod tests {
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
                 "rows {row0}..{}",
                 row0 + rows
+            );
+        }
+    }
+
+    /// Columns of a right operand packed once (here a weight read transposed, as linear
+    /// layers do) give the bits of the same columns packed per product.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn b_packed_once_gives_the_bits_of_b_packed_per_product() {
+        if !native() {
+            eprintln!("no AVX-512 BF16 here: the packed path is not tested");
+            return;
+        }
+        // n over one NC block, so packed panels are read from a second column block too.
+        let (m, n, k) = (37, 900, 530);
+        let (am, bm) = (operand(m, k, false, 13), operand(k, n, true, 14));
+        let (a, b) = (am.op(), bm.op());
+        // SAFETY: b is [k, n].
+        let packed = unsafe { pack_b(b, k, n) }.unwrap();
+        for (col0, cols) in [(0, n), (48, 100), (864, 36)] {
+            let sub = Operand {
+                ptr: b.ptr.wrapping_offset(col0 as isize * b.cs),
+                ..b
+            };
+            let mut want = vec![1f32; m * cols];
+            let mut got = want.clone();
+            // SAFETY: a [m, k], columns col0..col0+cols of b, outputs [m, cols].
+            unsafe {
+                x86::gemm(
+                    (m, cols, k),
+                    want.as_mut_ptr(),
+                    (cols, 1),
+                    true,
+                    x86::Lhs::Strided(a),
+                    x86::Rhs::Strided(sub),
+                    0.25,
+                );
+                gemm_packed_b(
+                    &packed,
+                    col0,
+                    (m, cols),
+                    got.as_mut_ptr(),
+                    cols,
+                    true,
+                    a,
+                    0.25,
+                );
+            }
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "columns {col0}..{}",
+                col0 + cols
             );
         }
     }

@@ -138,7 +138,6 @@ fn conv2d_impl(
     relu: bool,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let w = super::f32_weight(w)?;
     let (b, cin, sh, sw) = x.dims4()?;
     let _p = super::profile::scope(|| {
         let (co, _, k, _) = w.dims4().unwrap_or_default();
@@ -164,6 +163,20 @@ fn conv2d_impl(
     let oh = out_size(h, kh, stride, padding);
     let ow = out_size(wd, kw, stride, padding);
     let plane = oh * ow;
+    let variant = winograd_variant((kh, kw), stride, padding, oh * ow);
+    let prec = match variant {
+        Some(v) => precision().for_output(cout, b * v.tiles(oh, ow)),
+        None => precision().for_output(cout, b * plane),
+    };
+    // A weight whose packed form this call will use is not read, so not widened either
+    // (weights kept in 16 bits would be, on every call).
+    let kept =
+        prec == Precision::Bf16 && bf16::native() && prepared.is_some_and(|p| p.holds(variant));
+    let w = if kept {
+        None
+    } else {
+        Some(super::f32_weight(w)?)
+    };
 
     let bias = bias.map(|t| t.contiguous()).transpose()?;
     let bias_per_item = match &bias {
@@ -209,10 +222,11 @@ fn conv2d_impl(
     }
 
     let xv = F32View::new(&x)?;
-    let wv = F32View::new(&w)?;
+    let wv = w.as_ref().map(F32View::new).transpose()?;
     let xs = xv.slice();
-    let ws = wv.slice();
-    if let Some(variant) = winograd_variant((kh, kw), stride, padding, oh * ow) {
+    // Empty where the kept packed form serves instead.
+    let ws = wv.as_ref().map_or(&[][..], |v| v.slice());
+    if let Some(variant) = variant {
         super::winograd::conv3x3(
             variant,
             xs,
@@ -230,7 +244,6 @@ fn conv2d_impl(
         return finish(out, (b, cout, oh, ow), relu);
     }
     let k = cin * kh * kw;
-    let prec = precision().for_output(cout, b * oh * ow);
     // With bf16 products the weight is packed once per call (or once per model, kept in
     // `prepared`), not once per task.
     let make = || {
@@ -316,7 +329,6 @@ fn conv2d_impl(
             );
             (matrix(&col[..], 0, (k, n), (n, 1)), n)
         };
-        let lhs = matrix(ws, 0, (cout, k), (k, 1));
         // SAFETY: the dst block [Cout, rows oy0..oy1] of item bi (rows `plane` apart in the
         // [B, Cout, plane] output) belongs to this task alone, and `at` checks (in debug
         // builds) that it lies inside the output; lhs and rhs were checked by `matrix` for the
@@ -335,6 +347,7 @@ fn conv2d_impl(
                 );
                 return;
             }
+            let lhs = matrix(ws, 0, (cout, k), (k, 1));
             matmul(
                 prec,
                 Product {
@@ -383,7 +396,7 @@ const SMALL_PIXELS: usize = 2048;
 /// the (large) weight and the weight is read once. `out` already holds bias and residual.
 fn conv_small(
     xs: &[f32],
-    (ws, packed): (&[f32], Option<&bf16::PackedA>),
+    (ws, packed): (&[f32], Option<&bf16::Packed>),
     out: SendPtr<'_>,
     (b, cin, sh, sw, up): (usize, usize, usize, usize, usize),
     (cout, kh, kw, stride, padding): (usize, usize, usize, usize, usize),
@@ -435,7 +448,6 @@ fn conv_small(
         let c0 = c * chunk;
         let m = chunk.min(cout - c0);
         let mut tmp = vec![0.0; m * ld];
-        let lhs = matrix(ws, c0 * k, (m, k), (k, 1));
         let rhs = matrix(col, 0, (k, ld), (ld, 1));
         let dst_tmp = matrix_mut(&mut tmp, 0, (m, ld), (ld, 1));
         // SAFETY: tmp is this task's own [m, ld] buffer; the weight rows c0..c0+m (c0 a
@@ -454,6 +466,7 @@ fn conv_small(
                     none,
                 );
             } else {
+                let lhs = matrix(ws, c0 * k, (m, k), (k, 1));
                 matmul(
                     prec,
                     Product {
@@ -615,7 +628,7 @@ mod tests {
     use super::*;
     use crate::kernels::matmul::with_precision;
     use crate::kernels::testing::{max_diff, rand};
-    use candle_core::Module;
+    use candle_core::{DType, Module};
 
     fn bits(t: &Tensor) -> Vec<u32> {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
@@ -640,23 +653,30 @@ mod tests {
             let wt = rand(&[c, c, k, k], 10 + i as u64);
             let bias = rand(&[c], 20 + i as u64);
             let pad = k / 2;
-            let kept = PreparedConv::default();
-            let run = |p: Precision, kept: Option<&PreparedConv>| {
+            let run = |p: Precision, wt: &Tensor, kept: Option<&PreparedConv>| {
                 with_precision(p, || match kept {
-                    Some(kept) => {
-                        conv2d_prepared(&x, &wt, kept, Some(&bias), None, stride, pad, up)
-                    }
-                    None if up == 2 => conv2d_upsample2x(&x, &wt, Some(&bias), pad),
-                    None => conv2d(&x, &wt, Some(&bias), None, stride, pad),
+                    Some(kept) => conv2d_prepared(&x, wt, kept, Some(&bias), None, stride, pad, up),
+                    None if up == 2 => conv2d_upsample2x(&x, wt, Some(&bias), pad),
+                    None => conv2d(&x, wt, Some(&bias), None, stride, pad),
                 })
                 .unwrap()
             };
-            let per_call = run(Precision::Bf16, None);
-            let first = run(Precision::Bf16, Some(&kept));
-            let again = run(Precision::Bf16, Some(&kept));
+            // A weight kept in 16 bits is widened per call unless its packed form serves.
+            let narrow = wt.to_dtype(DType::BF16).unwrap();
+            let kept_narrow = PreparedConv::default();
+            let per_call = run(Precision::Bf16, &narrow, None);
+            let first = run(Precision::Bf16, &narrow, Some(&kept_narrow));
+            let again = run(Precision::Bf16, &narrow, Some(&kept_narrow));
+            assert!(bits(&first) == bits(&per_call), "case {i}: made from bf16");
+            assert!(bits(&again) == bits(&per_call), "case {i}: kept from bf16");
+
+            let kept = PreparedConv::default();
+            let per_call = run(Precision::Bf16, &wt, None);
+            let first = run(Precision::Bf16, &wt, Some(&kept));
+            let again = run(Precision::Bf16, &wt, Some(&kept));
             assert!(bits(&first) == bits(&per_call), "case {i}: made");
             assert!(bits(&again) == bits(&per_call), "case {i}: kept");
-            let f32_out = run(Precision::F32, Some(&kept));
+            let f32_out = run(Precision::F32, &wt, Some(&kept));
             let d = max_diff(&f32_out, &per_call);
             if bf16::native() {
                 // The kept forms were made and used, and they are bf16 products.

@@ -146,6 +146,35 @@ pub(crate) unsafe fn matmul(
     }
 }
 
+/// `dst [m, n] = [dst +] lhs · rhs` with bf16 products, where rhs is columns col0..col0+n
+/// (col0 a multiple of `bf16::NR`) of a matrix packed once by `bf16::pack_b`; single-threaded.
+/// The same sums as [`matmul`] at [`Precision::Bf16`] on the unpacked columns.
+///
+/// # Safety
+/// As for [`matmul`], with columns col0..col0+n inside the packed matrix.
+pub(crate) unsafe fn matmul_packed_rhs(
+    rhs: &bf16::Packed,
+    col0: usize,
+    (m, n): (usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        bf16::gemm_packed_b(
+            rhs,
+            col0,
+            (m, n),
+            dst,
+            dst_rs,
+            accumulate,
+            operand(lhs),
+            1.0,
+        )
+    }
+}
+
 /// A (pointer, row stride, column stride) operand as the bf16 kernel takes it.
 fn operand((ptr, rs, cs): (*const f32, usize, usize)) -> Operand {
     Operand {
@@ -182,7 +211,7 @@ fn for_row_blocks(
 /// # Safety
 /// As for [`matmul`], with rows row0..row0+m inside the packed matrix.
 pub(crate) unsafe fn matmul_packed(
-    lhs: &bf16::PackedA,
+    lhs: &bf16::Packed,
     row0: usize,
     (m, n): (usize, usize),
     (dst, dst_rs): (*mut f32, usize),

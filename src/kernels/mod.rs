@@ -16,7 +16,7 @@ mod prepared;
 pub mod simd;
 mod winograd;
 
-pub use prepared::PreparedConv;
+pub use prepared::{PreparedConv, PreparedLinear};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Storage, StorageRef, Tensor};
@@ -644,7 +644,7 @@ mod tests {
                 Box::new(|| {
                     let x = rand(&[2, 300, 24], 10);
                     let b = rand(&[70], 11);
-                    linear::linear(&x, &rand(&[70, 24], 12), Some(&b), None).unwrap()
+                    linear::linear(&x, &rand(&[70, 24], 12), None, Some(&b), None).unwrap()
                 }),
                 Box::new(|| linear::geglu(&rand(&[3, 200, 64], 13)).unwrap()),
                 Box::new(|| {

@@ -43,6 +43,10 @@ impl Variant {
     fn alpha(self) -> usize {
         self.m() + 2
     }
+    /// Tiles covering an oh x ow output.
+    pub(super) fn tiles(self, oh: usize, ow: usize) -> usize {
+        oh.div_ceil(self.m()) * ow.div_ceil(self.m())
+    }
     /// The number of products, α².
     fn planes(self) -> usize {
         self.alpha() * self.alpha()
@@ -194,22 +198,24 @@ pub(super) fn conv3x3(
     (sh, sw): (usize, usize),
     up: usize,
 ) {
+    let (oh, ow) = (sh * up, sw * up);
+    let prec = precision().for_output(cout, items * variant.tiles(oh, ow));
+    let packed = prec == Precision::Bf16 && bf16::native();
+    // The weight may be left out (empty) where `prepared` holds its packed planes.
+    let kept = packed && prepared.is_some_and(|p| p.holds(Some(variant)));
     assert!(
         x.len() == items * cin * sh * sw
-            && w.len() == cout * cin * 9
-            && out.len() == items * cout * sh * up * sw * up,
+            && (w.len() == cout * cin * 9 || kept && w.is_empty())
+            && out.len() == items * cout * oh * ow,
         "winograd: buffer sizes do not match the shapes"
     );
     if out.is_empty() || cin == 0 {
         return;
     }
-    let (oh, ow) = (sh * up, sw * up);
-    let tiles = oh.div_ceil(variant.m()) * ow.div_ceil(variant.m());
-    let prec = precision().for_output(cout, items * tiles);
     let planes = variant.planes();
     let mut run =
         |u: Planes| conv3x3_transformed(variant, x, u, out, items, cin, cout, (sh, sw), up);
-    if prec == Precision::Bf16 && bf16::native() {
+    if packed {
         // Each U[ξ] packed once per call (or once per model, kept in `prepared`), not once
         // per block.
         let make = || {
@@ -236,11 +242,11 @@ enum Planes<'a> {
     /// U [α², Cout, Cin], multiplied at the precision given.
     F32(&'a [f32], Precision),
     /// Each U[ξ] packed for bf16 products.
-    Packed(&'a [bf16::PackedA]),
+    Packed(&'a [bf16::Packed]),
 }
 
 /// Packs each plane U[ξ] ([cout, cin] row-major in `u`) for bf16 products.
-fn pack_planes(u: &[f32], planes: usize, cout: usize, cin: usize) -> Vec<bf16::PackedA> {
+fn pack_planes(u: &[f32], planes: usize, cout: usize, cin: usize) -> Vec<bf16::Packed> {
     (0..planes)
         .map_while(|xi| {
             let a = bf16::Operand {

@@ -175,14 +175,17 @@ impl Conv {
 }
 
 /// `x · wᵀ + b (+ residual)`, on the fused kernel where it applies.
+/// `prepared` keeps the weight's packed form for the kernels (bf16 products), where the
+/// caller has one for this weight.
 pub(crate) fn linear_fused(
     x: &Tensor,
     w: &Tensor,
+    prepared: Option<&kernels::PreparedLinear>,
     b: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     if kernels::applies(x) {
-        return kernels::linear::linear(x, w, b, residual);
+        return kernels::linear::linear(x, w, prepared, b, residual);
     }
     let y = Linear::new(like(w, x)?.into_owned(), b.cloned()).forward(x)?;
     Ok(match residual {
@@ -224,11 +227,17 @@ pub struct Dense {
     weight: Tensor,
     /// [out]
     bias: Option<Tensor>,
+    /// The weight's packed forms for bf16 products, made on first use.
+    prepared: kernels::PreparedLinear,
 }
 
 impl Dense {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            prepared: Default::default(),
+        }
     }
 
     pub fn load(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
@@ -247,12 +256,14 @@ impl Dense {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear_fused(x, &self.weight, self.bias.as_ref(), None)
+        let kept = Some(&self.prepared);
+        linear_fused(x, &self.weight, kept, self.bias.as_ref(), None)
     }
 
     /// `forward(x) + residual`.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        linear_fused(x, &self.weight, self.bias.as_ref(), Some(residual))
+        let kept = Some(&self.prepared);
+        linear_fused(x, &self.weight, kept, self.bias.as_ref(), Some(residual))
     }
 }
 
@@ -354,6 +365,8 @@ pub struct Attention {
     w_kv: Tensor,
     /// [3·dim, dim] when ctx_dim == dim.
     w_qkv: Option<Tensor>,
+    /// The packed forms of w_q, w_kv and w_qkv for bf16 products.
+    kept: [kernels::PreparedLinear; 3],
     to_out: Dense,
     heads: usize,
 }
@@ -378,6 +391,7 @@ impl Attention {
             w_q,
             w_kv,
             w_qkv,
+            kept: Default::default(),
             to_out: Dense::load(vb.pp("to_out.0"), dim, dim)?,
             heads,
         })
@@ -398,7 +412,7 @@ impl Attention {
         let dim = self.w_q.dim(0)?;
         let (q, k, v) = match (context, &self.w_qkv) {
             (None, Some(qkv)) => {
-                let p = linear_fused(xs, qkv, None, None)?;
+                let p = linear_fused(xs, qkv, Some(&self.kept[2]), None, None)?;
                 (
                     p.narrow(D::Minus1, 0, dim)?,
                     p.narrow(D::Minus1, dim, dim)?,
@@ -407,8 +421,8 @@ impl Attention {
             }
             _ => {
                 let ctx = context.unwrap_or(xs);
-                let q = linear_fused(xs, &self.w_q, None, None)?;
-                let kv = linear_fused(ctx, &self.w_kv, None, None)?;
+                let q = linear_fused(xs, &self.w_q, Some(&self.kept[0]), None, None)?;
+                let kv = linear_fused(ctx, &self.w_kv, Some(&self.kept[1]), None, None)?;
                 (
                     q,
                     kv.narrow(D::Minus1, 0, dim)?,
@@ -493,6 +507,8 @@ struct Proj {
     /// [out, in] (linear) or [out, in, 1, 1] (conv).
     weight: Tensor,
     bias: Tensor,
+    /// The weight's packed forms for bf16 products, made on first use.
+    prepared: kernels::PreparedLinear,
 }
 
 impl Proj {
@@ -505,6 +521,7 @@ impl Proj {
         Ok(Self {
             weight,
             bias: vb.get(channels, "bias")?,
+            prepared: Default::default(),
         })
     }
 
@@ -517,7 +534,8 @@ impl Proj {
     /// Map [B, C, H, W] → tokens [B, H·W, C'].
     fn map_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         if kernels::applies(x) {
-            return kernels::linear::linear_from_map(x, &self.weight, Some(&self.bias));
+            let kept = Some(&self.prepared);
+            return kernels::linear::linear_from_map(x, &self.weight, kept, Some(&self.bias));
         }
         let (b, c, h, w) = x.dims4()?;
         let t = x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
@@ -531,6 +549,7 @@ impl Proj {
             return kernels::linear::linear_to_map(
                 t,
                 &self.weight,
+                Some(&self.prepared),
                 Some(&self.bias),
                 Some(residual),
                 (h, w),
@@ -647,6 +666,8 @@ pub struct VaeAttention {
     /// q, k, v weights stacked: [3·C, C]; biases [3·C].
     w_qkv: Tensor,
     b_qkv: Tensor,
+    /// w_qkv's packed forms for bf16 products.
+    kept_qkv: kernels::PreparedLinear,
     to_out: Dense,
 }
 
@@ -678,6 +699,7 @@ impl VaeAttention {
             group_norm: Norm::load(vb.pp("group_norm"), groups, channels, 1e-6)?,
             w_qkv: cat_rows(&[&wq, &wk, &wv])?,
             b_qkv: Tensor::cat(&[&bq, &bk, &bv], 0)?,
+            kept_qkv: Default::default(),
             to_out: Dense::new(wo, Some(bo)),
         })
     }
@@ -686,7 +708,8 @@ impl VaeAttention {
         let (b, c, h, w) = xs.dims4()?;
         let x = self.group_norm.forward(xs, false)?;
         if kernels::applies(&x) {
-            let qkv = kernels::linear::linear_from_map(&x, &self.w_qkv, Some(&self.b_qkv))?;
+            let kept = Some(&self.kept_qkv);
+            let qkv = kernels::linear::linear_from_map(&x, &self.w_qkv, kept, Some(&self.b_qkv))?;
             let o = kernels::attention::attention(
                 &qkv.narrow(2, 0, c)?,
                 &qkv.narrow(2, c, c)?,
@@ -696,13 +719,14 @@ impl VaeAttention {
             return kernels::linear::linear_to_map(
                 &o,
                 self.to_out.weight(),
+                Some(&self.to_out.prepared),
                 self.to_out.bias.as_ref(),
                 Some(xs),
                 (h, w),
             );
         }
         let x = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let qkv = linear_fused(&x, &self.w_qkv, Some(&self.b_qkv), None)?;
+        let qkv = linear_fused(&x, &self.w_qkv, None, Some(&self.b_qkv), None)?;
         let one_head = |t: Tensor| -> Result<Tensor> { Ok(t.contiguous()?.unsqueeze(1)?) };
         let q = one_head(qkv.narrow(2, 0, c)?)?;
         let k = one_head(qkv.narrow(2, c, c)?)?;

@@ -131,7 +131,7 @@ impl Attention {
 /// and runs one small product per leading row (64 of 64 tokens each on a 64x64 grid),
 /// packing the whole weight again for each.
 fn tokens_linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    crate::models::blocks::linear_fused(x, lin.weight(), lin.bias(), None)
+    crate::models::blocks::linear_fused(x, lin.weight(), None, lin.bias(), None)
 }
 
 /// The table's rows for every (query, key) pair along one axis: [q, k, C], row
