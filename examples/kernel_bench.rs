@@ -212,6 +212,15 @@ fn main() -> anyhow::Result<()> {
         if bf16_native() {
             // As a model's layer runs it: the weight's packed form kept from call to call.
             let kept = kernels::PreparedLinear::default();
+            let t0 = std::time::Instant::now();
+            with_precision(Precision::Bf16, || {
+                kernels::linear::linear(&x, &w, Some(&kept), Some(&bias), None).unwrap();
+            });
+            report(
+                &format!("{name} tkg bf16 first"),
+                flops,
+                t0.elapsed().as_secs_f64(),
+            );
             let s = best(reps(flops), || {
                 with_precision(Precision::Bf16, || {
                     kernels::linear::linear(&x, &w, Some(&kept), Some(&bias), None).unwrap();
