@@ -59,9 +59,9 @@ fn init_out(
 }
 
 /// Splits an output of `items` x [tokens, features] into parallel single-threaded gemm tasks
-/// `f(item, t0, tokens, f0, features)`, f0 a multiple of `align`,: along tokens when there are plenty (every task then
-/// packs the whole weight, which its many tokens amortise), else along features (the weight is
-/// split, so it is read once in all).
+/// `f(item, t0, tokens, f0, features)` with f0 a multiple of `align`: along tokens when there
+/// are plenty (every task then packs the whole weight, which its many tokens amortise), else
+/// along features (the weight is split, so it is read once in all).
 fn for_grid(
     items: usize,
     tokens: usize,
