@@ -33,6 +33,15 @@ pub(crate) struct Operand {
 }
 
 impl Operand {
+    /// The matrix at `ptr` with element (r, c) at `ptr + r·rs + c·cs`.
+    pub(crate) fn new(ptr: *const f32, rs: usize, cs: usize) -> Operand {
+        Operand {
+            ptr,
+            rs: rs as isize,
+            cs: cs as isize,
+        }
+    }
+
     /// The same matrix read transposed: [cols, rows].
     pub(crate) fn transposed(self) -> Operand {
         Operand {
@@ -102,8 +111,8 @@ pub(crate) unsafe fn gemm(
                     dst,
                     (1, dst_rs),
                     accumulate,
-                    x86::Lhs::Strided(b.transposed()),
-                    x86::Rhs::Strided(a.transposed()),
+                    x86::Source::Strided(b.transposed()),
+                    x86::Source::Strided(a.transposed()),
                     scale,
                 );
             } else {
@@ -112,8 +121,8 @@ pub(crate) unsafe fn gemm(
                     dst,
                     (dst_rs, 1),
                     accumulate,
-                    x86::Lhs::Strided(a),
-                    x86::Rhs::Strided(b),
+                    x86::Source::Strided(a),
+                    x86::Source::Strided(b),
                     scale,
                 );
             }
@@ -189,6 +198,13 @@ impl Packed {
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
         self.data.len() * 4
+    }
+
+    /// The panels of pass `pass` (`kp` pairs deep) from index `first`, a multiple of the
+    /// panel width.
+    #[cfg(target_arch = "x86_64")]
+    fn panels(&self, pass: usize, first: usize, kp: usize) -> &[u32] {
+        &self.data[self.passes[pass] + first / self.width * kp * self.width..]
     }
 }
 
@@ -299,8 +315,8 @@ pub(crate) unsafe fn gemm_packed_a(
             dst,
             (dst_rs, 1),
             accumulate,
-            x86::Lhs::Packed(a, row0),
-            x86::Rhs::Strided(b),
+            x86::Source::Packed(a, row0),
+            x86::Source::Strided(b),
             scale,
         )
     }
@@ -341,8 +357,8 @@ pub(crate) unsafe fn gemm_packed_b(
             dst,
             (dst_rs, 1),
             accumulate,
-            x86::Lhs::Strided(a),
-            x86::Rhs::Packed(b, col0),
+            x86::Source::Strided(a),
+            x86::Source::Packed(b, col0),
             scale,
         )
     }
@@ -366,15 +382,9 @@ mod x86 {
         static SCRATCH: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
 
-    /// The left operand: strided f32, packed here, or packed once before (rows from row0).
-    pub(super) enum Lhs<'a> {
-        Strided(Operand),
-        Packed(&'a Packed, usize),
-    }
-
-    /// The right operand: strided f32, packed here, or packed once before (columns from
-    /// col0).
-    pub(super) enum Rhs<'a> {
+    /// An operand of [`gemm`]: strided f32, packed here, or packed once before (its rows,
+    /// for the left operand, or columns, for the right one, from the index given).
+    pub(super) enum Source<'a> {
         Strided(Operand),
         Packed(&'a Packed, usize),
     }
@@ -389,8 +399,8 @@ mod x86 {
         dst: *mut f32,
         (dst_rs, dst_cs): (usize, usize),
         accumulate: bool,
-        a: Lhs<'_>,
-        b: Rhs<'_>,
+        a: Source<'_>,
+        b: Source<'_>,
         scale: f32,
     ) {
         SCRATCH.with_borrow_mut(|(ap, bp)| {
@@ -404,22 +414,20 @@ mod x86 {
                     let kc = kpass.min(k - pc.min(k));
                     let kp = kc.div_ceil(2);
                     let bpanels: &[u32] = match b {
-                        Rhs::Strided(b) => {
+                        Source::Strided(b) => {
                             // B as k x n: k along rows (stride rs), n along columns (stride
                             // cs).
                             // SAFETY: rows pc..pc+kc, columns jc..jc+nc lie inside b (caller).
                             unsafe { pack(b, b.rs, b.cs, (pc, kc), (jc, nc), NR, bp) };
                             bp
                         }
-                        Rhs::Packed(p, col0) => {
-                            &p.data[p.passes[pass] + (col0 + jc) / NR * kp * NR..]
-                        }
+                        Source::Packed(p, col0) => p.panels(pass, col0 + jc, kp),
                     };
                     let add = accumulate || pc > 0;
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
                         let apanels: &[u32] = match a {
-                            Lhs::Strided(a) => {
+                            Source::Strided(a) => {
                                 // A as k x m: k along columns (stride cs), m along rows
                                 // (stride rs).
                                 // SAFETY: rows ic..ic+mc, columns pc..pc+kc lie inside a
@@ -427,9 +435,7 @@ mod x86 {
                                 unsafe { pack(a, a.cs, a.rs, (pc, kc), (ic, mc), MR, ap) };
                                 ap
                             }
-                            Lhs::Packed(p, row0) => {
-                                &p.data[p.passes[pass] + (row0 + ic) / MR * kp * MR..]
-                            }
+                            Source::Packed(p, row0) => p.panels(pass, row0 + ic, kp),
                         };
                         for jr in 0..nc.div_ceil(NR) {
                             for ir in 0..mc.div_ceil(MR) {
@@ -477,24 +483,13 @@ mod x86 {
         // Only the 16-wide vectors that hold columns are multiplied: a 64-wide output (an 8x8
         // map) costs 64 columns of work, not 96.
         let vectors = cols.div_ceil(16);
-        let direct = rows == MR && cols == 16 * vectors && cs == 1;
+        if rows == MR && cols == 16 * vectors && cs == 1 {
+            // SAFETY: the caller's promise.
+            return unsafe { tile_vectors(vectors, kp, (a, b), (dst, rs), add, scale) };
+        }
         let mut buf = [0f32; MR * NR];
-        let (c, c_rs, c_add) = if direct {
-            (dst, rs, add)
-        } else {
-            (buf.as_mut_ptr(), NR, false)
-        };
-        // SAFETY: the caller's promise, or buf; c holds MR rows of 16·vectors values.
-        unsafe {
-            match vectors {
-                1 => tile::<1>(kp, a, b, c, c_rs, c_add, scale),
-                2 => tile::<2>(kp, a, b, c, c_rs, c_add, scale),
-                _ => tile::<3>(kp, a, b, c, c_rs, c_add, scale),
-            }
-        }
-        if direct {
-            return;
-        }
+        // SAFETY: buf holds MR rows of NR values.
+        unsafe { tile_vectors(vectors, kp, (a, b), (buf.as_mut_ptr(), NR), false, scale) };
         // SAFETY: the caller's promise.
         unsafe {
             for r in 0..rows {
@@ -503,6 +498,30 @@ mod x86 {
                     let v = buf[r * NR + j];
                     *d = if add { *d + v } else { v };
                 }
+            }
+        }
+    }
+
+    /// [`tile`] with `V` = `vectors` (1 to 3).
+    ///
+    /// # Safety
+    /// As for [`tile`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn tile_vectors(
+        vectors: usize,
+        kp: usize,
+        (a, b): (*const u32, *const u32),
+        (c, c_rs): (*mut f32, usize),
+        add: bool,
+        scale: f32,
+    ) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            match vectors {
+                1 => tile::<1>(kp, a, b, c, c_rs, add, scale),
+                2 => tile::<2>(kp, a, b, c, c_rs, add, scale),
+                _ => tile::<3>(kp, a, b, c, c_rs, add, scale),
             }
         }
     }
@@ -829,8 +848,8 @@ mod tests {
                 c.as_mut_ptr(),
                 (n, 1),
                 false,
-                x86::Lhs::Strided(a),
-                x86::Rhs::Strided(b),
+                x86::Source::Strided(a),
+                x86::Source::Strided(b),
                 0.5,
             );
             x86::gemm(
@@ -838,8 +857,8 @@ mod tests {
                 ct.as_mut_ptr(),
                 (1, n),
                 false,
-                x86::Lhs::Strided(b.transposed()),
-                x86::Rhs::Strided(a.transposed()),
+                x86::Source::Strided(b.transposed()),
+                x86::Source::Strided(a.transposed()),
                 0.5,
             );
         }
@@ -873,8 +892,8 @@ mod tests {
                     want.as_mut_ptr(),
                     (n, 1),
                     true,
-                    x86::Lhs::Strided(sub),
-                    x86::Rhs::Strided(b),
+                    x86::Source::Strided(sub),
+                    x86::Source::Strided(b),
                     0.25,
                 );
                 gemm_packed_a(&packed, row0, (rows, n), got.as_mut_ptr(), n, true, b, 0.25);
@@ -918,8 +937,8 @@ mod tests {
                     want.as_mut_ptr(),
                     (cols, 1),
                     true,
-                    x86::Lhs::Strided(a),
-                    x86::Rhs::Strided(sub),
+                    x86::Source::Strided(a),
+                    x86::Source::Strided(sub),
                     0.25,
                 );
                 gemm_packed_b(

@@ -10,8 +10,8 @@
 //! which is how a resnet's timestep embedding is fused in), and the gemm accumulates onto it.
 
 use super::bf16;
-use super::matmul::{Precision, Product, matmul, matmul_packed, precision};
-use super::prepared::PreparedConv;
+use super::matmul::{Precision, Product, matmul, matmul_packed_lhs, precision};
+use super::prepared::{PreparedConv, packs};
 use super::winograd::Variant;
 use super::{
     F32View, SendPtr, for_each_chunk, for_each_task, for_each_task_with, gemm_parallelism, matrix,
@@ -168,10 +168,11 @@ fn conv2d_impl(
         Some(v) => precision().for_output(cout, b * v.tiles(oh, ow)),
         None => precision().for_output(cout, b * plane),
     };
+    // The layer's kept forms, where this call's products use packed operands.
+    let prepared = prepared.filter(|_| packs(prec));
     // A weight whose packed form this call will use is not read, so not widened either
     // (weights kept in 16 bits would be, on every call).
-    let kept =
-        prec == Precision::Bf16 && bf16::native() && prepared.is_some_and(|p| p.holds(variant));
+    let kept = prepared.is_some_and(|p| p.holds(variant));
     let w = if kept {
         None
     } else {
@@ -228,7 +229,7 @@ fn conv2d_impl(
     let ws = wv.as_ref().map_or(&[][..], |v| v.slice());
     if let Some(variant) = variant {
         super::winograd::conv3x3(
-            variant,
+            (variant, prec),
             xs,
             ws,
             prepared,
@@ -246,23 +247,16 @@ fn conv2d_impl(
     let k = cin * kh * kw;
     // With bf16 products the weight is packed once per call (or once per model, kept in
     // `prepared`), not once per task.
-    let make = || {
-        let a = bf16::Operand {
-            ptr: ws.as_ptr(),
-            rs: k as isize,
-            cs: 1,
-        };
-        // SAFETY: ws is the [cout, k] row-major weight.
-        unsafe { bf16::pack_a(a, cout, k) }
-    };
+    // SAFETY: ws is the [cout, k] row-major weight.
+    let make = || unsafe { bf16::pack_a(bf16::Operand::new(ws.as_ptr(), k, 1), cout, k) };
     let owned;
-    let packed = match (prec, prepared) {
-        (Precision::Bf16, Some(p)) if bf16::native() => p.im2col(make),
-        (Precision::Bf16, None) if bf16::native() => {
+    let packed = match prepared {
+        Some(p) => p.im2col(make),
+        None if packs(prec) => {
             owned = make();
             owned.as_ref()
         }
-        _ => None,
+        None => None,
     };
     let dst = SendPtr::new(&mut out);
     let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0 && up == 1;
@@ -336,7 +330,7 @@ fn conv2d_impl(
         unsafe {
             let dst = dst.at(bi * cout * plane + oy0 * ow, span(cout, n, plane, 1));
             if let Some(packed) = packed {
-                matmul_packed(
+                matmul_packed_lhs(
                     packed,
                     0,
                     (cout, n),
@@ -456,7 +450,7 @@ fn conv_small(
         unsafe {
             if let Some(packed) = packed {
                 let none = Parallelism::None;
-                matmul_packed(
+                matmul_packed_lhs(
                     packed,
                     c0,
                     (m, ld),

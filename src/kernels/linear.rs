@@ -3,8 +3,8 @@
 //! [B, H·W, C] (proj_in) and tokens written back as a map (proj_out), without a transpose copy.
 
 use super::bf16;
-use super::matmul::{Product, matmul, matmul_packed, matmul_packed_rhs, precision};
-use super::prepared::{self, PreparedLinear};
+use super::matmul::{Product, matmul, matmul_packed_lhs, matmul_packed_rhs, precision};
+use super::prepared::{PreparedLinear, packs};
 use super::{F32View, SendPtr, for_each_chunk, for_each_task, matrix, span, tensor, threads};
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
@@ -174,8 +174,9 @@ fn tokens_out(
     let n = w.dim(0)?;
     let k = w.elem_count() / n.max(1);
     let prec = precision().for_output(items * rows, n);
-    let packs = prepared::packs(prec) && prepared.is_some();
-    let w = f32_matrix(w, packs && prepared.is_some_and(|p| p.holds(false)))?;
+    // The layer's kept forms, where this call's products use packed operands.
+    let prepared = prepared.filter(|_| packs(prec));
+    let w = f32_matrix(w, prepared.is_some_and(|p| p.holds(false)))?;
     let bias = bias.map(|t| t.contiguous()).transpose()?;
     let residual = residual.map(|t| t.contiguous()).transpose()?;
     if let Some(r) = &residual {
@@ -187,16 +188,9 @@ fn tokens_out(
     // Empty where the kept packed form serves instead.
     let ws = wv.as_ref().map_or(&[][..], |v| v.slice());
     // wᵀ [K, N] packed once for the layer's life (with bf16 products and a layer to keep it).
-    let packed = prepared.filter(|_| packs).and_then(|p| {
-        p.rhs(|| {
-            let wt = bf16::Operand {
-                ptr: ws.as_ptr(),
-                rs: 1,
-                cs: k as isize,
-            };
-            // SAFETY: ws is w [N, K] row-major, so wᵀ [K, N] at strides (1, K).
-            unsafe { bf16::pack_b(wt, k, n) }
-        })
+    // SAFETY: ws is w [N, K] row-major, so wᵀ [K, N] at strides (1, K).
+    let packed = prepared.and_then(|p| {
+        p.rhs(|| unsafe { bf16::pack_b(bf16::Operand::new(ws.as_ptr(), 1, k), k, n) })
     });
     let mut out = vec![0.0; items * rows * n];
     let read_dst = init_out(
@@ -265,8 +259,9 @@ pub fn linear_to_map(
     let wk = w.elem_count() / n.max(1);
     ensure!(wk == k, "linear_to_map: {k} features, weight [{n}, {wk}]");
     let prec = precision().for_output(n, b * hw);
-    let packs = prepared::packs(prec) && prepared.is_some();
-    let w = f32_matrix(w, packs && prepared.is_some_and(|p| p.holds(true)))?;
+    // The layer's kept forms, where this call's products use packed operands.
+    let prepared = prepared.filter(|_| packs(prec));
+    let w = f32_matrix(w, prepared.is_some_and(|p| p.holds(true)))?;
     let _p = super::profile::scope(|| format!("linear_to_map {hw}x{k}->{n}"));
     let bias = bias.map(|t| t.contiguous()).transpose()?;
     let residual = residual.map(|t| t.contiguous()).transpose()?;
@@ -290,16 +285,9 @@ pub fn linear_to_map(
     // Empty where the kept packed form serves instead.
     let ws = wv.as_ref().map_or(&[][..], |v| v.slice());
     // w [N, K] packed once for the layer's life (with bf16 products and a layer to keep it).
-    let packed = prepared.filter(|_| packs).and_then(|p| {
-        p.lhs(|| {
-            let a = bf16::Operand {
-                ptr: ws.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            // SAFETY: ws is w [N, K] row-major.
-            unsafe { bf16::pack_a(a, n, k) }
-        })
+    // SAFETY: ws is w [N, K] row-major.
+    let packed = prepared.and_then(|p| {
+        p.lhs(|| unsafe { bf16::pack_a(bf16::Operand::new(ws.as_ptr(), k, 1), n, k) })
     });
     // out[b] [N, HW] = w [N, K] · t[b]ᵀ [K, HW]; tasks over blocks of pixels (columns).
     for_grid(b, hw, (n, 16), |item, p0, cols, f0, nf| {
@@ -313,7 +301,7 @@ pub fn linear_to_map(
             let dst = dst.at(item * n * hw + f0 * hw + p0, span(nf, cols, hw, 1));
             if let Some(packed) = packed {
                 let none = Parallelism::None;
-                matmul_packed(
+                matmul_packed_lhs(
                     packed,
                     f0,
                     (nf, cols),

@@ -177,11 +177,7 @@ pub(crate) unsafe fn matmul_packed_rhs(
 
 /// A (pointer, row stride, column stride) operand as the bf16 kernel takes it.
 fn operand((ptr, rs, cs): (*const f32, usize, usize)) -> Operand {
-    Operand {
-        ptr,
-        rs: rs as isize,
-        cs: cs as isize,
-    }
+    Operand::new(ptr, rs, cs)
 }
 
 /// `f(r0, rows, dst + r0·dst_rs)` for fixed blocks of `m` rows over the pool: fixed so that
@@ -210,7 +206,7 @@ fn for_row_blocks(
 ///
 /// # Safety
 /// As for [`matmul`], with rows row0..row0+m inside the packed matrix.
-pub(crate) unsafe fn matmul_packed(
+pub(crate) unsafe fn matmul_packed_lhs(
     lhs: &bf16::Packed,
     row0: usize,
     (m, n): (usize, usize),

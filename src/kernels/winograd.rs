@@ -14,8 +14,8 @@
 //! Tiles are processed in blocks so a block's transformed input and products stay in cache.
 
 use super::bf16;
-use super::matmul::{Precision, Product, matmul, precision};
-use super::prepared::PreparedConv;
+use super::matmul::{Precision, Product, matmul, matmul_packed_lhs};
+use super::prepared::{PreparedConv, packs};
 use super::{
     SendPtr, for_each_task, for_each_task_with, matrix, matrix_mut, threads, with_scratch,
 };
@@ -187,7 +187,7 @@ impl Block {
 /// sw·up]) must already hold the bias and residual, and the convolution is added to it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv3x3(
-    variant: Variant,
+    (variant, prec): (Variant, Precision),
     x: &[f32],
     w: &[f32],
     prepared: Option<&PreparedConv>,
@@ -199,8 +199,7 @@ pub(super) fn conv3x3(
     up: usize,
 ) {
     let (oh, ow) = (sh * up, sw * up);
-    let prec = precision().for_output(cout, items * variant.tiles(oh, ow));
-    let packed = prec == Precision::Bf16 && bf16::native();
+    let packed = packs(prec);
     // The weight may be left out (empty) where `prepared` holds its packed planes.
     let kept = packed && prepared.is_some_and(|p| p.holds(Some(variant)));
     assert!(
@@ -249,11 +248,7 @@ enum Planes<'a> {
 fn pack_planes(u: &[f32], planes: usize, cout: usize, cin: usize) -> Vec<bf16::Packed> {
     (0..planes)
         .map_while(|xi| {
-            let a = bf16::Operand {
-                ptr: u[xi * cout * cin..].as_ptr(),
-                rs: cin as isize,
-                cs: 1,
-            };
+            let a = bf16::Operand::new(u[xi * cout * cin..].as_ptr(), cin, 1);
             // SAFETY: U[ξ] is [cout, cin] row-major inside u.
             unsafe { bf16::pack_a(a, cout, cin) }
         })
@@ -338,23 +333,17 @@ fn conv3x3_transformed(
                         let (u, prec) = match u {
                             Planes::F32(u, prec) => (u, prec),
                             Planes::Packed(packed) => {
-                                let rhs = bf16::Operand {
-                                    ptr: rhs,
-                                    rs: n as isize,
-                                    cs: 1,
-                                };
                                 // SAFETY: as below; rows c0..c0+mc (c0 a multiple of 8) lie
                                 // inside the packed U[ξ].
                                 unsafe {
-                                    bf16::gemm_packed_a(
+                                    matmul_packed_lhs(
                                         &packed[xi],
                                         c0,
                                         (mc, n),
-                                        dst,
-                                        n,
+                                        (dst, n),
                                         false,
-                                        rhs,
-                                        1.0,
+                                        (rhs, n, 1),
+                                        Parallelism::None,
                                     )
                                 };
                                 continue;
@@ -823,7 +812,7 @@ mod tests {
                 // The output starts as "bias + residual", here 1.0, and the convolution is added.
                 let mut out = vec![1f32; want.len()];
                 conv3x3(
-                    variant,
+                    (variant, Precision::F32),
                     &x,
                     &w,
                     None,
@@ -856,7 +845,7 @@ mod tests {
             let w = values(cout * cin * 9, 4);
             let mut out = vec![0f32; cout * 20 * 20];
             conv3x3(
-                Variant::F2,
+                (Variant::F2, Precision::F32),
                 &x,
                 &w,
                 None,
@@ -890,7 +879,7 @@ mod tests {
             let w = values(cout * cin * 9, 8);
             let mut out = vec![0f32; items * cout * sh * sw];
             conv3x3(
-                variant,
+                (variant, Precision::F32),
                 &x,
                 &w,
                 None,
