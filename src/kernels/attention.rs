@@ -6,7 +6,10 @@
 //! computes the block's scores [rows, Nk] with one gemm, takes an exact row softmax in place,
 //! multiplies by V with a second gemm, and divides by the row sums. At 64x64 latents this
 //! replaces an 8 x 4096 x 4096 f32 score tensor (512 MiB per item) with 1 MiB per thread.
+//! With bf16 products on a CPU that has them, the blocks are transposed instead (one query
+//! per column; see [`attention_bf16`]).
 
+use super::bf16::{self, Operand, Packed};
 use super::matmul::{Precision, Product, matmul, precision};
 use super::simd;
 use super::{SendPtr, matrix, matrix_mut, span, tensor, threads};
@@ -77,7 +80,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let (qs, ks, vs) = (qr.data(), kr.data(), vr.data());
 
     let nthreads = threads();
-    // bf16 products pack K and V per query block: larger blocks pack them fewer times.
+    if prec_scores == Precision::Bf16 && bf16::native() {
+        let out = attention_bf16((&qr, &kr, &vr), (b, nq, nk, heads, d), scale, nthreads);
+        drop((qr, kr, vr));
+        return tensor(out, (b, nq, c));
+    }
+    // bf16 products (emulated here) pack K and V per query block: larger blocks pack them
+    // fewer times.
     let block_floats = match prec_scores {
         Precision::F32 => BLOCK_FLOATS,
         Precision::Bf16 => 4 * BLOCK_FLOATS,
@@ -174,6 +183,119 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     tensor(out, (b, nq, c))
 }
 
+/// [`attention`] with bf16 products, on a CPU with AVX-512 BF16. Each head's keys and values
+/// are packed once for all its query blocks, and the scores are computed transposed, one
+/// query per column (Sᵀ = K·Qᵀ): the softmax then runs down the columns on whole vectors, and
+/// Pᵀ is packed for Oᵀ = Vᵀ·Pᵀ by the vectorised interleave of rows (a row-major P is packed
+/// one pair of values at a time). No sum depends on the size of a query block, so the thread
+/// count, which sets it, cannot change the bits.
+fn attention_bf16(
+    (qr, kr, vr): (&Rows, &Rows, &Rows),
+    (b, nq, nk, heads, d): (usize, usize, usize, usize, usize),
+    scale: f32,
+    nthreads: usize,
+) -> Vec<f32> {
+    let c = heads * d;
+    let (qs, ks, vs) = (qr.data(), kr.data(), vr.data());
+    // K [nk, d] and Vᵀ [d, nk] of each (item, head), as left operands.
+    let packed: Vec<(Packed, Packed)> = (0..b * heads)
+        .map(|bh| {
+            let (bi, hi) = (bh / heads, bh % heads);
+            let k0 = bi * kr.batch_stride + hi * d;
+            let v0 = bi * vr.batch_stride + hi * d;
+            let kh = matrix(ks, k0, (nk, d), (kr.row_stride, 1));
+            let vt = matrix(vs, v0, (d, nk), (1, vr.row_stride));
+            // SAFETY: `matrix` checked (in debug builds) that both lie inside k and v; the
+            // CPU has AVX-512 BF16 (checked by the caller), so packing gives Some.
+            unsafe {
+                (
+                    bf16::pack_a(Operand::new(kh, kr.row_stride, 1), nk, d),
+                    bf16::pack_a(Operand::new(vt, 1, vr.row_stride), d, nk),
+                )
+            }
+        })
+        .map(|(k, v)| (k.expect("native bf16"), v.expect("native bf16")))
+        .collect();
+
+    // Queries per block: a multiple of the tile width, with Sᵀ near the size of L2.
+    let nr = bf16::NR;
+    let mut cols = (BLOCK_FLOATS / nk / nr * nr).clamp(nr, 10 * nr).min(nq);
+    while cols > nr && b * heads * nq.div_ceil(cols) < 4 * nthreads {
+        cols = (cols / 2).next_multiple_of(nr);
+    }
+    let blocks = nq.div_ceil(cols);
+
+    let mut out = vec![0.0; b * nq * c];
+    let op = SendPtr::new(&mut out);
+    let run = |task: usize, (st, ot, mx, sums): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f64>)| {
+        let (bh, blk) = (task / blocks, task % blocks);
+        let (bi, hi) = (bh / heads, bh % heads);
+        let (kh, vt) = &packed[bh];
+        let q0 = blk * cols;
+        let m = cols.min(nq - q0);
+        st.resize(nk * m, 0.0);
+        ot.resize(d * m, 0.0);
+        let qt = matrix(
+            qs,
+            bi * qr.batch_stride + q0 * qr.row_stride + hi * d,
+            (d, m),
+            (1, qr.row_stride),
+        );
+        // Sᵀ[nk, m] = scale · K[nk, d] · Qᵀ[d, m]
+        // SAFETY: Qᵀ and Sᵀ (this task's own buffer) were checked by `matrix` (in debug
+        // builds) for the shapes and strides given; K is packed for nk rows.
+        unsafe {
+            bf16::gemm_packed_a(
+                kh,
+                0,
+                (nk, m),
+                matrix_mut(st, 0, (nk, m), (m, 1)),
+                m,
+                false,
+                Operand::new(qt, 1, qr.row_stride),
+                scale,
+            );
+        }
+        mx.resize(m, 0.0);
+        simd::col_max(st, m, mx);
+        sums.clear();
+        sums.resize(m, 0.0);
+        simd::exp_shifted_cols(st, m, mx, sums);
+        // Oᵀ[d, m] = Vᵀ[d, nk] · Pᵀ[nk, m]
+        // SAFETY: Pᵀ and Oᵀ are this task's own buffers, checked by `matrix` (in debug
+        // builds); Vᵀ is packed for d rows.
+        unsafe {
+            bf16::gemm_packed_a(
+                vt,
+                0,
+                (d, m),
+                matrix_mut(ot, 0, (d, m), (m, 1)),
+                m,
+                false,
+                Operand::new(matrix(st, 0, (nk, m), (m, 1)), m, 1),
+                1.0,
+            );
+        }
+        let o0 = bi * nq * c + q0 * c + hi * d;
+        for (qi, &sum) in sums.iter().enumerate() {
+            let inv = (1.0 / sum) as f32;
+            // SAFETY: this task alone writes rows q0..q0+m, columns hi·d..(hi+1)·d of item bi
+            // of the output: d values from o0 + qi·c, inside it (checked by `slice_mut` in
+            // debug builds).
+            let row = unsafe { op.slice_mut(o0 + qi * c, d) };
+            for (r, o) in row.iter_mut().enumerate() {
+                *o = ot[r * m + qi] * inv;
+            }
+        }
+    };
+    super::for_each_task_with(
+        b * heads * blocks,
+        || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        |s, t| run(t, s),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +340,62 @@ mod tests {
             let got = attention(&q, &k, &v, heads).unwrap();
             let diff: f32 = max_diff(&got, &want);
             assert!(diff < 1e-5, "max diff {diff}");
+        }
+    }
+
+    fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+        let err = (got - want).unwrap().sqr().unwrap().sum_all().unwrap();
+        let norm = want.sqr().unwrap().sum_all().unwrap();
+        (err.to_scalar::<f32>().unwrap() as f64 / norm.to_scalar::<f32>().unwrap() as f64).sqrt()
+    }
+
+    /// bf16 products (where the CPU has them, else there is nothing to test): near the f32
+    /// result, and the same bits on 1 and 3 threads and in order, across odd head sizes,
+    /// query blocks with tails, and column slices of a fused projection.
+    #[test]
+    fn bf16_products_stay_close_and_ignore_the_thread_count() {
+        if !bf16::native() {
+            return;
+        }
+        use crate::kernels::matmul::with_precision;
+        for &(b, nq, nk, heads, d) in &[
+            (2, 300, 300, 2, 40),
+            (1, 700, 1000, 3, 24),
+            (1, 130, 129, 1, 7),
+        ] {
+            let c = heads * d;
+            let qkv = rand(&[b, nq.max(nk), 3 * c], 21);
+            let q = qkv.narrow(1, 0, nq).unwrap().narrow(2, 0, c).unwrap();
+            let k = qkv.narrow(1, 0, nk).unwrap().narrow(2, c, c).unwrap();
+            let v = qkv.narrow(1, 0, nk).unwrap().narrow(2, 2 * c, c).unwrap();
+            let contiguous = |t: &Tensor| t.contiguous().unwrap();
+            let want = reference(&contiguous(&q), &contiguous(&k), &contiguous(&v), heads);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    with_precision(Precision::Bf16, || attention(&q, &k, &v, heads).unwrap())
+                })
+            };
+            let one = run(1);
+            let err = rel_l2(&one, &want);
+            assert!(err < 1e-2, "rel L2 {err}");
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&one), bits(&run(3)), "3 threads");
+            let ordered = crate::kernels::in_order(|| {
+                with_precision(Precision::Bf16, || attention(&q, &k, &v, heads).unwrap())
+            });
+            assert_eq!(bits(&one), bits(&ordered), "in order");
         }
     }
 

@@ -285,6 +285,159 @@ mod x86 {
     }
 }
 
+/// Column-wise softmax pieces in AVX-512 (16 lanes, masked tails, which AVX2's masked stores
+/// make slow on AMD): a group of up to `V` column vectors stays in registers down all rows.
+#[cfg(target_arch = "x86_64")]
+mod x86_512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::exp`] on 16 lanes, with fused multiply-adds (same polynomial and range).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        use super::{EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, ROUND};
+        // max/min return their second operand when either is NaN: x goes second, so a NaN
+        // stays a NaN.
+        let x = _mm512_min_ps(
+            _mm512_set1_ps(EXP_MAX),
+            _mm512_max_ps(_mm512_set1_ps(EXP_MIN), x),
+        );
+        let round = _mm512_set1_ps(ROUND);
+        let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), round);
+        let n = _mm512_sub_ps(t, round);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_fmadd_ps(
+            _mm512_mul_ps(p, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        let bias = _mm512_set1_epi32(127 - ROUND.to_bits() as i32);
+        let pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), bias), 23);
+        _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
+    }
+
+    /// Column vectors per group.
+    const GROUP: usize = 4;
+
+    /// Masks of the `V` vectors of the group of columns from j0 (of `cols`).
+    #[inline(always)]
+    fn masks<const V: usize>(cols: usize, j0: usize) -> [__mmask16; V] {
+        std::array::from_fn(|v| {
+            let n = (cols - j0).saturating_sub(16 * v).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        })
+    }
+
+    /// See [`super::col_max`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `s.len()` a multiple of `cols`, `out.len() == cols`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn col_max(s: &[f32], cols: usize, out: &mut [f32]) {
+        for j0 in (0..cols).step_by(16 * GROUP) {
+            // SAFETY: the caller's promise.
+            unsafe {
+                match (cols - j0).div_ceil(16).min(GROUP) {
+                    1 => col_max_group::<1>(s, cols, j0, out),
+                    2 => col_max_group::<2>(s, cols, j0, out),
+                    3 => col_max_group::<3>(s, cols, j0, out),
+                    _ => col_max_group::<GROUP>(s, cols, j0, out),
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for [`col_max`], with columns j0..j0+16·V (masked at `cols`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn col_max_group<const V: usize>(s: &[f32], cols: usize, j0: usize, out: &mut [f32]) {
+        let m = masks::<V>(cols, j0);
+        let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); V];
+        for row in s.chunks_exact(cols) {
+            let at = row[j0..].as_ptr();
+            for v in 0..V {
+                debug_assert!(m[v] == 0 || j0 + 16 * v < cols);
+                // SAFETY: the mask keeps the load to columns < cols of this row. NaN goes
+                // first, so max passes over it.
+                acc[v] = _mm512_max_ps(
+                    unsafe { _mm512_maskz_loadu_ps(m[v], at.add(16 * v)) },
+                    acc[v],
+                );
+            }
+        }
+        for v in 0..V {
+            // SAFETY: the mask keeps the store to out[j0 + 16v..cols].
+            unsafe { _mm512_mask_storeu_ps(out[j0..].as_mut_ptr().add(16 * v), m[v], acc[v]) };
+        }
+    }
+
+    /// See [`super::exp_shifted_cols`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `s.len()` a multiple of `cols`, `shift` and `sums` of
+    /// length `cols`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_cols(s: &mut [f32], cols: usize, shift: &[f32], sums: &mut [f64]) {
+        for j0 in (0..cols).step_by(16 * GROUP) {
+            // SAFETY: the caller's promise.
+            unsafe {
+                match (cols - j0).div_ceil(16).min(GROUP) {
+                    1 => exp_group::<1>(s, cols, j0, shift, sums),
+                    2 => exp_group::<2>(s, cols, j0, shift, sums),
+                    3 => exp_group::<3>(s, cols, j0, shift, sums),
+                    _ => exp_group::<GROUP>(s, cols, j0, shift, sums),
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for [`exp_shifted_cols`], with columns j0..j0+16·V (masked at `cols`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp_group<const V: usize>(
+        s: &mut [f32],
+        cols: usize,
+        j0: usize,
+        shift: &[f32],
+        sums: &mut [f64],
+    ) {
+        let m = masks::<V>(cols, j0);
+        // SAFETY (loads and stores below): each mask keeps its access to columns < cols.
+        let sh: [__m512; V] = std::array::from_fn(|v| unsafe {
+            _mm512_maskz_loadu_ps(m[v], shift[j0..].as_ptr().add(16 * v))
+        });
+        for block in s.chunks_mut(256 * cols) {
+            let mut acc = [_mm512_setzero_ps(); V];
+            for row in block.chunks_exact_mut(cols) {
+                let at = row[j0..].as_mut_ptr();
+                for v in 0..V {
+                    unsafe {
+                        let x = _mm512_maskz_loadu_ps(m[v], at.add(16 * v));
+                        let e = exp16(_mm512_sub_ps(x, sh[v]));
+                        _mm512_mask_storeu_ps(at.add(16 * v), m[v], e);
+                        acc[v] = _mm512_add_ps(acc[v], e);
+                    }
+                }
+            }
+            for v in 0..V {
+                let mut lanes = [0f32; 16];
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[v]) };
+                let n = (cols - j0).saturating_sub(16 * v).min(16);
+                for (t, &a) in sums[j0 + 16 * v..][..n].iter_mut().zip(&lanes) {
+                    *t += a as f64;
+                }
+            }
+        }
+    }
+}
+
 multiversion! {
     /// In place: x <- silu(x).
     pub fn silu_inplace(x: &mut [f32]) {
@@ -329,6 +482,79 @@ multiversion! {
     /// Maximum of a slice with no NaN.
     pub fn row_max(x: &[f32]) -> f32 {
         max(x)
+    }
+}
+
+/// The maximum of each column of the row-major [rows, `cols`] `s`, into `out` (NaNs are
+/// passed over, as in [`max`]).
+pub fn col_max(s: &[f32], cols: usize, out: &mut [f32]) {
+    assert!(cols > 0 && s.len().is_multiple_of(cols) && out.len() == cols);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the CPU has AVX-512 F (checked at run time); the shapes were checked.
+        return unsafe { x86_512::col_max(s, cols, out) };
+    }
+    col_max_portable(s, cols, out)
+}
+
+/// In place, column j of the row-major [rows, `cols`] `s`: s[r, j] <- exp(s[r, j] -
+/// shift[j]), its sum added to `sums[j]` (summed in f32 down 256 rows, then in f64): the
+/// softmax of scores laid out one query per column.
+pub fn exp_shifted_cols(s: &mut [f32], cols: usize, shift: &[f32], sums: &mut [f64]) {
+    assert!(cols > 0 && s.len().is_multiple_of(cols));
+    assert!(shift.len() == cols && sums.len() == cols);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the CPU has AVX-512 F (checked at run time); the shapes were checked.
+        return unsafe { x86_512::exp_shifted_cols(s, cols, shift, sums) };
+    }
+    exp_shifted_cols_portable(s, cols, shift, sums)
+}
+
+/// Whether this CPU has AVX-512 F (cached).
+#[inline]
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+multiversion! {
+    /// [`col_max`] in plain Rust.
+    fn col_max_portable(s: &[f32], cols: usize, out: &mut [f32]) {
+        out.fill(f32::NEG_INFINITY);
+        for row in s.chunks_exact(cols) {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = if v > *o { v } else { *o };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`exp_shifted_cols`] in plain Rust.
+    fn exp_shifted_cols_portable(s: &mut [f32], cols: usize, shift: &[f32], sums: &mut [f64]) {
+        let mut acc = vec![0f32; cols];
+        for block in s.chunks_mut(256 * cols) {
+            acc.fill(0.0);
+            for row in block.chunks_exact_mut(cols) {
+                for ((v, a), &m) in row.iter_mut().zip(acc.iter_mut()).zip(shift) {
+                    let e = exp(*v - m);
+                    *v = e;
+                    *a += e;
+                }
+            }
+            for (t, &a) in sums.iter_mut().zip(&acc) {
+                *t += a as f64;
+            }
+        }
     }
 }
 
@@ -427,6 +653,38 @@ mod tests {
                 "len {len}"
             );
             assert!((total_portable - want_total).abs() <= 1e-6 * want_total + 1e-30);
+        }
+    }
+
+    /// Column by column, the same softmax pieces as a row at a time (NaNs included).
+    #[test]
+    fn column_softmax_matches_rows() {
+        let (rows, cols) = (600, 13);
+        let mut s: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.02 - 10.0)
+            .collect();
+        s[5 * cols + 4] = f32::NAN;
+        let mut mx = vec![0f32; cols];
+        col_max(&s, cols, &mut mx);
+        let mut sums = vec![0f64; cols];
+        let mut e = s.clone();
+        exp_shifted_cols(&mut e, cols, &mx, &mut sums);
+        for j in 0..cols {
+            let mut col: Vec<f32> = (0..rows).map(|r| s[r * cols + j]).collect();
+            assert_eq!(mx[j], max(&col), "column {j}");
+            let total = exp_shifted_sum(&mut col, mx[j]);
+            if j == 4 {
+                assert!(sums[j].is_nan() && total.is_nan());
+                continue;
+            }
+            assert!((sums[j] - total).abs() <= 1e-6 * total, "column {j}");
+            for r in 0..rows {
+                let (got, want) = (e[r * cols + j], col[r]);
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "({r}, {j}): {got} vs {want}"
+                );
+            }
         }
     }
 
