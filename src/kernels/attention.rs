@@ -6,8 +6,8 @@
 //! computes the block's scores [rows, Nk] with one gemm, takes an exact row softmax in place,
 //! multiplies by V with a second gemm, and divides by the row sums. At 64x64 latents this
 //! replaces an 8 x 4096 x 4096 f32 score tensor (512 MiB per item) with 1 MiB per thread.
-//! With bf16 products on a CPU that has them, the blocks are transposed instead (one query
-//! per column; see [`attention_bf16`]).
+//! Where it measured faster, the blocks are transposed instead, one query per column (see
+//! [`attention_transposed`]).
 
 use super::bf16::{self, Operand, Packed};
 use super::matmul::{Precision, Product, matmul, precision};
@@ -80,8 +80,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let (qs, ks, vs) = (qr.data(), kr.data(), vr.data());
 
     let nthreads = threads();
-    if prec_scores == Precision::Bf16 && bf16::native() {
-        let out = attention_bf16((&qr, &kr, &vr), (b, nq, nk, heads, d), scale, nthreads);
+    // Transposed blocks, where measured faster (kernel_bench / docs/performance.md, AVX-512):
+    // bf16 products 2.1x at 4096x4096 d40; f32 0.85-0.88x for head dims under 64 (self- and
+    // cross-attention), +1-5% from 64 (SDXL's, the VAE's 512). Without AVX-512 the column
+    // softmax is slower than the row one and f32 loses 6-8%.
+    let transposed = match prec_scores {
+        Precision::Bf16 => bf16::native(),
+        Precision::F32 => d < 64 && simd::has_avx512f(),
+    };
+    if transposed {
+        let out = attention_transposed(
+            (&qr, &kr, &vr),
+            (b, nq, nk, heads, d),
+            scale,
+            nthreads,
+            prec_scores,
+        );
         drop((qr, kr, vr));
         return tensor(out, (b, nq, c));
     }
@@ -183,39 +197,42 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     tensor(out, (b, nq, c))
 }
 
-/// [`attention`] with bf16 products, on a CPU with AVX-512 BF16. Each head's keys and values
-/// are packed once for all its query blocks, and the scores are computed transposed, one
-/// query per column (Sᵀ = K·Qᵀ): the softmax then runs down the columns on whole vectors, and
-/// Pᵀ is packed for Oᵀ = Vᵀ·Pᵀ by the vectorised interleave of rows (a row-major P is packed
-/// one pair of values at a time). No sum depends on the size of a query block, so the thread
-/// count, which sets it, cannot change the bits.
-fn attention_bf16(
+/// [`attention`] with the scores computed transposed, one query per column (Sᵀ = K·Qᵀ), then
+/// Oᵀ = Vᵀ·Pᵀ: the softmax runs down the columns on whole vectors, whatever the head size,
+/// and with bf16 products (`prec`, on a CPU with AVX-512 BF16) Pᵀ is packed by the
+/// vectorised interleave of rows (a row-major P is packed one pair of values at a time) and
+/// each head's K and Vᵀ are packed once for all its query blocks. No sum depends on the size
+/// of a query block, so the thread count, which sets it, cannot change the bits.
+fn attention_transposed(
     (qr, kr, vr): (&Rows, &Rows, &Rows),
     (b, nq, nk, heads, d): (usize, usize, usize, usize, usize),
     scale: f32,
     nthreads: usize,
+    prec: Precision,
 ) -> Vec<f32> {
     let c = heads * d;
     let (qs, ks, vs) = (qr.data(), kr.data(), vr.data());
-    // K [nk, d] and Vᵀ [d, nk] of each (item, head), as left operands.
-    let packed: Vec<(Packed, Packed)> = (0..b * heads)
-        .map(|bh| {
-            let (bi, hi) = (bh / heads, bh % heads);
-            let k0 = bi * kr.batch_stride + hi * d;
-            let v0 = bi * vr.batch_stride + hi * d;
-            let kh = matrix(ks, k0, (nk, d), (kr.row_stride, 1));
-            let vt = matrix(vs, v0, (d, nk), (1, vr.row_stride));
-            // SAFETY: `matrix` checked (in debug builds) that both lie inside k and v; the
-            // CPU has AVX-512 BF16 (checked by the caller), so packing gives Some.
-            unsafe {
-                (
-                    bf16::pack_a(Operand::new(kh, kr.row_stride, 1), nk, d),
-                    bf16::pack_a(Operand::new(vt, 1, vr.row_stride), d, nk),
-                )
-            }
-        })
-        .map(|(k, v)| (k.expect("native bf16"), v.expect("native bf16")))
-        .collect();
+    let k_at = |bh: usize| (bh / heads) * kr.batch_stride + (bh % heads) * d;
+    let v_at = |bh: usize| (bh / heads) * vr.batch_stride + (bh % heads) * d;
+    // K [nk, d] and Vᵀ [d, nk] of each (item, head), the left operands.
+    let kh = |bh: usize| matrix(ks, k_at(bh), (nk, d), (kr.row_stride, 1));
+    let vt = |bh: usize| matrix(vs, v_at(bh), (d, nk), (1, vr.row_stride));
+    let packed: Option<Vec<(Packed, Packed)>> = (prec == Precision::Bf16).then(|| {
+        (0..b * heads)
+            .map(|bh| {
+                let (kh, vt) = (kh(bh), vt(bh));
+                // SAFETY: `matrix` checked (in debug builds) that both lie inside k and v; the
+                // CPU has AVX-512 BF16 (checked by the caller), so packing gives Some.
+                unsafe {
+                    (
+                        bf16::pack_a(Operand::new(kh, kr.row_stride, 1), nk, d),
+                        bf16::pack_a(Operand::new(vt, 1, vr.row_stride), d, nk),
+                    )
+                }
+            })
+            .map(|(k, v)| (k.expect("native bf16"), v.expect("native bf16")))
+            .collect()
+    });
 
     // Queries per block: a multiple of the tile width, with Sᵀ near the size of L2.
     let nr = bf16::NR;
@@ -230,7 +247,6 @@ fn attention_bf16(
     let run = |task: usize, (st, ot, mx, sums): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f64>)| {
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, hi) = (bh / heads, bh % heads);
-        let (kh, vt) = &packed[bh];
         let q0 = blk * cols;
         let m = cols.min(nq - q0);
         st.resize(nk * m, 0.0);
@@ -242,19 +258,37 @@ fn attention_bf16(
             (1, qr.row_stride),
         );
         // Sᵀ[nk, m] = scale · K[nk, d] · Qᵀ[d, m]
-        // SAFETY: Qᵀ and Sᵀ (this task's own buffer) were checked by `matrix` (in debug
-        // builds) for the shapes and strides given; K is packed for nk rows.
+        // SAFETY: Qᵀ, K (when not packed for its nk rows) and Sᵀ (this task's own buffer)
+        // were checked by `matrix` (in debug builds) for the shapes and strides given.
         unsafe {
-            bf16::gemm_packed_a(
-                kh,
-                0,
-                (nk, m),
-                matrix_mut(st, 0, (nk, m), (m, 1)),
-                m,
-                false,
-                Operand::new(qt, 1, qr.row_stride),
-                scale,
-            );
+            let dst = matrix_mut(st, 0, (nk, m), (m, 1));
+            match &packed {
+                Some(p) => bf16::gemm_packed_a(
+                    &p[bh].0,
+                    0,
+                    (nk, m),
+                    dst,
+                    m,
+                    false,
+                    Operand::new(qt, 1, qr.row_stride),
+                    scale,
+                ),
+                None => matmul(
+                    prec,
+                    Product {
+                        m: nk,
+                        n: m,
+                        k: d,
+                        dst,
+                        dst_rs: m,
+                        lhs: (kh(bh), kr.row_stride, 1),
+                        rhs: (qt, 1, qr.row_stride),
+                    },
+                    false,
+                    scale,
+                    Parallelism::None,
+                ),
+            }
         }
         mx.resize(m, 0.0);
         simd::col_max(st, m, mx);
@@ -262,19 +296,40 @@ fn attention_bf16(
         sums.resize(m, 0.0);
         simd::exp_shifted_cols(st, m, mx, sums);
         // Oᵀ[d, m] = Vᵀ[d, nk] · Pᵀ[nk, m]
-        // SAFETY: Pᵀ and Oᵀ are this task's own buffers, checked by `matrix` (in debug
-        // builds); Vᵀ is packed for d rows.
+        // SAFETY: Pᵀ and Oᵀ are this task's own buffers; they and Vᵀ (when not packed for
+        // its d rows) were checked by `matrix` (in debug builds).
         unsafe {
-            bf16::gemm_packed_a(
-                vt,
-                0,
-                (d, m),
+            let (dst, pt) = (
                 matrix_mut(ot, 0, (d, m), (m, 1)),
-                m,
-                false,
-                Operand::new(matrix(st, 0, (nk, m), (m, 1)), m, 1),
-                1.0,
+                matrix(st, 0, (nk, m), (m, 1)),
             );
+            match &packed {
+                Some(p) => bf16::gemm_packed_a(
+                    &p[bh].1,
+                    0,
+                    (d, m),
+                    dst,
+                    m,
+                    false,
+                    Operand::new(pt, m, 1),
+                    1.0,
+                ),
+                None => matmul(
+                    prec,
+                    Product {
+                        m: d,
+                        n: m,
+                        k: nk,
+                        dst,
+                        dst_rs: m,
+                        lhs: (vt(bh), 1, vr.row_stride),
+                        rhs: (pt, m, 1),
+                    },
+                    false,
+                    1.0,
+                    Parallelism::None,
+                ),
+            }
         }
         let o0 = bi * nq * c + q0 * c + hi * d;
         for (qi, &sum) in sums.iter().enumerate() {
@@ -331,8 +386,13 @@ mod tests {
 
     #[test]
     fn matches_reference() {
-        for &(b, nq, nk, heads, d) in &[(2, 37, 37, 3, 8), (1, 300, 77, 2, 16), (2, 9, 1000, 1, 5)]
-        {
+        // Head sizes under 64 take the transposed blocks on AVX-512, 64 the row blocks.
+        for &(b, nq, nk, heads, d) in &[
+            (2, 37, 37, 3, 8),
+            (1, 300, 77, 2, 16),
+            (2, 9, 1000, 1, 5),
+            (1, 150, 130, 2, 64),
+        ] {
             let q = rand(&[b, nq, heads * d], 1);
             let k = rand(&[b, nk, heads * d], 2);
             let v = rand(&[b, nk, heads * d], 3);
@@ -349,53 +409,55 @@ mod tests {
         (err.to_scalar::<f32>().unwrap() as f64 / norm.to_scalar::<f32>().unwrap() as f64).sqrt()
     }
 
-    /// bf16 products (where the CPU has them, else there is nothing to test): near the f32
-    /// result, and the same bits on 1 and 3 threads and in order, across odd head sizes,
-    /// query blocks with tails, and column slices of a fused projection.
+    /// Both precisions' products (bf16 where the CPU has it) near candle's f32 reference,
+    /// and the same bits on 1 and 3 threads and in order (which change the query blocks),
+    /// across head sizes on both sides of 64, blocks with tails, and column slices of a fused
+    /// projection.
     #[test]
-    fn bf16_products_stay_close_and_ignore_the_thread_count() {
-        if !bf16::native() {
-            return;
-        }
+    fn products_stay_close_and_ignore_the_thread_count() {
         use crate::kernels::matmul::with_precision;
-        for &(b, nq, nk, heads, d) in &[
+        let mut precisions = vec![(Precision::F32, 1e-5)];
+        if bf16::native() {
+            precisions.push((Precision::Bf16, 1e-2));
+        }
+        let shapes = [
             (2, 300, 300, 2, 40),
             (1, 700, 1000, 3, 24),
             (1, 130, 129, 1, 7),
-        ] {
-            let c = heads * d;
-            let qkv = rand(&[b, nq.max(nk), 3 * c], 21);
-            let q = qkv.narrow(1, 0, nq).unwrap().narrow(2, 0, c).unwrap();
-            let k = qkv.narrow(1, 0, nk).unwrap().narrow(2, c, c).unwrap();
-            let v = qkv.narrow(1, 0, nk).unwrap().narrow(2, 2 * c, c).unwrap();
-            let contiguous = |t: &Tensor| t.contiguous().unwrap();
-            let want = reference(&contiguous(&q), &contiguous(&k), &contiguous(&v), heads);
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| {
-                    with_precision(Precision::Bf16, || attention(&q, &k, &v, heads).unwrap())
-                })
-            };
-            let one = run(1);
-            let err = rel_l2(&one, &want);
-            assert!(err < 1e-2, "rel L2 {err}");
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(bits(&one), bits(&run(3)), "3 threads");
-            let ordered = crate::kernels::in_order(|| {
-                with_precision(Precision::Bf16, || attention(&q, &k, &v, heads).unwrap())
-            });
-            assert_eq!(bits(&one), bits(&ordered), "in order");
+            (2, 200, 77, 2, 72),
+        ];
+        for (prec, tol) in precisions {
+            for &(b, nq, nk, heads, d) in &shapes {
+                let c = heads * d;
+                let qkv = rand(&[b, nq.max(nk), 3 * c], 21);
+                let q = qkv.narrow(1, 0, nq).unwrap().narrow(2, 0, c).unwrap();
+                let k = qkv.narrow(1, 0, nk).unwrap().narrow(2, c, c).unwrap();
+                let v = qkv.narrow(1, 0, nk).unwrap().narrow(2, 2 * c, c).unwrap();
+                let contiguous = |t: &Tensor| t.contiguous().unwrap();
+                let want = reference(&contiguous(&q), &contiguous(&k), &contiguous(&v), heads);
+                let attend = || with_precision(prec, || attention(&q, &k, &v, heads).unwrap());
+                let on = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    pool.install(attend)
+                };
+                let one = on(1);
+                let err = rel_l2(&one, &want);
+                let what = format!("{prec:?} {b}x{nq}x{nk} h{heads} d{d}");
+                assert!(err < tol, "{what}: rel L2 {err}");
+                let bits = |t: &Tensor| {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&one), bits(&on(3)), "{what}: 3 threads");
+                assert_eq!(
+                    bits(&one),
+                    bits(&crate::kernels::in_order(attend)),
+                    "{what}: in order"
+                );
+            }
         }
     }
 

@@ -513,7 +513,7 @@ pub fn exp_shifted_cols(s: &mut [f32], cols: usize, shift: &[f32], sums: &mut [f
 
 /// Whether this CPU has AVX-512 F (cached).
 #[inline]
-fn has_avx512f() -> bool {
+pub(crate) fn has_avx512f() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -532,7 +532,8 @@ multiversion! {
         out.fill(f32::NEG_INFINITY);
         for row in s.chunks_exact(cols) {
             for (o, &v) in out.iter_mut().zip(row) {
-                *o = if v > *o { v } else { *o };
+                // f32::max passes over a NaN v (o never holds one).
+                *o = o.max(v);
             }
         }
     }
