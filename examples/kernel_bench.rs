@@ -153,6 +153,7 @@ fn main() -> anyhow::Result<()> {
     // Attention: (batch, tokens, ctx tokens, heads, head dim)
     for &(b, n, nk, heads, d) in &[
         (2, 4096, 4096, 8, 40),
+        (2, 1024, 1024, 8, 40),
         (2, 1024, 1024, 8, 80),
         (2, 4096, 77, 8, 40),
         (1, 4096, 4096, 1, 512),

@@ -599,33 +599,48 @@ mod x86 {
         let panels = xc.div_ceil(w);
         debug_assert!(out.len() >= panels * w * kp);
         let base = o.ptr.wrapping_offset(k0 as isize * ks + x0 as isize * xs);
-        if ks == 1 {
-            // Pairs are adjacent in memory: 32 values of k -> 16 pairs per load.
-            for x in 0..panels * w {
-                let (panel, i) = (x / w, x % w);
-                let dst = &mut out[panel * kp * w + i..];
-                if x >= xc {
-                    for p in 0..kp {
-                        dst[p * w] = 0;
-                    }
-                    continue;
-                }
-                let row = base.wrapping_offset(x as isize * xs);
-                let mut pairs = [0u32; 16];
+        if ks == 1 && w.is_multiple_of(8) {
+            // Pairs are adjacent in memory: 16 indices x 32 values of k are loaded as 16
+            // vectors of 16 pairs, transposed in registers, and stored as 16 runs of 16
+            // indices (one per pair), instead of one pair at a time.
+            let end = panels * w;
+            for x in (0..end).step_by(16) {
                 for p0 in (0..kp).step_by(16) {
                     let left = kc - 2 * p0;
-                    // SAFETY: the mask keeps the loads to depths < kc of index x, inside the
-                    // block (caller).
-                    unsafe {
-                        let lo_n = left.min(16);
-                        let hi_n = left.saturating_sub(16).min(16);
-                        let lo = _mm512_maskz_loadu_ps(mask(lo_n), row.add(2 * p0));
-                        let hi = _mm512_maskz_loadu_ps(mask(hi_n), row.add(2 * p0 + 16));
-                        let v = _mm512_cvtne2ps_pbh(hi, lo);
-                        _mm512_storeu_si512(pairs.as_mut_ptr().cast(), as_bits(v));
+                    let (lo_m, hi_m) = (mask(left.min(16)), mask(left.saturating_sub(16).min(16)));
+                    let mut r = [_mm512_setzero_si512(); 16];
+                    for (i, r) in r.iter_mut().enumerate().take(xc.saturating_sub(x).min(16)) {
+                        let row = base.wrapping_offset((x + i) as isize * xs + 2 * p0 as isize);
+                        // SAFETY: index x + i < xc; the masks keep the loads to depths < kc
+                        // of it, inside the block (caller).
+                        unsafe {
+                            let lo = _mm512_maskz_loadu_ps(lo_m, row);
+                            let hi = _mm512_maskz_loadu_ps(hi_m, row.add(16));
+                            *r = as_bits(_mm512_cvtne2ps_pbh(hi, lo));
+                        }
                     }
-                    for (j, &pair) in pairs.iter().enumerate().take((kp - p0).min(16)) {
-                        dst[(p0 + j) * w] = pair;
+                    let r = transpose16(r);
+                    for (j, v) in r.iter().enumerate().take((kp - p0).min(16)) {
+                        let p = p0 + j;
+                        let at = |x: usize| (x / w * kp + p) * w + x % w;
+                        debug_assert!(at(x) + 16.min(end - x) <= out.len());
+                        // SAFETY: indices x..x+16 (those below `end`) of pair p lie in
+                        // panels x/w and, for w = 8, x/w + 1: inside `out` (caller).
+                        unsafe {
+                            if w.is_multiple_of(16) {
+                                _mm512_storeu_si512(out[at(x)..].as_mut_ptr().cast(), *v);
+                            } else {
+                                let halves =
+                                    (_mm512_castsi512_si256(*v), _mm512_extracti64x4_epi64(*v, 1));
+                                _mm256_storeu_si256(out[at(x)..].as_mut_ptr().cast(), halves.0);
+                                if x + 8 < end {
+                                    _mm256_storeu_si256(
+                                        out[at(x + 8)..].as_mut_ptr().cast(),
+                                        halves.1,
+                                    );
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -676,6 +691,45 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// The 16 x 16 matrix of u32 whose rows are `r`, transposed.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        // Within 128-bit lanes: after the 32- and 64-bit interleaves, u[4i + c] holds, in
+        // lane L, column 4L + c of rows 4i..4i+4.
+        let t: [__m512i; 16] = std::array::from_fn(|j| {
+            let (a, b) = (r[j & !1], r[j | 1]);
+            if j % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        let u: [__m512i; 16] = std::array::from_fn(|j| {
+            let (i, c) = (j / 4, j % 4);
+            let (a, b) = (t[4 * i + c / 2], t[4 * i + c / 2 + 2]);
+            if c % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        // Across lanes: column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            let (a, b, cc, d) = (u[c], u[4 + c], u[8 + c], u[12 + c]);
+            let x0 = _mm512_shuffle_i32x4::<0x44>(a, b);
+            let x1 = _mm512_shuffle_i32x4::<0xEE>(a, b);
+            let y0 = _mm512_shuffle_i32x4::<0x44>(cc, d);
+            let y1 = _mm512_shuffle_i32x4::<0xEE>(cc, d);
+            out[c] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+            out[4 + c] = _mm512_shuffle_i32x4::<0xDD>(x0, y0);
+            out[8 + c] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+            out[12 + c] = _mm512_shuffle_i32x4::<0xDD>(x1, y1);
+        }
+        out
     }
 
     /// 32 bf16 values seen as the 512 bits they are.
