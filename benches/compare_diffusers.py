@@ -139,6 +139,8 @@ def run_tkg(args, extra_env=None):
             "--height", str(args.size), "--steps", str(args.steps), "--threads",
             str(args.threads), "--dtype", args.dtype, "--device", "cpu", "--json", path,
         ]
+        if getattr(args, "tkg_vae_calls", None):
+            cmd += ["--vae-calls", str(args.tkg_vae_calls)]
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), **(extra_env or {}))
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         with open(path) as f:

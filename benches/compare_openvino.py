@@ -15,7 +15,10 @@ INFERENCE_PRECISION_HINT = f32 or bf16:
                 calls after one warm-up call (tkg: median of its --steps steps, which include
                 the DDIM step, negligible)
   vae decode    latents [1,4,S/8,S/8] -> 8-bit RGB; median of --vae-calls calls after one
-                warm-up (tkg: its single decode)
+                warm-up (tkg: `tkg bench --vae-calls 1+N`, the median after its first)
+  first calls   the UNet's and the VAE's first call on each side (OpenVINO's warm-up calls;
+                tkg's first step and first decode, which pack the weights with bf16
+                products): what a one-image run pays on top of the steady figures
   peak RSS      VmHWM of the process (each side and precision runs in a fresh process; the
                 OpenVINO inference process reads the saved IR, so torch is not in it)
 
@@ -53,8 +56,10 @@ from compare_diffusers import default_model_dir, vm_field  # noqa: E402
 
 PROMPT = "a red apple on a table"
 STAGES = [
+    ("unet_first_s", "UNet step, first call"),
     ("unet_step_s", "UNet step, CFG (batch 2)"),
-    ("vae_decode_s", "VAE decode"),
+    ("vae_first_s", "VAE decode, first call"),
+    ("vae_decode_s", "VAE decode, warm"),
     ("load_s", "load / compile"),
     ("peak_rss_mib", "peak RSS (MiB)"),
 ]
@@ -219,6 +224,8 @@ def infer_worker(args):
         "unet_step_s": statistics.median(steps),
         "unet_step_min_s": min(steps),
         "vae_warmup_s": vae_warmup_s,
+        "unet_first_s": unet_warmup_s,
+        "vae_first_s": vae_warmup_s,
         "vae_decodes_s": decodes,
         "vae_decode_s": statistics.median(decodes),
         "total_s": time.perf_counter() - t_start,
@@ -266,7 +273,13 @@ def run_openvino(args, size, precision, ir_dir):
 def run_tkg(args, size, dtype):
     """`tkg bench` at `size` in `dtype` (f32, or bf16: f32 tensors with bf16 products), as
     compare_diffusers.py runs it."""
-    return compare_diffusers.run_tkg(argparse.Namespace(**dict(vars(args), size=size, dtype=dtype)))
+    r = compare_diffusers.run_tkg(argparse.Namespace(
+        **dict(vars(args), size=size, dtype=dtype, tkg_vae_calls=1 + args.vae_calls)))
+    # The same stages as OpenVINO's: first calls apart, the decode's median after the first.
+    r["unet_first_s"] = r["unet_steps_s"][0]
+    r["vae_first_s"] = r["vae_decode_s"]
+    r["vae_decode_s"] = r["vae_decode_warm_s"]
+    return r
 
 
 def cpu_info(core):

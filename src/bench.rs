@@ -36,6 +36,9 @@ pub struct BenchSettings {
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u64,
+    /// VAE decodes of the same latents (at least 1): the first pays what a one-image run
+    /// pays (packing, fresh buffers); the later ones are what a batch's next images pay.
+    pub vae_calls: usize,
 }
 
 /// Results, in seconds and MiB. Field names are shared with benches/compare_diffusers.py.
@@ -59,6 +62,11 @@ pub struct BenchReport {
     pub unet_step_s: f64,
     pub unet_step_min_s: f64,
     pub vae_decode_s: f64,
+    /// Every decode's time, in order (the first is `vae_decode_s`).
+    pub vae_decodes_s: Vec<f64>,
+    /// The median decode after the first (with `vae_calls` of 2 or more): the number to
+    /// compare with a peer's decode timed after a warm-up.
+    pub vae_decode_warm_s: Option<f64>,
     /// From the prompt to the decoded image: text encoding, every UNet call, the decode.
     pub image_s: f64,
     pub total_s: f64,
@@ -117,6 +125,7 @@ pub fn run(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
     ensure!(s.steps > 0, "--steps must be at least 1");
+    ensure!(s.vae_calls > 0, "--vae-calls must be at least 1");
     let start = Instant::now();
     progress("loading the model");
     let pipe = Pipeline::load(
@@ -162,11 +171,16 @@ pub fn run(
         Ok(())
     })?;
 
-    progress("decoding");
-    let t = Instant::now();
-    let rgb = pipe.decode(&latents)?;
-    let vae_decode_s = t.elapsed().as_secs_f64();
-    ensure!(rgb.len() == s.width * s.height * 3, "unexpected image size");
+    let mut vae_decodes_s = Vec::with_capacity(s.vae_calls);
+    for i in 0..s.vae_calls {
+        progress(&format!("decoding {}/{}", i + 1, s.vae_calls));
+        let t = Instant::now();
+        let rgb = pipe.decode(&latents)?;
+        vae_decodes_s.push(t.elapsed().as_secs_f64());
+        ensure!(rgb.len() == s.width * s.height * 3, "unexpected image size");
+    }
+    let vae_decode_s = vae_decodes_s[0];
+    let vae_decode_warm_s = (s.vae_calls > 1).then(|| median(&vae_decodes_s[1..]));
     let total_s = start.elapsed().as_secs_f64();
 
     let image_s = text_s + unet_steps_s.iter().sum::<f64>() + vae_decode_s;
@@ -186,6 +200,8 @@ pub fn run(
         unet_step_min_s: unet_steps_s.iter().copied().fold(f64::INFINITY, f64::min),
         unet_steps_s,
         vae_decode_s,
+        vae_decodes_s,
+        vae_decode_warm_s,
         image_s,
         total_s,
         rss_after_load_mib,
@@ -224,7 +240,22 @@ impl BenchReport {
                     steps.join(", ")
                 ),
             ),
-            ("VAE decode", duration(self.vae_decode_s)),
+            (
+                "VAE decode",
+                match self.vae_decode_warm_s {
+                    Some(warm) => format!(
+                        "{} first, {} warm median [{}]",
+                        duration(self.vae_decode_s),
+                        duration(warm),
+                        self.vae_decodes_s
+                            .iter()
+                            .map(|&v| duration(v))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    None => duration(self.vae_decode_s),
+                },
+            ),
             ("image (text, UNet, VAE)", duration(self.image_s)),
             ("total", duration(self.total_s)),
             (

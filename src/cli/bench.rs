@@ -6,6 +6,7 @@ use super::args::DTypeArg;
 use super::stdio::outln;
 use anyhow::{Context, Result};
 use clap::Args;
+use std::io::Write;
 use std::path::PathBuf;
 use tkg::bench::{self, BenchSettings};
 use tkg::pipeline::{VaeTiling, WeightStorage};
@@ -56,15 +57,26 @@ pub struct BenchArgs {
     /// or RAYON_NUM_THREADS).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// VAE decodes of the same latents: the first pays the one-time costs (packing the
+    /// weights with --dtype bf16); the table then also gives the median of the others.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vae_calls: usize,
     /// The prompt (its content does not change the cost).
     #[arg(long, default_value = "a red apple on a table")]
     pub prompt: String,
     /// Also write the results as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Replace an existing --json file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
+    if let Some(path) = &args.json {
+        // Before the run, so that a taken name does not cost a long benchmark.
+        tkg::output::check_targets(std::slice::from_ref(path), args.overwrite)?;
+    }
     let (device, warning) = device::pick(&args.device)?;
     if let Some(w) = warning {
         ui.warn(w);
@@ -103,6 +115,7 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         prompt: args.prompt.clone(),
         negative_prompt: String::new(),
         seed: 0,
+        vae_calls: args.vae_calls,
     };
     let report = bench::run(&model.name, &model.folder, &settings, &mut |s| ui.detail(s))?;
     outln!("{}", report.table().trim_end());
@@ -114,8 +127,8 @@ pub fn run(args: &BenchArgs, ui: Ui) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        let text = serde_json::to_string_pretty(&report)? + "\n";
+        tkg::output::write_atomic(path, args.overwrite, |w| Ok(w.write_all(text.as_bytes())?))?;
     }
     Ok(())
 }

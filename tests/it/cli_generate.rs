@@ -611,3 +611,41 @@ fn the_thread_count_changes_no_bit() {
         }
     }
 }
+
+#[test]
+fn bench_times_each_decode_and_keeps_its_report() {
+    let d = scratch("bench");
+    let json = d.join("bench.json");
+    let args = [
+        "bench",
+        "--model",
+        "tiny-sd15",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--vae-calls",
+        "3",
+        "--json",
+        s(&json),
+    ];
+    cli::assert_ok(&tkg(&args));
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(&json).unwrap()).unwrap();
+    let decodes = report["vae_decodes_s"].as_array().unwrap();
+    assert_eq!(decodes.len(), 3);
+    assert_eq!(report["vae_decode_s"], decodes[0]);
+    assert!(report["vae_decode_warm_s"].as_f64().unwrap() > 0.0);
+    // The report is an output like any other: not replaced without --overwrite.
+    let before = fs::read(&json).unwrap();
+    assert_fails(&tkg(&args), "already exists");
+    assert_eq!(fs::read(&json).unwrap(), before);
+    let mut again = args.to_vec();
+    again.push("--overwrite");
+    cli::assert_ok(&tkg(&again));
+    assert_fails(
+        &tkg(&["bench", "--model", "tiny-sd15", "--vae-calls", "0"]),
+        "--vae-calls must be at least 1",
+    );
+}
