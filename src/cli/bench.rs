@@ -4,9 +4,8 @@
 use super::Ui;
 use super::args::DTypeArg;
 use super::stdio::outln;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use std::io::Write;
 use std::path::PathBuf;
 use tkg::bench::{self, BenchSettings};
 use tkg::pipeline::{VaeTiling, WeightStorage};
